@@ -1,0 +1,214 @@
+"""``fed-distill STAGE [hydra overrides…]`` — one command for every stage.
+
+Errors a user can fix (bad config, missing data, malformed files) are printed as one line
+starting with ``error:`` and exit with status 1; nothing earlier in ``run_dir`` is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from collections.abc import Callable
+
+USAGE = """usage: fed-distill STAGE [key=value ...] [--cfg] [--multirun]
+       fed-distill data info|fetch NAME [data_dir=DIR]
+       fed-distill models
+
+Stages:
+{stages}
+
+Common keys: dataset=NAME split=NAME split.num_clients=N split.alpha=A model=NAME seed=N
+             run_dir=PATH device=auto|cpu|cuda train.epochs=N  (`fed-distill STAGE --cfg` shows all)
+Examples:
+  fed-distill split dataset=digits split=dirichlet split.alpha=0.3 split.num_clients=7 seed=3 run_dir=runs/d
+  fed-distill train-teachers run_dir=runs/d
+  fed-distill split --multirun seed=1,2,3 'run_dir=runs/s${{seed}}'
+"""
+
+# stage name -> ("module:function", one-line help). Later protocols add their stages here.
+STAGES: dict[str, tuple[str, str]] = {
+    "split": (
+        "fed_distill.pipeline:run_split",
+        "partition a dataset among clients -> run_dir/split.json",
+    ),
+    "train-teachers": (
+        "fed_distill.pipeline:run_train_teachers",
+        "train one teacher per client of run_dir/split.json -> run_dir/teachers/",
+    ),
+    "fedmd": (
+        "fed_distill.federated.fedmd:run_fedmd",
+        "FedMD: heterogeneous parties distil through class scores on public data -> run_dir/results.json",
+    ),
+}
+
+
+def _usage() -> str:
+    width = max(len(s) for s in STAGES)
+    lines = [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in STAGES.items()]
+    lines.append(f"  {'data'.ljust(width)}  inspect or fetch a dataset (info NAME | fetch NAME)")
+    lines.append(f"  {'models'.ljust(width)}  list the registered model architectures")
+    return USAGE.format(stages="\n".join(lines))
+
+
+def _stage_fn(stage: str) -> Callable:
+    target, _ = STAGES[stage]
+    module, fn = target.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _prepare(cfg, overrides: list[str]):
+    """Mark which groups the user chose explicitly (stages that read an earlier split need it)."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg._explicit_dataset = any(
+            o.split("=", 1)[0].lstrip("+~") in ("dataset", "dataset.name") for o in overrides
+        )
+    return cfg
+
+
+def run_stage(stage: str, overrides: list[str]) -> None:
+    """Compose the config and run one stage in this process."""
+    from fed_distill.config import compose_config
+    from fed_distill.utils import configure_threads
+
+    cfg = compose_config(overrides)
+    configure_threads()
+    if not cfg.progress:
+        os.environ["FED_DISTILL_NO_PROGRESS"] = "1"
+    _stage_fn(stage)(_prepare(cfg, overrides))
+
+
+def _multirun(stage: str, overrides: list[str]) -> None:
+    """Hydra's own sweeper: ``key=a,b`` runs the stage once per value."""
+    import hydra
+
+    from fed_distill.config import register_configs
+    from fed_distill.errors import FedDistillError
+
+    register_configs()
+    fn = _stage_fn(stage)
+
+    @hydra.main(config_path="conf", config_name="config", version_base="1.3")
+    def task(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        job_overrides = list(HydraConfig.get().overrides.task)
+        try:
+            fn(_prepare(cfg, job_overrides))
+        except FedDistillError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    sys.argv = [
+        "fed-distill",
+        "--multirun",
+        *overrides,
+        "hydra.output_subdir=null",
+        "hydra/job_logging=disabled",
+        "hydra/hydra_logging=disabled",
+    ]
+    task()
+
+
+def _data_command(args: list[str]) -> None:
+    from fed_distill.data.sources import dataset_info, fetch_dataset, find_dataset_dir, load_dataset
+    from fed_distill.errors import ConfigError
+
+    if len(args) < 2 or args[0] not in ("info", "fetch"):
+        raise ConfigError("usage: fed-distill data info|fetch NAME [data_dir=DIR]")
+    action, name = args[0], args[1]
+    data_dir = None
+    for a in args[2:]:
+        key, _, value = a.partition("=")
+        if key not in ("data_dir", "dataset.data_dir"):
+            raise ConfigError(f"fed-distill data: unknown option '{a}' (only data_dir=DIR)")
+        data_dir = value
+    if action == "fetch":
+        where = fetch_dataset(name, data_dir)
+        print(f"{name}: files ready in {where}")
+        return
+    info = dataset_info(name)
+    print(f"name:       {info.name}")
+    print(
+        f"classes:    {info.num_classes} ({', '.join(info.class_names[:12])}{' …' if info.num_classes > 12 else ''})"
+    )
+    print(
+        f"images:     {info.channels} x {info.image_size} x {info.image_size}, horizontal flip {'ok' if info.hflip else 'off'}"
+    )
+    print(
+        f"mean / std: {tuple(round(m, 4) for m in info.mean)} / {tuple(round(s, 4) for s in info.std)}"
+    )
+    where = find_dataset_dir(name, data_dir)
+    print(
+        f"files:      {where if where else 'not found locally (run `fed-distill data fetch ' + name + '`)'}"
+    )
+    if where is not None or name in ("digits", "mnist5k"):
+        t0 = time.perf_counter()
+        data = load_dataset(name, data_dir=data_dir, download=False)
+        print(
+            f"samples:    {len(data.train_y)} train / {len(data.test_y)} test (loaded in {time.perf_counter() - t0:.1f}s)"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    from fed_distill.errors import FedDistillError
+
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from fed_distill import __version__
+
+        print(f"fed-distill {__version__}")
+        return 0
+    stage, rest = argv[0], argv[1:]
+    try:
+        if stage == "data":
+            _data_command(rest)
+            return 0
+        if stage == "models":
+            from fed_distill.models import list_models
+
+            print("\n".join(list_models()))
+            return 0
+        if stage not in STAGES:
+            print(
+                f"error: unknown stage '{stage}'; choose one of: {', '.join([*STAGES, 'data', 'models'])}",
+                file=sys.stderr,
+            )
+            return 2
+        if any(a in ("-h", "--help") for a in rest):
+            print(f"fed-distill {stage}: {STAGES[stage][1]}\n")
+            print((_stage_fn(stage).__doc__ or "").strip())
+            print("\nAll keys with their defaults: fed-distill " + stage + " --cfg")
+            return 0
+        if "--cfg" in rest:
+            from omegaconf import OmegaConf
+
+            from fed_distill.config import compose_config
+
+            print(OmegaConf.to_yaml(compose_config([a for a in rest if a != "--cfg"])))
+            return 0
+        if "--multirun" in rest or "-m" in rest:
+            _multirun(stage, [a for a in rest if a not in ("--multirun", "-m")])
+            return 0
+        run_stage(stage, rest)
+        return 0
+    except FedDistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "interrupted; finished artifacts in run_dir are kept, rerun the same command to continue",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

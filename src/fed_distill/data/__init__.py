@@ -1,0 +1,22 @@
+"""Datasets: real files -> uint8 tensors (``sources``), who owns which index (``partition``),
+batch-level augmentation and normalisation (``transforms``)."""
+
+from fed_distill.data.sources import (
+    Dataset,
+    DatasetInfo,
+    dataset_info,
+    fetch_dataset,
+    find_dataset_dir,
+    list_datasets,
+    load_dataset,
+)
+
+__all__ = [
+    "Dataset",
+    "DatasetInfo",
+    "dataset_info",
+    "fetch_dataset",
+    "find_dataset_dir",
+    "list_datasets",
+    "load_dataset",
+]

@@ -1,0 +1,147 @@
+"""Typed config of the FedMD protocol (config group ``fedmd``). Kept free of heavy imports.
+
+One flat dataclass, validated by Hydra at composition (a misspelt key or a wrong type fails at
+start-up) and by :func:`check_fedmd_config` for the values (one clear line per problem).
+Presets live in ``conf/fedmd/*.yaml``; ``fed-distill fedmd fedmd=NAME key=value`` picks one.
+
+Label space (``label_space``):
+
+* ``joint`` (the paper's): one output layer with the public classes first and the private
+  classes after them, e.g. 10 digits + 6 letters = 16 outputs, letter ``k`` at output
+  ``10 + k``. Private accuracy is the argmax over the private outputs only.
+* ``shared``: public and private data have the *same* classes (same class names), so the
+  model has one head of that size and nothing is offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PARTITIONS = ("balanced", "writer", "subclass")
+AGGREGATES = ("mean", "median", "trimmed_mean")
+SCORE_KINDS = ("logits", "softmax")
+DIGEST_LOSSES = ("mae", "kl")
+LABEL_SPACES = ("joint", "shared")
+ON_INVALID = ("error", "skip")
+
+
+def _paper_parties() -> list[str]:
+    return [f"fedmd_{i}" for i in range(1, 11)]
+
+
+@dataclass
+class FedMDConfig:
+    """FedMD (Li & Wang 2019): data, parties, transfer learning, rounds and baselines."""
+
+    name: str = "quick"
+
+    # --- data: a labelled public dataset and few-shot private data -----------------------
+    public: str = "mnist5k"  # dataset name (fed-distill data info NAME)
+    public_options: dict[str, Any] = field(default_factory=dict)  # e.g. {image_size: 28}
+    public_classes: list[int] | None = None  # None = every class of the public dataset
+    public_size: int | None = None  # cap on the public training pool (stratified); None = all
+    public_val_size: int = 500  # held out of the public pool for early stopping
+    private: str = "fashion_mnist"
+    private_options: dict[str, Any] = field(default_factory=dict)
+    private_classes: list[int] | None = None  # None = all; subclass: coarse (super)class ids
+    partition: str = "balanced"  # balanced | writer (one writer per party) | subclass
+    samples_per_class: int = 3  # per party and class (writer: minimum a writer must have)
+    label_space: str = "joint"  # joint (public classes, then private ones) | shared
+    data_dir: str | None = None
+    download: bool = True
+
+    # --- parties ---------------------------------------------------------------------------
+    parties: list[str] = field(default_factory=_paper_parties)  # architectures, one per party
+    num_parties: int | None = None  # None = len(parties); otherwise the list is cycled
+    width_scale: float = 1.0  # shrinks the FedMD CNNs' filters (models that accept it)
+
+    # --- transfer learning (public, then private) -----------------------------------------
+    lr: float = 1e-3  # Adam everywhere, as in the paper
+    public_epochs: int = 20
+    public_batch_size: int = 128
+    public_patience: int | None = 3  # early stopping on the public validation part
+    private_epochs: int = 25
+    private_batch_size: int = 32
+    crop_padding: int = 0  # random-crop augmentation of images (0 = off, as in the paper)
+
+    # --- collaboration rounds ----------------------------------------------------------------
+    rounds: int = 20
+    public_subset_size: int = 5000  # stratified public subset drawn afresh every round
+    scores: str = "logits"  # what parties send: logits | softmax (with temperature)
+    temperature: float = 1.0  # softmax scores and the KL digest loss
+    aggregate: str = "mean"  # mean | median | trimmed_mean
+    aggregate_weights: list[float] | None = None  # per-party weights of the mean
+    trim: float = 0.1  # trimmed_mean: fraction cut at each end
+    on_invalid_scores: str = "error"  # error | skip (leave the party out of that round)
+    digest_loss: str = "mae"  # mae (the paper, on logits) | kl (with temperature)
+    digest_epochs: int = 1
+    digest_batch_size: int = 256
+    revisit_epochs: int = 2
+    revisit_batch_size: int = 5
+
+    # --- baselines ---------------------------------------------------------------------------
+    pooled: bool = True  # each architecture trained on the union of the private data
+    pooled_epochs: int = 50
+    pooled_batch_size: int = 32
+    extended_alone: bool = True  # control: alone + rounds*revisit_epochs more private epochs
+    save_models: bool = True  # final party weights -> run_dir/parties/party_{i}.safetensors
+
+
+def check_fedmd_config(c: FedMDConfig) -> None:
+    """Raise ConfigError (one line) for values no run can use; cheap, reads no data."""
+    from fed_distill.errors import ConfigError
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"fedmd.{msg}")
+
+    for key, allowed in (
+        ("partition", PARTITIONS),
+        ("aggregate", AGGREGATES),
+        ("scores", SCORE_KINDS),
+        ("digest_loss", DIGEST_LOSSES),
+        ("label_space", LABEL_SPACES),
+        ("on_invalid_scores", ON_INVALID),
+    ):
+        value = getattr(c, key)
+        need(value in allowed, f"{key} must be one of {', '.join(allowed)}, got '{value}'")
+    need(len(c.parties) > 0, "parties must name at least one architecture")
+    need(c.num_parties is None or c.num_parties >= 1, f"num_parties must be >= 1, got {c.num_parties}")
+    for key in (
+        "samples_per_class",
+        "public_epochs",
+        "public_batch_size",
+        "private_epochs",
+        "private_batch_size",
+        "public_subset_size",
+        "digest_epochs",
+        "digest_batch_size",
+        "revisit_batch_size",
+        "pooled_epochs",
+        "pooled_batch_size",
+    ):
+        need(getattr(c, key) >= 1, f"{key} must be >= 1, got {getattr(c, key)}")
+    for key in ("rounds", "revisit_epochs", "public_val_size", "crop_padding"):
+        need(getattr(c, key) >= 0, f"{key} must be >= 0, got {getattr(c, key)}")
+    need(c.public_size is None or c.public_size >= 1, f"public_size must be >= 1, got {c.public_size}")
+    need(c.public_patience is None or c.public_patience >= 1, "public_patience must be >= 1 or null")
+    need(c.lr > 0, f"lr must be > 0, got {c.lr}")
+    need(c.temperature > 0, f"temperature must be > 0, got {c.temperature}")
+    need(c.width_scale > 0, f"width_scale must be > 0, got {c.width_scale}")
+    need(0 <= c.trim < 0.5, f"trim must be in [0, 0.5), got {c.trim}")
+    if c.aggregate_weights is not None:
+        n = c.num_parties or len(c.parties)
+        need(
+            len(c.aggregate_weights) == n,
+            f"aggregate_weights has {len(c.aggregate_weights)} entries for {n} parties",
+        )
+        need(
+            c.aggregate == "mean",
+            f"aggregate_weights only apply to aggregate=mean, not '{c.aggregate}'",
+        )
+    for key in ("public_classes", "private_classes"):
+        classes = getattr(c, key)
+        if classes is not None:
+            need(len(classes) > 0, f"{key} must list at least one class (or be null for all)")
+            need(len(set(classes)) == len(classes), f"{key} lists a class twice: {classes}")

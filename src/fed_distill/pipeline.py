@@ -1,0 +1,309 @@
+"""The stages that every protocol shares: load data, split it among clients, train teachers.
+
+Each stage reads its inputs from ``run_dir`` (what earlier stages wrote) and writes its outputs
+there, so stages can be run one by one from the CLI or chained by a whole pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from fed_distill.artifacts import load_json, load_weights, save_figure, save_json, save_weights
+from fed_distill.config import DatasetConfig, ModelConfig, as_object, to_container
+from fed_distill.data.partition import Split, check_split, load_split, make_split, save_split
+from fed_distill.data.sources import Dataset, load_dataset
+from fed_distill.data.transforms import Normalizer
+from fed_distill.errors import FedDistillError, SplitError
+from fed_distill.models import build_model
+from fed_distill.train.fit import TrainConfig, evaluate, fit
+from fed_distill.utils import resolve_device, seed_everything
+
+
+# ----------------------------------------------------------------------------- data
+def dataset_options(ds: DatasetConfig) -> dict[str, Any]:
+    """The options that change what a dataset *is* (recorded in split.json)."""
+    opts: dict[str, Any] = {}
+    if ds.name == "digits" and ds.image_size:
+        opts["image_size"] = int(ds.image_size)
+    if ds.name == "cifar100" and ds.label != "fine":
+        opts["label"] = ds.label
+    return opts
+
+
+def load_data(ds: DatasetConfig, options: dict[str, Any] | None = None) -> Dataset:
+    opts = dataset_options(ds) if options is None else options
+    return load_dataset(ds.name, data_dir=ds.data_dir, download=ds.download, **opts)
+
+
+def load_split_and_data(cfg: DictConfig) -> tuple[Split, Dataset]:
+    """``run_dir/split.json`` and the dataset it was made for (checked to match)."""
+    run_dir = Path(cfg.run_dir)
+    split = load_split(run_dir / "split.json")
+    ds_cfg: DatasetConfig = as_object(cfg.dataset, DatasetConfig)
+    if cfg.get("_explicit_dataset") and ds_cfg.name != split.dataset:
+        raise SplitError(
+            f"{run_dir}/split.json was made for dataset '{split.dataset}', but dataset={ds_cfg.name}"
+            " was given; drop the override or rerun `fed-distill split`"
+        )
+    ds_cfg.name = split.dataset
+    data = load_data(ds_cfg, split.dataset_options)
+    check_split(split, data.info.name, data.train_y, data.test_y, data.info.num_classes)
+    return split, data
+
+
+# ----------------------------------------------------------------------------- split
+def run_split(cfg: DictConfig) -> Split:
+    """``fed-distill split``: write ``run_dir/split.json`` and a PNG of the label distribution."""
+    ds_cfg: DatasetConfig = as_object(cfg.dataset, DatasetConfig)
+    sp = cfg.split
+    data = load_data(ds_cfg)
+    split = make_split(
+        data.info.name,
+        data.train_y,
+        data.test_y,
+        data.info.num_classes,
+        sp.strategy,
+        sp.num_clients,
+        cfg.seed,
+        alpha=sp.alpha,
+        min_size=sp.min_size,
+        classes_per_client=sp.classes_per_client,
+        unif_percentage=sp.unif_percentage,
+        classes=to_container(sp)["classes"],
+        val_fraction=sp.val_fraction,
+        dataset_options=dataset_options(ds_cfg),
+    )
+    run_dir = Path(cfg.run_dir)
+    save_split(split, run_dir / "split.json")
+    plot_label_distribution(split, data.info.class_names, run_dir / "split.png")
+    print(
+        f"split {data.info.name} ({len(data.train_y)} train / {len(data.test_y)} test) among"
+        f" {split.num_clients} clients with '{split.strategy}' {_short_params(split.params)}"
+    )
+    print(
+        format_table(
+            ["client", "train", "val", "test", "classes (>0)"],
+            [
+                [
+                    i,
+                    len(c.train),
+                    len(c.val),
+                    len(c.test),
+                    sum(1 for n in c.train_class_counts if n),
+                ]
+                for i, c in enumerate(split.clients)
+            ],
+        )
+    )
+    print(f"wrote {run_dir / 'split.json'} and {run_dir / 'split.png'}")
+    return split
+
+
+def _short_params(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v}" for k, v in params.items() if k not in ("client_classes", "classes")
+    )
+
+
+def plot_label_distribution(
+    split: Split, class_names: list[str] | tuple[str, ...], path: Path
+) -> None:
+    """Stacked bars: samples of each class held by each client."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = split.class_counts()
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * split.num_clients + 2), 3.5))
+    bottom = np.zeros(split.num_clients)
+    cmap = plt.get_cmap("tab20" if split.num_classes > 10 else "tab10")
+    for k in range(split.num_classes):
+        label = class_names[k] if split.num_classes <= 20 else None
+        ax.bar(
+            range(split.num_clients),
+            counts[:, k],
+            bottom=bottom,
+            color=cmap(k % cmap.N),
+            label=label,
+        )
+        bottom += counts[:, k]
+    ax.set_xlabel("client")
+    ax.set_ylabel("train samples")
+    ax.set_xticks(range(split.num_clients))
+    ax.set_title(f"{split.dataset}: {split.strategy} {_short_params(split.params)}", fontsize=9)
+    if split.num_classes <= 20:
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- teachers
+@dataclass
+class TeacherSpec:
+    """What is needed to rebuild the teachers (``teachers/teachers.json``)."""
+
+    model: str
+    model_kwargs: dict[str, Any]
+    num_classes: int
+    in_channels: int
+    image_size: int
+    num_teachers: int
+    dataset: str
+    init_seed: int
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
+    """``fed-distill train-teachers``: one teacher per client, all from one seed-initialised model."""
+    run_dir = Path(cfg.run_dir)
+    split, data = load_split_and_data(cfg)
+    info = data.info
+    device = resolve_device(cfg.device)
+    tcfg: TrainConfig = as_object(cfg.train, TrainConfig)
+    mcfg: ModelConfig = as_object(cfg.model, ModelConfig)
+    hflip = info.hflip if tcfg.hflip is None else tcfg.hflip
+    norm = Normalizer(info.mean, info.std)
+
+    seed_everything(cfg.seed)
+    init = build_model(mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs)
+    init_state = {k: v.clone() for k, v in init.state_dict().items()}
+    spec = TeacherSpec(
+        mcfg.name,
+        dict(mcfg.kwargs),
+        info.num_classes,
+        info.channels,
+        info.image_size,
+        split.num_clients,
+        info.name,
+        int(cfg.seed),
+    )
+    out = run_dir / "teachers"
+    # A teacher is reused only when everything that shaped it is unchanged.
+    fp = _fingerprint(
+        {
+            "spec": asdict(spec),
+            "train": asdict(tcfg),
+            "split": split.label_digest,
+            "split_seed": split.seed,
+            "clients": [len(c.train) for c in split.clients],
+        }
+    )
+    save_json(asdict(spec), out / "teachers.json")
+
+    summary = []
+    t_start = time.perf_counter()
+    for i, c in enumerate(split.clients):
+        wpath, mpath = out / f"teacher_{i}.safetensors", out / f"metrics_teacher_{i}.json"
+        if not cfg.force and wpath.exists() and mpath.exists():
+            old = load_json(mpath, "teacher metrics")
+            if old.get("fingerprint") == fp:
+                print(
+                    f"teacher {i}: already trained (val {old['best_val_acc']:.4f}, test {old['test_acc']:.4f});"
+                    " force=true retrains"
+                )
+                summary.append(old)
+                continue
+        model = build_model(
+            mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs
+        )
+        model.load_state_dict(init_state)
+        tr, va, te = (torch.as_tensor(v, dtype=torch.long) for v in (c.train, c.val, c.test))
+        t0 = time.perf_counter()
+        res = fit(
+            model,
+            data.train_x[tr],
+            data.train_y[tr],
+            data.train_x[va],
+            data.train_y[va],
+            tcfg,
+            norm,
+            hflip=hflip,
+            device=device,
+            seed=cfg.seed * 1000 + i,
+            desc=f"teacher {i + 1}/{split.num_clients}",
+            progress=cfg.progress,
+        )
+        metrics = {
+            **res.history,
+            "best_epoch": res.best_epoch,
+            "best_val_acc": res.best_val_acc,
+            "local_test_acc": evaluate(model, data.test_x[te], data.test_y[te], norm, device),
+            "test_acc": evaluate(model, data.test_x, data.test_y, norm, device),
+            "num_train": len(c.train),
+            "train_class_counts": c.train_class_counts,
+            "train_time_s": time.perf_counter() - t0,
+            "fingerprint": fp,
+        }
+        save_weights(model, wpath, metadata={"model": mcfg.name, "teacher": str(i)})
+        save_json(metrics, mpath)
+        print(
+            f"teacher {i}: {len(c.train)} train samples, best epoch {res.best_epoch + 1}, val"
+            f" {res.best_val_acc:.4f}, local test {metrics['local_test_acc']:.4f}, test {metrics['test_acc']:.4f}"
+            f" ({metrics['train_time_s']:.1f}s)"
+        )
+        summary.append(metrics)
+    print(
+        format_table(
+            ["teacher", "train", "val acc", "local test", "test acc"],
+            [
+                [
+                    i,
+                    m["num_train"],
+                    f"{m['best_val_acc']:.4f}",
+                    f"{m['local_test_acc']:.4f}",
+                    f"{m['test_acc']:.4f}",
+                ]
+                for i, m in enumerate(summary)
+            ],
+        )
+    )
+    print(f"{split.num_clients} teachers in {out} ({time.perf_counter() - t_start:.1f}s)")
+    return summary
+
+
+def load_teachers(
+    run_dir: str | Path, device: torch.device | str = "cpu"
+) -> tuple[list[torch.nn.Module], TeacherSpec]:
+    """The uploaded teachers of ``run_dir`` in eval mode (weights checked against the architecture)."""
+    tdir = Path(run_dir) / "teachers"
+    if not (tdir / "teachers.json").is_file():
+        raise FedDistillError(
+            f"no teachers in {tdir}; run `fed-distill train-teachers run_dir={run_dir}` first"
+        )
+    raw = load_json(tdir / "teachers.json", "teachers.json")
+    try:
+        spec = TeacherSpec(**raw)
+    except TypeError as e:
+        raise FedDistillError(
+            f"{tdir / 'teachers.json'} is malformed ({e}); rerun train-teachers"
+        ) from None
+    teachers = []
+    for i in range(spec.num_teachers):
+        m = build_model(
+            spec.model, spec.num_classes, spec.in_channels, spec.image_size, **spec.model_kwargs
+        )
+        load_weights(m, tdir / f"teacher_{i}.safetensors")
+        teachers.append(m.to(device).eval())
+    return teachers, spec
+
+
+# ----------------------------------------------------------------------------- printing
+def format_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A plain fixed-width table (readable in logs and terminals alike)."""
+    cells = [[str(h) for h in header]] + [[str(v) for v in r] for r in rows]
+    widths = [max(len(r[j]) for r in cells) for j in range(len(header))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Typed configs of synthesis (group ``synthesis``) and student distillation (group ``student``).
+
+Kept light on purpose (dataclasses only, no torch import): the root Hydra schema imports it at
+start-up. The defaults of :class:`SynthesisConfig` are the ``cpu`` preset; the YAML files in
+``conf/synthesis/`` spell out every key of each preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fed_distill.errors import ConfigError
+
+SYNTHESIS_METHODS = ("deepinversion",)
+SYNTHESIS_MODES = ("cycling", "ensemble", "sampling")
+LABEL_MODES = ("uniform", "weighted")
+LR_SCHEDULES = ("cosine", "none")
+INITS = ("randn",)
+
+
+@dataclass
+class SynthesisConfig:
+    """Data-free image synthesis from frozen teachers (DeepInversion / Adaptive DeepInversion).
+
+    mode: ``cycling`` = one teacher per batch, round-robin; ``ensemble`` = mean of all teachers'
+    logits; ``sampling`` = Sampling DeepInversion (Algorithm 1 of the seed report): at every
+    gradient step ``num_teachers`` distinct teachers are drawn and their losses averaged.
+    """
+
+    name: str = "cpu"  # preset name (informational)
+    method: str = "deepinversion"
+    mode: str = "cycling"
+    num_teachers: int = 3  # sampling only: teachers drawn per gradient step
+    batch_size: int = 128
+    iterations: int = 200  # gradient steps per synthetic batch
+    lr: float = 0.2
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # Adam betas on the pixels
+    l2_scale: float = 0.0  # weight of the l2 norm of the batch
+    var_scale: float = 1e-3  # weight of the total-variation prior
+    bn_scale: float = 10.0  # weight of the BatchNorm-statistics matching term
+    first_bn_multiplier: float = 1.0  # extra weight on the first BN layer (1 = none)
+    comp_scale: float = 10.0  # Adaptive DI competition term; only used when a student is given
+    temperature: float = 3.0  # softmax temperature of the competition (JS) term
+    jitter: int = 2  # max random roll in pixels, both axes
+    flip: bool | None = None  # random horizontal flip; None = the dataset's default
+    label_mode: str = "uniform"  # uniform over the teacher's classes | weighted by class counts
+    class_mask: bool = False  # restrict a teacher's logits to the classes it owns before CE
+    class_weighted_ce: bool = False  # CE weight w[t][l] = share of label l in teacher t's data
+    lr_schedule: str = "cosine"  # cosine | none
+    init: str = "randn"  # initial pixels (normalised space)
+
+    def validate(self, num_available: int | None = None) -> SynthesisConfig:
+        """Raise ConfigError (one line) on a bad value; ``num_available`` = teachers at hand."""
+
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"synthesis.{msg}")
+
+        def one_of(key: str, value: str, options: tuple[str, ...]) -> None:
+            if value not in options:
+                raise bad(f"{key} must be one of {', '.join(options)}, got '{value}'")
+
+        one_of("method", self.method, SYNTHESIS_METHODS)
+        one_of("mode", self.mode, SYNTHESIS_MODES)
+        one_of("label_mode", self.label_mode, LABEL_MODES)
+        one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        one_of("init", self.init, INITS)
+        for key in ("batch_size", "iterations", "num_teachers"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(f"{key} must be a positive integer, got {value!r}")
+        if (
+            self.mode == "sampling"
+            and num_available is not None
+            and self.num_teachers > num_available
+        ):
+            raise bad(
+                f"num_teachers={self.num_teachers} but only {num_available} teachers are "
+                "available for sampling"
+            )
+        if not self.lr > 0:
+            raise bad(f"lr must be > 0, got {self.lr}")
+        if not self.temperature > 0:
+            raise bad(f"temperature must be > 0, got {self.temperature}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise bad(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        for key in ("l2_scale", "var_scale", "bn_scale", "comp_scale", "first_bn_multiplier"):
+            if not getattr(self, key) >= 0:  # also rejects NaN
+                raise bad(f"{key} must be >= 0, got {getattr(self, key)}")
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
+            raise bad(f"jitter must be an integer >= 0, got {self.jitter!r}")
+        if self.class_weighted_ce and self.mode == "ensemble":
+            # Ensemble CE is on the mean logits: there is no per-teacher term to weight.
+            raise bad("class_weighted_ce applies to mode=cycling or sampling, not ensemble")
+        return self
+
+
+@dataclass
+class StudentConfig:
+    epochs: int = 10

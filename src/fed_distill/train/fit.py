@@ -1,0 +1,246 @@
+"""One supervised training loop for any classifier, readable top to bottom.
+
+Data stay uint8 (N, C, H, W) tensors on the device; each step indexes a batch, augments it as a
+whole, normalises it and takes one optimiser step. Every ``eval_every`` epochs the model is
+evaluated on the validation part; the best checkpoint *on validation* is kept (never on test).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fed_distill.data.transforms import Normalizer, augment
+from fed_distill.errors import ConfigError, FedDistillError
+from fed_distill.utils import progress_bar
+
+
+@dataclass
+class TrainConfig:
+    """Supervised training settings (config group ``train``)."""
+
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | none
+    step_size: int = 10  # epochs between decays for schedule=step
+    gamma: float = 0.1
+    crop_padding: int = 2  # random-crop padding in pixels (0 = off)
+    hflip: bool | None = None  # None = the dataset's own default
+    eval_every: int = 1
+    min_steps: int = 200  # at least this many optimiser steps: tiny clients get more epochs
+    max_steps: int | None = None  # stop after this many optimiser steps (quick smoke runs)
+    patience: int | None = None  # early stopping after this many evaluations without improvement
+    label_smoothing: float = 0.0
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+
+
+@dataclass
+class FitResult:
+    history: dict[str, list[float]] = field(default_factory=dict)
+    best_epoch: int = -1
+    best_val_acc: float = float("nan")
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.momentum > 0,
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"train.optimizer must be sgd or adam, got '{cfg.optimizer}'")
+
+
+def make_schedule(opt: torch.optim.Optimizer, epochs: int, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-step LR schedule (cosine decays smoothly to 0 over all steps)."""
+    total = max(1, epochs * steps_per_epoch)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+    if cfg.schedule == "step":
+        every = max(1, cfg.step_size * steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.gamma ** (s // every))
+    if cfg.schedule == "none":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    raise ConfigError(f"train.schedule must be cosine, step or none, got '{cfg.schedule}'")
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    normalizer: Normalizer | None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Logits for all of ``x`` (uint8 images, or float images already normalised), in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].to(device, non_blocking=True)
+        xb = normalizer(xb) if (normalizer is not None and xb.dtype == torch.uint8) else xb.float()
+        with _autocast(torch.device(device)):
+            out.append(model(xb).float().cpu())
+    model.train(was_training)
+    if not out:
+        return torch.empty(0)
+    return torch.cat(out)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    normalizer: Normalizer | None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1024,
+) -> float:
+    """Top-1 accuracy as a fraction in [0, 1] (NaN for an empty set)."""
+    if len(y) == 0:
+        return float("nan")
+    logits = predict_logits(model, x, normalizer, device, batch_size)
+    return (logits.argmax(1) == y.cpu()).float().mean().item()
+
+
+def _autocast(device: torch.device, enabled: bool = True):
+    # Mixed precision only on CUDA; on CPU bf16 autocast is slower for these small nets.
+    return torch.autocast(
+        device_type=device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda"
+    )
+
+
+def fit(
+    model: torch.nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor | None,
+    val_y: torch.Tensor | None,
+    cfg: TrainConfig,
+    normalizer: Normalizer,
+    *,
+    hflip: bool = False,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    desc: str = "train",
+    progress: bool = True,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on (train_x, train_y); keep the weights with the best validation accuracy.
+
+    ``train_y`` holds class indices (cross-entropy) unless ``loss_fn`` is given, in which case it
+    can be any per-sample target (e.g. soft labels) and ``loss_fn(logits, targets)`` is minimised.
+    Without a validation set the last epoch's weights are kept.
+    """
+    device = torch.device(device)
+    if len(train_x) == 0:
+        raise FedDistillError(f"{desc}: no training samples")
+    if len(train_x) != len(train_y):
+        raise FedDistillError(f"{desc}: {len(train_x)} images but {len(train_y)} targets")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ConfigError(
+            f"train.epochs and train.batch_size must be >= 1 (got {cfg.epochs}, {cfg.batch_size})"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device)
+    x_all, y_all = train_x.to(device), train_y.to(device)
+    has_val = val_x is not None and val_y is not None and len(val_y) > 0
+    n = len(x_all)
+    bs = min(cfg.batch_size, n)
+    steps = max(1, n // bs)  # drop the ragged last batch: BatchNorm dislikes batches of one
+    # A client with 150 samples would get one step per epoch; train it for min_steps instead.
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps))
+    if cfg.max_steps is not None:
+        epochs = max(1, min(epochs, math.ceil(cfg.max_steps / steps)))
+        steps = min(steps, cfg.max_steps)
+    eval_every = cfg.eval_every * math.ceil(epochs / cfg.epochs)  # as many evaluations as asked
+    opt = make_optimizer(model, cfg)
+    sched = make_schedule(opt, epochs, cfg, steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    if loss_fn is None:
+
+        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+
+    classification = not torch.is_floating_point(train_y)
+
+    hist: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "val_acc": [], "lr": []}
+    result = FitResult(history=hist)
+    best_state, bad_evals = None, 0
+    bar = progress_bar(range(epochs), desc=desc, enabled=progress)
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(n, generator=gen).to(device)
+        tot_loss = tot_correct = tot_seen = 0.0
+        for s in range(steps):
+            idx = perm[s * bs : (s + 1) * bs]
+            xb, yb = x_all[idx], y_all[idx]
+            if xb.dtype == torch.uint8:
+                xb = normalizer(augment(xb, cfg.crop_padding, hflip, gen))
+            with _autocast(device, cfg.amp):
+                logits = model(xb)
+                loss = loss_fn(logits.float(), yb)
+            if not torch.isfinite(loss):
+                raise FedDistillError(
+                    f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower train.lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            tot_loss += loss.detach() * len(idx)
+            if classification:
+                tot_correct += (logits.detach().argmax(1) == yb).sum()
+            tot_seen += len(idx)
+        row = {
+            "train_loss": float(tot_loss) / tot_seen,
+            "train_acc": float(tot_correct) / tot_seen if classification else float("nan"),
+            "lr": opt.param_groups[0]["lr"],
+        }
+        evaluate_now = has_val and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs)
+        row["val_acc"] = (
+            evaluate(model, val_x, val_y, normalizer, device) if evaluate_now else float("nan")
+        )
+        for k, v in row.items():
+            hist[k].append(v)
+        if evaluate_now and not (row["val_acc"] <= result.best_val_acc):  # first eval, or better
+            result.best_val_acc, result.best_epoch = row["val_acc"], epoch
+            best_state = copy.deepcopy(model.state_dict())
+            bad_evals = 0
+        elif evaluate_now:
+            bad_evals += 1
+        bar.set_postfix(
+            loss=f"{row['train_loss']:.3f}",
+            acc=f"{row['train_acc']:.3f}",
+            val=f"{row['val_acc']:.3f}",
+        )
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        if cfg.patience is not None and bad_evals >= cfg.patience:
+            break
+    bar.close()
+    if best_state is None:  # no validation set: keep the final weights
+        best_state, result.best_epoch = (
+            copy.deepcopy(model.state_dict()),
+            len(hist["train_loss"]) - 1,
+        )
+    model.load_state_dict(best_state)
+    result.state_dict = {k: v.detach().cpu() for k, v in best_state.items()}
+    return result
