@@ -37,6 +37,18 @@ STAGES: dict[str, tuple[str, str]] = {
         "fed_distill.pipeline:run_train_teachers",
         "train one teacher per client of run_dir/split.json -> run_dir/teachers/",
     ),
+    "generate-initial": (
+        "fed_distill.federated.oneshot:run_generate_initial",
+        "synthesise the initial (non-adaptive) batches from the teachers -> run_dir/student/initial.pt",
+    ),
+    "train-student": (
+        "fed_distill.federated.oneshot:run_train_student",
+        "distil the teachers into a student on a growing synthetic dataset -> run_dir/student/",
+    ),
+    "oneshot": (
+        "fed_distill.federated.oneshot:run_oneshot",
+        "the whole one-shot pipeline with baselines -> run_dir/results.json",
+    ),
     "fedmd": (
         "fed_distill.federated.fedmd:run_fedmd",
         "FedMD: heterogeneous parties distil through class scores on public data -> run_dir/results.json",

@@ -47,6 +47,7 @@ class SplitConfig:
     unif_percentage: float = 0.5  # heter: 1.0 = IID, 0.5 = seed's heter, 0.0 = class-disjoint
     classes: list[list[int]] | None = None  # classes: explicit class list per client
     val_fraction: float = 0.1  # held out of each client's train part for model selection
+    server_clients: int = 0  # the last N clients train no teacher: their data is the server's own
 
 
 @dataclass

@@ -81,6 +81,7 @@ def run_split(cfg: DictConfig) -> Split:
         classes=to_container(sp)["classes"],
         val_fraction=sp.val_fraction,
         dataset_options=dataset_options(ds_cfg),
+        server_clients=sp.server_clients,
     )
     run_dir = Path(cfg.run_dir)
     save_split(split, run_dir / "split.json")
@@ -185,7 +186,7 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
         info.num_classes,
         info.channels,
         info.image_size,
-        split.num_clients,
+        split.num_teachers,
         info.name,
         int(cfg.seed),
     )
@@ -197,14 +198,14 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
             "train": asdict(tcfg),
             "split": split.label_digest,
             "split_seed": split.seed,
-            "clients": [len(c.train) for c in split.clients],
+            "clients": [[c.train, c.val] for c in split.clients[: split.num_teachers]],
         }
     )
     save_json(asdict(spec), out / "teachers.json")
 
     summary = []
     t_start = time.perf_counter()
-    for i, c in enumerate(split.clients):
+    for i, c in enumerate(split.clients[: split.num_teachers]):
         wpath, mpath = out / f"teacher_{i}.safetensors", out / f"metrics_teacher_{i}.json"
         if not cfg.force and wpath.exists() and mpath.exists():
             old = load_json(mpath, "teacher metrics")
@@ -232,7 +233,7 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
             hflip=hflip,
             device=device,
             seed=cfg.seed * 1000 + i,
-            desc=f"teacher {i + 1}/{split.num_clients}",
+            desc=f"teacher {i + 1}/{split.num_teachers}",
             progress=cfg.progress,
         )
         metrics = {
@@ -269,7 +270,7 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
             ],
         )
     )
-    print(f"{split.num_clients} teachers in {out} ({time.perf_counter() - t_start:.1f}s)")
+    print(f"{split.num_teachers} teachers in {out} ({time.perf_counter() - t_start:.1f}s)")
     return summary
 
 

@@ -50,6 +50,11 @@ class Split:
     def num_clients(self) -> int:
         return len(self.clients)
 
+    @property
+    def num_teachers(self) -> int:
+        """Clients that train a teacher; the last ``server_clients`` hold the server's own data."""
+        return len(self.clients) - int(self.params.get("server_clients", 0))
+
     def class_counts(self) -> np.ndarray:
         """(num_clients, num_classes) train class counts (train + val, i.e. all a client owns)."""
         return np.array([c.train_class_counts for c in self.clients], dtype=np.int64)
@@ -262,12 +267,15 @@ def make_split(
     classes: Sequence[Sequence[int]] | None = None,
     val_fraction: float = 0.1,
     dataset_options: dict[str, Any] | None = None,
+    server_clients: int = 0,
 ) -> Split:
     """Partition a dataset's train and test sets among clients. Same seed → identical split."""
     ytr = np.asarray(train_y, dtype=np.int64)
     yte = np.asarray(test_y, dtype=np.int64)
     rng = np.random.default_rng(seed)
     params: dict[str, Any] = {"num_clients": num_clients, "val_fraction": val_fraction}
+    if server_clients:
+        params["server_clients"] = server_clients
     if strategy == "iid":
         train_parts = split_iid(ytr, num_clients, rng)
     elif strategy == "dirichlet":
@@ -295,6 +303,11 @@ def make_split(
             f"unknown split strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}"
         )
 
+    if not 0 <= server_clients < len(train_parts):
+        raise SplitError(
+            f"split.server_clients must be in 0..{len(train_parts) - 1} (at least one teacher),"
+            f" got {server_clients}"
+        )
     for i, p in enumerate(train_parts):
         if len(p) == 0:
             raise SplitError(

@@ -58,6 +58,7 @@ class FedMDConfig:
 
     # --- transfer learning (public, then private) -----------------------------------------
     lr: float = 1e-3  # Adam everywhere, as in the paper
+    head_l2: float = 1e-3  # L2 on the output layer's weights in every loss (the authors' Keras)
     public_epochs: int = 20
     public_batch_size: int = 128
     public_patience: int | None = 3  # early stopping on the public validation part
@@ -107,7 +108,10 @@ def check_fedmd_config(c: FedMDConfig) -> None:
         value = getattr(c, key)
         need(value in allowed, f"{key} must be one of {', '.join(allowed)}, got '{value}'")
     need(len(c.parties) > 0, "parties must name at least one architecture")
-    need(c.num_parties is None or c.num_parties >= 1, f"num_parties must be >= 1, got {c.num_parties}")
+    need(
+        c.num_parties is None or c.num_parties >= 1,
+        f"num_parties must be >= 1, got {c.num_parties}",
+    )
     for key in (
         "samples_per_class",
         "public_epochs",
@@ -124,9 +128,15 @@ def check_fedmd_config(c: FedMDConfig) -> None:
         need(getattr(c, key) >= 1, f"{key} must be >= 1, got {getattr(c, key)}")
     for key in ("rounds", "revisit_epochs", "public_val_size", "crop_padding"):
         need(getattr(c, key) >= 0, f"{key} must be >= 0, got {getattr(c, key)}")
-    need(c.public_size is None or c.public_size >= 1, f"public_size must be >= 1, got {c.public_size}")
-    need(c.public_patience is None or c.public_patience >= 1, "public_patience must be >= 1 or null")
+    need(
+        c.public_size is None or c.public_size >= 1,
+        f"public_size must be >= 1, got {c.public_size}",
+    )
+    need(
+        c.public_patience is None or c.public_patience >= 1, "public_patience must be >= 1 or null"
+    )
     need(c.lr > 0, f"lr must be > 0, got {c.lr}")
+    need(c.head_l2 >= 0, f"head_l2 must be >= 0, got {c.head_l2}")
     need(c.temperature > 0, f"temperature must be > 0, got {c.temperature}")
     need(c.width_scale > 0, f"width_scale must be > 0, got {c.width_scale}")
     need(0 <= c.trim < 0.5, f"trim must be in [0, 0.5), got {c.trim}")

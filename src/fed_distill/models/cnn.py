@@ -31,7 +31,7 @@ class SmallCNN(nn.Module):
         num_classes: int,
         in_channels: int = 1,
         image_size: int = 28,
-        width: int = 32,
+        width: int = 16,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -59,10 +59,10 @@ def cnn_small(
     num_classes: int,
     in_channels: int,
     image_size: int,
-    width: int = 32,
+    width: int = 16,
     dropout: float = 0.0,
 ) -> nn.Module:
-    """Small 4-conv BatchNorm CNN (widths w,w,2w,2w; w=32), GAP + linear; fast on CPU."""
+    """Small 4-conv BatchNorm CNN (widths w,w,2w,2w; w=16 by default: ~3x faster than 32 on 2 CPU cores for ~1 point), GAP + linear."""
     check_int("width", width, minimum=1, model="cnn_small")
     dropout = check_float("dropout", dropout, 0.0, 1.0, model="cnn_small")
     return SmallCNN(num_classes, in_channels, image_size, width=width, dropout=dropout)

@@ -8,6 +8,7 @@ start-up. The defaults of :class:`SynthesisConfig` are the ``cpu`` preset; the Y
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fed_distill.errors import ConfigError
 
@@ -32,12 +33,12 @@ class SynthesisConfig:
     mode: str = "cycling"
     num_teachers: int = 3  # sampling only: teachers drawn per gradient step
     batch_size: int = 128
-    iterations: int = 200  # gradient steps per synthetic batch
-    lr: float = 0.2
+    iterations: int = 100  # gradient steps per synthetic batch
+    lr: float = 0.25
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # Adam betas on the pixels
     l2_scale: float = 0.0  # weight of the l2 norm of the batch
     var_scale: float = 1e-3  # weight of the total-variation prior
-    bn_scale: float = 10.0  # weight of the BatchNorm-statistics matching term
+    bn_scale: float = 3.0  # weight of the BatchNorm-statistics matching term
     first_bn_multiplier: float = 1.0  # extra weight on the first BN layer (1 = none)
     comp_scale: float = 10.0  # Adaptive DI competition term; only used when a student is given
     temperature: float = 3.0  # softmax temperature of the competition (JS) term
@@ -96,4 +97,66 @@ class SynthesisConfig:
 
 @dataclass
 class StudentConfig:
-    epochs: int = 10
+    """Distilling the teachers into one student on a growing synthetic dataset (group ``student``).
+
+    ``generate-initial`` makes ``initial_batches`` non-adaptive batches; every student epoch then
+    synthesises ``new_batches_per_epoch`` fresh batches (adaptive against the current student when
+    ``adaptive``), trains on each at once, appends it to the pool, and takes ``steps_per_epoch``
+    further steps on batches drawn from the whole pool with augmentation.
+    """
+
+    model: str | None = None  # None = the teachers' architecture
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 20
+    initial_batches: int = 4
+    new_batches_per_epoch: int = 1
+    adaptive: bool = True  # new batches use Adaptive DI (competition with the current student)
+    steps_per_epoch: int = 20  # pool steps per epoch, besides one step on each new batch
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | none
+    loss: str = "kl"  # kl: KL to the teachers' soft labels at `temperature` | ce: CE on synthetic labels (the seed)
+    temperature: float = 4.0
+    soft_labels: str = (
+        "ensemble"  # ensemble: mean logits of all teachers | producers: the batch's own teachers
+    )
+    augment: bool = True  # random roll (jitter) and flip of pool batches
+    jitter: int = 2
+    server_data: bool = False  # train also on the real data of split clients without a teacher
+    real_weight: float = 1.0  # weight of the server's real-data loss
+    class_weights: list[float] | None = None  # per-class loss weights (the seed's "weighted")
+    eval_every: int = 1
+
+    def validate(self) -> StudentConfig:
+        for key in ("epochs", "batch_size", "eval_every"):
+            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
+                raise ConfigError(
+                    f"student.{key} must be a positive integer, got {getattr(self, key)!r}"
+                )
+        for key in ("initial_batches", "new_batches_per_epoch", "steps_per_epoch", "jitter"):
+            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 0):
+                raise ConfigError(
+                    f"student.{key} must be an integer >= 0, got {getattr(self, key)!r}"
+                )
+        if self.initial_batches + self.new_batches_per_epoch == 0:
+            raise ConfigError(
+                "student.initial_batches and student.new_batches_per_epoch are both 0: no data"
+            )
+        if self.loss not in ("kl", "ce"):
+            raise ConfigError(f"student.loss must be kl or ce, got '{self.loss}'")
+        if self.soft_labels not in ("ensemble", "producers"):
+            raise ConfigError(
+                f"student.soft_labels must be ensemble or producers, got '{self.soft_labels}'"
+            )
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"student.optimizer must be sgd or adam, got '{self.optimizer}'")
+        if self.schedule not in ("cosine", "none"):
+            raise ConfigError(f"student.schedule must be cosine or none, got '{self.schedule}'")
+        if not (self.lr > 0 and self.temperature > 0):
+            raise ConfigError("student.lr and student.temperature must be > 0")
+        if self.class_weights is not None and not all(w >= 0 for w in self.class_weights):
+            raise ConfigError("student.class_weights must be non-negative")
+        return self

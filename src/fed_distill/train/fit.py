@@ -80,7 +80,6 @@ def make_schedule(opt: torch.optim.Optimizer, epochs: int, cfg: TrainConfig, ste
     raise ConfigError(f"train.schedule must be cosine, step or none, got '{cfg.schedule}'")
 
 
-@torch.inference_mode()
 def predict_logits(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -90,13 +89,21 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits for all of ``x`` (uint8 images, or float images already normalised), in eval mode."""
     was_training = model.training
+    if not torch.is_inference_mode_enabled():
+        # Converting parameters inside inference mode would turn them into inference tensors.
+        model.to(memory_format=preferred_format(torch.device(device)))
     model.eval()
     out = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].to(device, non_blocking=True)
-        xb = normalizer(xb) if (normalizer is not None and xb.dtype == torch.uint8) else xb.float()
-        with _autocast(torch.device(device)):
-            out.append(model(xb).float().cpu())
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].to(device, non_blocking=True)
+            xb = (
+                normalizer(xb)
+                if (normalizer is not None and xb.dtype == torch.uint8)
+                else xb.float()
+            )
+            with _autocast(torch.device(device)):
+                out.append(model(xb).float().cpu())
     model.train(was_training)
     if not out:
         return torch.empty(0)
@@ -116,6 +123,11 @@ def evaluate(
         return float("nan")
     logits = predict_logits(model, x, normalizer, device, batch_size)
     return (logits.argmax(1) == y.cpu()).float().mean().item()
+
+
+def preferred_format(device: torch.device) -> torch.memory_format:
+    """channels_last is oneDNN's fast layout for conv/pool on CPU (~1.4x for small CNNs)."""
+    return torch.channels_last if device.type == "cpu" else torch.preserve_format
 
 
 def _autocast(device: torch.device, enabled: bool = True):
@@ -158,7 +170,7 @@ def fit(
             f"train.epochs and train.batch_size must be >= 1 (got {cfg.epochs}, {cfg.batch_size})"
         )
     gen = torch.Generator().manual_seed(seed)
-    model.to(device)
+    model.to(device, memory_format=preferred_format(device))
     x_all, y_all = train_x.to(device), train_y.to(device)
     has_val = val_x is not None and val_y is not None and len(val_y) > 0
     n = len(x_all)

@@ -1,0 +1,314 @@
+"""One-shot federated learning by data-free distillation: the stages and the whole pipeline.
+
+split → train-teachers (each client once) → teachers uploaded → generate-initial (synthetic
+batches from the teachers) → train-student (distil on a growing synthetic dataset) → evaluate the
+teachers, their ensemble, one-shot FedAvg and the student on the official test set.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from fed_distill.artifacts import load_json, load_tensors, save_json, save_tensors, save_weights
+from fed_distill.config import as_object, to_container
+from fed_distill.data.partition import Split
+from fed_distill.data.sources import Dataset
+from fed_distill.data.transforms import Normalizer
+from fed_distill.errors import FedDistillError
+from fed_distill.federated.baselines import ensemble_accuracy, fedavg_state
+from fed_distill.models import build_model
+from fed_distill.pipeline import (
+    TeacherSpec,
+    format_table,
+    load_split_and_data,
+    load_teachers,
+    run_split,
+    run_train_teachers,
+)
+from fed_distill.synthesis import build_synthesizer
+from fed_distill.synthesis.config import StudentConfig, SynthesisConfig
+from fed_distill.train.fit import evaluate
+from fed_distill.train.student import SyntheticPool, distill
+from fed_distill.utils import resolve_device, seed_everything
+
+MAX_VAL = 2000  # validation images evaluated per student epoch (diagnostic only)
+
+
+@dataclass
+class ServerContext:
+    """What the server holds after the upload: teachers, their class counts, the test task."""
+
+    split: Split
+    data: Dataset
+    teachers: list[nn.Module]
+    spec: TeacherSpec
+    class_counts: np.ndarray  # (num_teachers, num_classes) training-label counts
+    normalizer: Normalizer
+    hflip: bool
+    device: torch.device
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.spec.in_channels, self.spec.image_size, self.spec.image_size)
+
+
+def server_context(cfg: DictConfig) -> ServerContext:
+    split, data = load_split_and_data(cfg)
+    device = resolve_device(cfg.device)
+    teachers, spec = load_teachers(cfg.run_dir, device)
+    if spec.num_teachers != split.num_teachers or spec.num_classes != data.info.num_classes:
+        raise FedDistillError(
+            f"teachers in {cfg.run_dir} do not match split.json ({spec.num_teachers} teachers for"
+            f" {split.num_teachers} clients); rerun `fed-distill train-teachers force=true`"
+        )
+    counts = split.class_counts()[: split.num_teachers]
+    hflip = data.info.hflip if cfg.train.hflip is None else bool(cfg.train.hflip)
+    return ServerContext(
+        split,
+        data,
+        teachers,
+        spec,
+        counts,
+        Normalizer(data.info.mean, data.info.std),
+        hflip,
+        device,
+    )
+
+
+def _synthesizer(cfg: DictConfig, ctx: ServerContext, seed: int):
+    scfg: SynthesisConfig = as_object(cfg.synthesis, SynthesisConfig)
+    return build_synthesizer(
+        scfg,
+        ctx.teachers,
+        ctx.class_counts,
+        ctx.image_shape,
+        ctx.normalizer,
+        ctx.hflip,
+        ctx.device,
+        seed,
+    )
+
+
+def run_generate_initial(cfg: DictConfig) -> SyntheticPool:
+    """``fed-distill generate-initial``: ``student.initial_batches`` non-adaptive synthetic batches
+    from the uploaded teachers → ``run_dir/student/initial.pt``."""
+    scfg: StudentConfig = as_object(cfg.student, StudentConfig).validate()
+    ctx = server_context(cfg)
+    seed_everything(cfg.seed)
+    synth = _synthesizer(cfg, ctx, seed=cfg.seed)
+    pool = SyntheticPool()
+    t0 = time.perf_counter()
+    from fed_distill.utils import progress_bar
+
+    for _ in progress_bar(
+        range(scfg.initial_batches), desc="initial batches", enabled=cfg.progress
+    ):
+        batch = synth.synthesize(None)
+        pool.append(batch)
+        print(
+            f"initial batch {len(pool.labels)}/{scfg.initial_batches}: teachers {batch.teacher_ids}, "
+            f"teacher accuracy on it {batch.stats.get('teacher_acc', float('nan')):.3f}, "
+            f"{batch.stats.get('seconds', float('nan')):.1f}s"
+        )
+    seconds = time.perf_counter() - t0
+    out = Path(cfg.run_dir) / "student"
+    if len(pool):
+        save_tensors(pool.state(), out / "initial.pt")
+    save_json(
+        {
+            "batches": len(pool.labels),
+            "images": len(pool),
+            "seconds": seconds,
+            "images_per_s": len(pool) / seconds if seconds > 0 else None,
+        },
+        out / "initial.json",
+    )
+    print(f"{len(pool)} initial synthetic images in {seconds:.1f}s -> {out / 'initial.pt'}")
+    return pool
+
+
+def run_train_student(cfg: DictConfig) -> dict[str, Any]:
+    """``fed-distill train-student``: distil the teachers into a student on a growing synthetic
+    dataset (starting from ``student/initial.pt``) → ``run_dir/student/``."""
+    scfg: StudentConfig = as_object(cfg.student, StudentConfig).validate()
+    ctx = server_context(cfg)
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / "student"
+    info = ctx.data.info
+    if scfg.initial_batches > 0:
+        if not (out / "initial.pt").is_file():
+            raise FedDistillError(
+                f"no initial synthetic batches in {out}; run `fed-distill generate-initial"
+                f" run_dir={run_dir}` first"
+            )
+        pool = SyntheticPool.from_state(
+            load_tensors(out / "initial.pt", "initial synthetic batches"),
+            ctx.image_shape,
+            info.num_classes,
+        )
+    else:
+        pool = SyntheticPool()
+    seed_everything(cfg.seed + 1)
+    name = scfg.model or ctx.spec.model
+    kwargs = dict(scfg.model_kwargs) if scfg.model else dict(ctx.spec.model_kwargs)
+    student = build_model(name, info.num_classes, info.channels, info.image_size, **kwargs)
+    # A different stream from generate-initial, so new batches are not copies of initial ones.
+    synth = _synthesizer(cfg, ctx, seed=cfg.seed + 7919)
+    val_idx = torch.as_tensor([i for c in ctx.split.clients for i in c.val], dtype=torch.long)
+    val_idx = val_idx[
+        torch.randperm(len(val_idx), generator=torch.Generator().manual_seed(0))[:MAX_VAL]
+    ]
+    server = None
+    if scfg.server_data:
+        idx = [i for c in ctx.split.clients[ctx.split.num_teachers :] for i in c.train + c.val]
+        if not idx:
+            raise FedDistillError(
+                "student.server_data=true but the split has no server clients;"
+                " split again with split.server_clients=1"
+            )
+        t = torch.as_tensor(idx, dtype=torch.long)
+        server = (ctx.data.train_x[t], ctx.data.train_y[t])
+        print(f"server holds {len(idx)} real images of its own")
+    res = distill(
+        student,
+        ctx.teachers,
+        synth,
+        pool,
+        scfg,
+        normalizer=ctx.normalizer,
+        hflip=ctx.hflip,
+        device=ctx.device,
+        seed=cfg.seed,
+        test=(ctx.data.test_x, ctx.data.test_y),
+        val=(ctx.data.train_x[val_idx], ctx.data.train_y[val_idx]),
+        server_data=server,
+        num_classes=info.num_classes,
+        progress=cfg.progress,
+    )
+    save_weights(student, out / "student.safetensors", metadata={"model": name})
+    save_json(
+        {
+            **res.metrics,
+            "model": name,
+            "model_kwargs": kwargs,
+            "synthesis_seconds": res.synthesis_seconds,
+            "synthesized_images": res.synthesized_images,
+        },
+        out / "metrics.json",
+    )
+    save_tensors(pool.state(), out / "dataset.pt")
+    for t, d in res.di_metrics.items():
+        save_json(d, out / f"di_metrics_teacher_{t}.json")
+    acc = res.metrics["test_acc"][-1]
+    print(
+        f"student ({name}): test accuracy {acc:.4f} after {scfg.epochs} epochs on {len(pool)} synthetic images"
+    )
+    return {"student": student, "result": res, "pool": pool}
+
+
+def evaluate_oneshot(
+    cfg: DictConfig, ctx: ServerContext, student: nn.Module | None
+) -> dict[str, Any]:
+    """Teachers (local and official test), ensemble, one-shot FedAvg and the student."""
+    data, norm, dev = ctx.data, ctx.normalizer, ctx.device
+    tx, ty = data.test_x, data.test_y
+    teacher_acc, teacher_local = [], []
+    for t, c in zip(ctx.teachers, ctx.split.clients, strict=False):
+        te = torch.as_tensor(c.test, dtype=torch.long)
+        teacher_acc.append(evaluate(t, tx, ty, norm, dev))
+        teacher_local.append(evaluate(t, tx[te], ty[te], norm, dev))
+    out: dict[str, Any] = {
+        "teacher_acc": teacher_acc,
+        "teacher_local_acc": teacher_local,
+        "ensemble_acc": ensemble_accuracy(ctx.teachers, tx, ty, norm, dev),
+        "fedavg_acc": None,
+    }
+    # FedAvg is meaningful only for one architecture from one shared initialisation, which
+    # train-teachers guarantees (teachers.json records both).
+    sizes = [len(c.train) + len(c.val) for c in ctx.split.clients[: ctx.split.num_teachers]]
+    avg = build_model(
+        ctx.spec.model,
+        ctx.spec.num_classes,
+        ctx.spec.in_channels,
+        ctx.spec.image_size,
+        **ctx.spec.model_kwargs,
+    )
+    avg.load_state_dict(fedavg_state([t.state_dict() for t in ctx.teachers], sizes))
+    out["fedavg_acc"] = evaluate(avg, tx, ty, norm, dev)
+    out["student_acc"] = evaluate(student, tx, ty, norm, dev) if student is not None else None
+    return out
+
+
+def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
+    """``fed-distill oneshot``: split → teachers → synthesis → student, with the baselines; writes
+    ``run_dir/results.json`` and prints a summary table."""
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
+
+    def stage(name: str, fn):
+        s = time.perf_counter()
+        print(f"== {name}")
+        r = fn(cfg)
+        times[name] = time.perf_counter() - s
+        return r
+
+    stage("split", run_split)
+    stage("train-teachers", run_train_teachers)
+    stage("generate-initial", run_generate_initial)
+    trained = stage("train-student", run_train_student)
+    s = time.perf_counter()
+    ctx = server_context(cfg)
+    res = evaluate_oneshot(cfg, ctx, trained["student"])
+    times["evaluate"] = time.perf_counter() - s
+    sres = trained["result"]
+    initial = load_json(Path(cfg.run_dir) / "student" / "initial.json", "initial.json")
+    synth_s = sres.synthesis_seconds + float(initial.get("seconds") or 0.0)
+    synth_n = sres.synthesized_images + int(initial.get("images") or 0)
+    res.update(
+        {
+            "student_curve": {
+                "test_acc": sres.metrics["test_acc"],
+                "elapsed_s": sres.metrics["elapsed_s"],
+                "synthesis_s": sres.metrics["synthesis_s"],
+            },
+            "synthetic_images": synth_n,
+            "synthesis_s": synth_s,
+            "synthesis_images_per_s": synth_n / synth_s if synth_s > 0 else None,
+            "stage_times_s": times,
+            "wall_time_s": time.perf_counter() - t0,
+            "config": {k: v for k, v in to_container(cfg).items() if not str(k).startswith("_")},
+        }
+    )
+    save_json(res, Path(cfg.run_dir) / "results.json")
+    print_summary(res)
+    return res
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None or v != v else f"{100 * v:.2f}"
+
+
+def print_summary(res: dict[str, Any]) -> None:
+    rows = [
+        [f"teacher {i}", _pct(a), _pct(b)]
+        for i, (a, b) in enumerate(zip(res["teacher_acc"], res["teacher_local_acc"], strict=True))
+    ]
+    rows += [
+        ["ensemble", _pct(res["ensemble_acc"]), ""],
+        ["FedAvg (one-shot)", _pct(res["fedavg_acc"]), ""],
+        ["student", _pct(res["student_acc"]), ""],
+    ]
+    print(format_table(["model", "test acc %", "local test %"], rows))
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in res["stage_times_s"].items())
+    print(
+        f"wall time {res['wall_time_s']:.0f}s ({times}); synthesis {res['synthetic_images']} images at"
+        f" {res['synthesis_images_per_s'] or 0:.0f} images/s"
+    )

@@ -1,0 +1,75 @@
+"""The one synthesis interface: a :class:`Synthesizer` turns frozen teachers (and optionally the
+current student) into one labelled batch of synthetic images, :class:`SyntheticBatch`."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fed_distill.data.transforms import Normalizer
+from fed_distill.errors import ConfigError
+from fed_distill.synthesis.config import SynthesisConfig
+
+
+@dataclass
+class SyntheticBatch:
+    """One synthetic batch.
+
+    ``images``: normalised float (N, C, H, W), detached, on CPU; ``labels``: int64 (N,);
+    ``teacher_ids``: the teachers that produced it; ``stats``: final loss terms, best loss,
+    iterations, seconds, images/s.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    teacher_ids: list[int]
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class Synthesizer(ABC):
+    """Produces labelled synthetic batches; subclasses keep this exact signature."""
+
+    @abstractmethod
+    def synthesize(self, student: nn.Module | None = None) -> SyntheticBatch:
+        """One batch. With ``student`` given the synthesis is adaptive (Adaptive DeepInversion):
+        images are pushed towards where teacher and student disagree."""
+
+
+def build_synthesizer(
+    cfg: SynthesisConfig,
+    teachers: list[nn.Module],
+    class_counts: np.ndarray,
+    image_shape: tuple[int, int, int],
+    normalizer: Normalizer,
+    hflip: bool,
+    device: torch.device | str,
+    seed: int,
+) -> Synthesizer:
+    """The synthesizer ``cfg.method`` names.
+
+    ``class_counts`` (num_teachers, num_classes): training-label counts per teacher;
+    ``image_shape`` (C, H, W); ``hflip``: whether the dataset allows horizontal flips (used when
+    ``cfg.flip`` is None); ``seed`` makes the sequence of batches reproducible.
+    """
+    cfg.validate(num_available=len(teachers))
+    if cfg.method == "deepinversion":
+        from fed_distill.synthesis.deepinversion import DeepInversion
+
+        return DeepInversion(
+            cfg,
+            teachers,
+            class_counts,
+            image_shape,
+            normalizer,
+            hflip=hflip,
+            device=device,
+            seed=seed,
+        )
+    raise ConfigError(f"synthesis.method '{cfg.method}' is not implemented")  # pragma: no cover

@@ -1,0 +1,299 @@
+"""Distilling frozen teachers into a student on a growing synthetic dataset.
+
+Each epoch: synthesise ``new_batches_per_epoch`` fresh batches (Adaptive DeepInversion against
+the current student when ``adaptive``), take one step on each at once and append it to the pool;
+then take ``steps_per_epoch`` steps on batches drawn from the whole pool with augmentation.
+The loss is KL to the teachers' ensemble soft labels at a temperature (default), or the seed's
+cross-entropy on the synthetic labels; optional per-class weights; optionally the server's own
+real data adds a supervised term. Evaluation each ``eval_every`` epochs; the student kept is the
+last one (a data-free server has no validation data of its own to select on).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fed_distill.data.transforms import Normalizer, augment
+from fed_distill.errors import FedDistillError
+from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
+from fed_distill.synthesis.config import StudentConfig
+from fed_distill.train.fit import evaluate
+from fed_distill.utils import progress_bar
+
+
+class SyntheticPool:
+    """The growing synthetic dataset: normalised float images, labels, producing teachers."""
+
+    def __init__(self) -> None:
+        self.images: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.teacher_ids: list[list[int]] = []
+        self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def append(self, batch: SyntheticBatch) -> None:
+        self.images.append(batch.images.detach().cpu())
+        self.labels.append(batch.labels.detach().cpu())
+        self.teacher_ids.append(list(batch.teacher_ids))
+        self._cat = None
+
+    def __len__(self) -> int:
+        return sum(len(y) for y in self.labels)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cat is None:
+            if not self.images:
+                raise FedDistillError("the synthetic pool is empty")
+            self._cat = (torch.cat(self.images), torch.cat(self.labels))
+        return self._cat
+
+    def state(self) -> dict[str, torch.Tensor]:
+        x, y = self.tensors()
+        sizes = torch.tensor([len(b) for b in self.labels])
+        width = max(len(t) for t in self.teacher_ids)
+        ids = torch.full((len(self.teacher_ids), width), -1, dtype=torch.long)
+        for i, t in enumerate(self.teacher_ids):
+            ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        return {"images": x, "labels": y, "batch_sizes": sizes, "batch_teachers": ids}
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, torch.Tensor], image_shape: tuple[int, ...], num_classes: int
+    ) -> SyntheticPool:
+        """Rebuild a pool from ``dataset.pt``-style tensors, checking shapes and values."""
+        for k in ("images", "labels", "batch_sizes", "batch_teachers"):
+            if k not in state or not isinstance(state[k], torch.Tensor):
+                raise FedDistillError(
+                    f"synthetic dataset lacks tensor '{k}'; regenerate it (fed-distill generate-initial)"
+                )
+        x, y, sizes = state["images"], state["labels"], state["batch_sizes"]
+        if x.dim() != 4 or tuple(x.shape[1:]) != tuple(image_shape) or not x.is_floating_point():
+            raise FedDistillError(
+                f"synthetic images have shape {tuple(x.shape)}, expected (N, {', '.join(map(str, image_shape))}) floats"
+            )
+        if (
+            len(y) != len(x)
+            or y.dtype != torch.long
+            or (len(y) and (y.min() < 0 or y.max() >= num_classes))
+        ):
+            raise FedDistillError(
+                "synthetic labels do not match the images or the number of classes"
+            )
+        if int(sizes.sum()) != len(x) or not torch.isfinite(x).all():
+            raise FedDistillError(
+                "synthetic dataset is inconsistent (batch sizes) or holds NaN/Inf"
+            )
+        pool = cls()
+        start = 0
+        for b, n in enumerate(sizes.tolist()):
+            ids = [int(t) for t in state["batch_teachers"][b].tolist() if t >= 0]
+            pool.append(SyntheticBatch(x[start : start + n], y[start : start + n], ids))
+            start += n
+        return pool
+
+
+def ensemble_logits(teachers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Mean of the teachers' logits (the ensemble's soft labels), without autograd."""
+    with torch.inference_mode():
+        return torch.stack([t(x) for t in teachers]).mean(dim=0)
+
+
+def weighted_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(softmax(t/T) ‖ softmax(s/T))·T² per sample, averaged with optional per-sample weights."""
+    log_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    per = (log_t.exp() * (log_t - log_s)).sum(dim=1) * temperature**2
+    if weights is None:
+        return per.mean()
+    return (weights * per).sum() / weights.sum().clamp_min(1e-12)
+
+
+@dataclass
+class StudentResult:
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    di_metrics: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    synthesis_seconds: float = 0.0
+    synthesized_images: int = 0
+
+
+def distill(
+    student: nn.Module,
+    teachers: list[nn.Module],
+    synthesizer: Synthesizer,
+    pool: SyntheticPool,
+    cfg: StudentConfig,
+    *,
+    normalizer: Normalizer,
+    hflip: bool,
+    device: torch.device | str,
+    seed: int,
+    test: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    server_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_classes: int | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> StudentResult:
+    """Train ``student`` from the teachers on a pool that grows by fresh synthetic batches."""
+    cfg.validate()
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    student.to(device)
+    teachers = [t.to(device).eval() for t in teachers]
+    num_classes = num_classes or int(test[1].max()) + 1
+    cw = None
+    if cfg.class_weights is not None:
+        if len(cfg.class_weights) != num_classes:
+            raise FedDistillError(
+                f"student.class_weights has {len(cfg.class_weights)} entries, the data has {num_classes} classes"
+            )
+        cw = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device)
+    params = list(student.parameters())
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        )
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * (cfg.new_batches_per_epoch + cfg.steps_per_epoch)
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+        )
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    real_x = real_y = None
+    if server_data is not None and len(server_data[1]):
+        real_x, real_y = server_data[0].to(device), server_data[1].to(device)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        x, y = x.to(device), y.to(device)
+        student.train()
+        s_logits = student(x)
+        w = cw[y] if cw is not None else None
+        if cfg.loss == "kl":
+            loss = weighted_kd_loss(s_logits, ensemble_logits(teachers, x), cfg.temperature, w)
+        else:
+            ce = F.cross_entropy(s_logits, y, reduction="none")
+            loss = ce.mean() if w is None else (w * ce).sum() / w.sum().clamp_min(1e-12)
+        if real_x is not None:
+            idx = torch.randint(
+                0, len(real_y), (min(cfg.batch_size, len(real_y)),), generator=gen
+            ).to(device)
+            xr = normalizer(augment(real_x[idx], cfg.jitter, hflip, gen))
+            yr = real_y[idx]
+            ce_r = F.cross_entropy(student(xr), yr, reduction="none")
+            wr = cw[yr] if cw is not None else None
+            loss = loss + cfg.real_weight * (
+                ce_r.mean() if wr is None else (wr * ce_r).sum() / wr.sum().clamp_min(1e-12)
+            )
+        if not torch.isfinite(loss):
+            raise FedDistillError(f"student loss became {loss.item()}; lower student.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss.detach(), (s_logits.detach().argmax(1) == y).float().mean()
+
+    def roll_flip(x: torch.Tensor) -> torch.Tensor:
+        # Normalised float images: pad-free jitter (roll) and flips, batch-wise.
+        if cfg.jitter:
+            dx, dy = torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen).tolist()
+            x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+        if hflip:
+            flip = torch.rand(x.shape[0], generator=gen) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        return x
+
+    res = StudentResult(
+        metrics={
+            k: []
+            for k in (
+                "loss",
+                "train_acc",
+                "val_acc",
+                "test_acc",
+                "pool_size",
+                "synthesis_s",
+                "elapsed_s",
+            )
+        }
+    )
+    t_start = time.perf_counter()
+    bar = progress_bar(range(cfg.epochs), desc="student", enabled=progress)
+    for epoch in bar:
+        losses, accs = [], []
+        for _ in range(cfg.new_batches_per_epoch):
+            t0 = time.perf_counter()
+            batch = synthesizer.synthesize(student if cfg.adaptive else None)
+            res.synthesis_seconds += time.perf_counter() - t0
+            res.synthesized_images += len(batch)
+            record_batch_metrics(res.di_metrics, batch, teachers, student, device)
+            loss, acc = step(batch.images, batch.labels)  # use the fresh batch at once
+            losses.append(loss)
+            accs.append(acc)
+            pool.append(batch)
+        x_all, y_all = pool.tensors()
+        for _ in range(cfg.steps_per_epoch):
+            idx = torch.randint(0, len(y_all), (min(cfg.batch_size, len(y_all)),), generator=gen)
+            xb = roll_flip(x_all[idx]) if cfg.augment else x_all[idx]
+            loss, acc = step(xb, y_all[idx])
+            losses.append(loss)
+            accs.append(acc)
+        row = {
+            "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
+            "train_acc": float(torch.stack(accs).mean()) if accs else float("nan"),
+            "pool_size": float(len(y_all)),
+            "synthesis_s": res.synthesis_seconds,
+        }
+        last = epoch + 1 == cfg.epochs
+        if (epoch + 1) % cfg.eval_every == 0 or last:
+            row["test_acc"] = evaluate(student, test[0], test[1], normalizer, device)
+            row["val_acc"] = (
+                evaluate(student, val[0], val[1], normalizer, device)
+                if val is not None
+                else float("nan")
+            )
+        else:
+            row["test_acc"] = row["val_acc"] = float("nan")
+        row["elapsed_s"] = time.perf_counter() - t_start
+        for k, v in row.items():
+            res.metrics[k].append(v)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", test=f"{row['test_acc']:.3f}", pool=len(y_all))
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+    bar.close()
+    return res
+
+
+def record_batch_metrics(
+    store: dict[int, dict[str, list[float]]],
+    batch: SyntheticBatch,
+    teachers: list[nn.Module],
+    student: nn.Module,
+    device: torch.device,
+) -> None:
+    """For each teacher that produced ``batch``: its accuracy and the student's on the batch."""
+    x, y = batch.images.to(device), batch.labels.to(device)
+    with torch.inference_mode():
+        was = student.training
+        student.eval()
+        s_acc = (student(x).argmax(1) == y).float().mean().item()
+        student.train(was)
+        for t in batch.teacher_ids:
+            t_acc = (teachers[t](x).argmax(1) == y).float().mean().item()
+            d = store.setdefault(t, {"teacher_acc": [], "student_acc": [], "seconds": []})
+            d["teacher_acc"].append(t_acc)
+            d["student_acc"].append(s_acc)
+            d["seconds"].append(float(batch.stats.get("seconds", float("nan"))))

@@ -1,0 +1,156 @@
+"""One-shot pipeline: the student loop's pieces on tiny tensors, presets, and an end-to-end run
+on scikit-learn's digits."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST_TRAIN
+from fed_distill.config import compose_config
+from fed_distill.errors import FedDistillError
+from fed_distill.federated.baselines import fedavg_state
+from fed_distill.synthesis.base import SyntheticBatch
+from fed_distill.train.student import SyntheticPool, weighted_kd_loss
+
+PRESETS = sorted(
+    p.stem for p in (Path(__file__).parents[1] / "src/fed_distill/conf/experiment").glob("*.yaml")
+)
+
+
+def test_weighted_kd_loss_matches_hand_computation():
+    s = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    t = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])  # teacher probs (3/4, 1/4) and (1/2, 1/2)
+    p1, q1 = torch.tensor([0.75, 0.25]), torch.tensor([0.5, 0.5])
+    kl1 = (p1 * (p1 / q1).log()).sum()
+    q2 = torch.softmax(torch.tensor([1.0, 0.0]), 0)
+    kl2 = (q1 * (q1 / q2).log()).sum()
+    assert torch.isclose(weighted_kd_loss(s, t, 1.0), (kl1 + kl2) / 2, atol=1e-6)
+    w = torch.tensor([3.0, 1.0])
+    assert torch.isclose(weighted_kd_loss(s, t, 1.0, w), (3 * kl1 + kl2) / 4, atol=1e-6)
+    # temperature: logits divided by T, loss scaled by T^2
+    assert torch.isclose(
+        weighted_kd_loss(s * 2, t * 2, 2.0), 4 * weighted_kd_loss(s, t, 1.0), atol=1e-6
+    )
+
+
+def test_fedavg_state_weights_floats_and_keeps_int_buffers():
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 6.0]), "n": torch.tensor(5)}
+    avg = fedavg_state([a, b], [3, 1])
+    assert torch.allclose(avg["w"], torch.tensor([1.0, 3.0]))
+    assert avg["n"].item() == 5 and avg["n"].dtype == a["n"].dtype
+
+
+def test_pool_round_trip_and_bad_datasets():
+    pool = SyntheticPool()
+    pool.append(SyntheticBatch(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), [0]))
+    pool.append(SyntheticBatch(torch.randn(2, 1, 8, 8), torch.tensor([4, 5]), [1, 2]))
+    back = SyntheticPool.from_state(pool.state(), (1, 8, 8), 10)
+    assert back.teacher_ids == [[0], [1, 2]] and torch.equal(back.tensors()[0], pool.tensors()[0])
+    with pytest.raises(FedDistillError, match="shape"):
+        SyntheticPool.from_state(pool.state(), (3, 8, 8), 10)
+    with pytest.raises(FedDistillError, match="labels"):
+        SyntheticPool.from_state(pool.state(), (1, 8, 8), 4)
+    bad = pool.state()
+    bad["images"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(FedDistillError, match="NaN"):
+        SyntheticPool.from_state(bad, (1, 8, 8), 10)
+    with pytest.raises(FedDistillError, match="lacks tensor 'labels'"):
+        SyntheticPool.from_state({"images": torch.zeros(1)}, (1, 8, 8), 10)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_experiment_preset_composes(preset):
+    cfg = compose_config([f"experiment={preset}"])
+    assert cfg.experiment == preset
+    assert cfg.split.num_clients >= 1 and cfg.synthesis.iterations >= 1
+    if preset.startswith("cifar10_"):
+        assert cfg.dataset.name == "cifar10" and cfg.model.name == "resnet18"
+    else:
+        assert cfg.dataset.name == "fashion_mnist"
+
+
+TINY = [
+    *FAST_TRAIN,
+    "train.min_steps=150",
+    "synthesis.iterations=30",
+    "synthesis.batch_size=64",
+    "student.epochs=3",
+    "student.initial_batches=2",
+    "student.steps_per_epoch=10",
+    "student.batch_size=64",
+]
+
+
+def test_oneshot_end_to_end_on_digits(cli, tmp_path):
+    code, out, err = cli(
+        "oneshot",
+        "dataset=digits",
+        "split=iid",
+        "split.num_clients=3",
+        "seed=1",
+        f"run_dir={tmp_path}",
+        *TINY,
+    )
+    assert code == 0, err
+    r = json.loads((tmp_path / "results.json").read_text())
+    for key in [
+        "teacher_acc",
+        "ensemble_acc",
+        "fedavg_acc",
+        "student_acc",
+        "wall_time_s",
+        "stage_times_s",
+        "config",
+    ]:
+        assert key in r
+    assert len(r["teacher_acc"]) == 3
+    assert r["ensemble_acc"] > 0.6
+    assert r["student_acc"] > 0.3  # 10 classes: chance is 0.1, after a few tiny synthetic batches
+    s = tmp_path / "student"
+    for f in [
+        "student.safetensors",
+        "metrics.json",
+        "dataset.pt",
+        "di_metrics_teacher_0.json",
+        "initial.pt",
+    ]:
+        assert (s / f).is_file(), f
+    m = json.loads((s / "metrics.json").read_text())
+    assert len(m["test_acc"]) == 3 and all(k in m for k in ["loss", "train_acc", "val_acc"])
+    ds = torch.load(s / "dataset.pt", weights_only=True)
+    assert ds["images"].shape[0] == 64 * (2 + 3)  # 2 initial + 1 new per epoch
+    assert "student" in out and "ensemble" in out
+
+
+def test_half_data_server_with_weights(cli, tmp_path):
+    code, _, err = cli(
+        "oneshot",
+        "dataset=digits",
+        "split=heter",
+        "split.unif_percentage=0.0",
+        "split.num_clients=2",
+        "split.server_clients=1",
+        "student.server_data=true",
+        "student.class_weights=[1,1,1,1,1,10,10,10,10,10]",
+        f"run_dir={tmp_path}",
+        *TINY,
+    )
+    assert code == 0, err
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert len(r["teacher_acc"]) == 1
+    # the teacher knows classes 0-4 only; the server's real data (classes 5-9) lifts the student above it
+    assert r["student_acc"] > r["teacher_acc"][0]
+
+
+def test_train_student_without_initial_batches(cli, tmp_path):
+    assert (
+        cli("split", "dataset=digits", "split=iid", "split.num_clients=2", f"run_dir={tmp_path}")[0]
+        == 0
+    )
+    assert cli("train-teachers", f"run_dir={tmp_path}", *FAST_TRAIN)[0] == 0
+    code, _, err = cli("train-student", f"run_dir={tmp_path}")
+    assert code == 1 and "generate-initial" in err and len(err.strip().splitlines()) == 1
