@@ -2,7 +2,6 @@
 on scikit-learn's digits."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from conftest import FAST_TRAIN
 from fed_distill.config import compose_config
 from fed_distill.errors import FedDistillError
-from fed_distill.federated.baselines import fedavg_state
+from fed_distill.federated.baselines import class_shares, ensemble_probs, fedavg_state
 from fed_distill.synthesis.base import SyntheticBatch
 from fed_distill.train.student import SyntheticPool, weighted_kd_loss
 
@@ -22,18 +21,32 @@ PRESETS = sorted(
 
 def test_weighted_kd_loss_matches_hand_computation():
     s = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
-    t = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])  # teacher probs (3/4, 1/4) and (1/2, 1/2)
-    p1, q1 = torch.tensor([0.75, 0.25]), torch.tensor([0.5, 0.5])
-    kl1 = (p1 * (p1 / q1).log()).sum()
+    p = torch.tensor([[0.75, 0.25], [0.5, 0.5]])  # teacher probabilities
+    q1 = torch.tensor([0.5, 0.5])
     q2 = torch.softmax(torch.tensor([1.0, 0.0]), 0)
-    kl2 = (q1 * (q1 / q2).log()).sum()
-    assert torch.isclose(weighted_kd_loss(s, t, 1.0), (kl1 + kl2) / 2, atol=1e-6)
+    kl1 = (p[0] * (p[0] / q1).log()).sum()
+    kl2 = (p[1] * (p[1] / q2).log()).sum()
+    assert torch.isclose(weighted_kd_loss(s, p, 1.0), (kl1 + kl2) / 2, atol=1e-6)
     w = torch.tensor([3.0, 1.0])
-    assert torch.isclose(weighted_kd_loss(s, t, 1.0, w), (3 * kl1 + kl2) / 4, atol=1e-6)
-    # temperature: logits divided by T, loss scaled by T^2
+    assert torch.isclose(weighted_kd_loss(s, p, 1.0, w), (3 * kl1 + kl2) / 4, atol=1e-6)
+    # temperature: student logits divided by T, loss scaled by T^2
     assert torch.isclose(
-        weighted_kd_loss(s * 2, t * 2, 2.0), 4 * weighted_kd_loss(s, t, 1.0), atol=1e-6
+        weighted_kd_loss(s * 2, p, 2.0), 4 * weighted_kd_loss(s, p, 1.0), atol=1e-6
     )
+
+
+def test_ensemble_rules_on_hand_made_logits():
+    # teacher 0 knows class 0 only and is over-confident; teacher 1 knows classes 0 and 1
+    logits = torch.tensor([[[10.0, 0.0]], [[0.0, 1.0]]])  # (T=2, N=1, C=2)
+    shares = class_shares([[100, 0], [100, 50]])  # class 0 split 50/50, class 1 all teacher 1
+    assert torch.allclose(shares, torch.tensor([[0.5, 0.0], [0.5, 1.0]]))
+    assert ensemble_probs(logits, "logits").argmax().item() == 0  # mean logits (5, 0.5)
+    p0, p1 = logits[0, 0].softmax(0), logits[1, 0].softmax(0)
+    assert torch.allclose(ensemble_probs(logits, "probs")[0], (p0 + p1) / 2)
+    w = torch.stack([0.5 * p0[0] + 0.5 * p1[0], 1.0 * p1[1]])
+    assert torch.allclose(ensemble_probs(logits, "weighted", shares)[0], w / w.sum())
+    with pytest.raises(ValueError, match="class shares"):
+        ensemble_probs(logits, "weighted")
 
 
 def test_fedavg_state_weights_floats_and_keeps_int_buffers():
@@ -108,6 +121,8 @@ def test_oneshot_end_to_end_on_digits(cli, tmp_path):
     ]:
         assert key in r
     assert len(r["teacher_acc"]) == 3
+    assert set(r["ensemble_acc_by_method"]) == {"logits", "probs", "weighted"}
+    assert r["ensemble_acc"] == r["ensemble_acc_by_method"]["weighted"]
     assert r["ensemble_acc"] > 0.6
     assert r["student_acc"] > 0.3  # 10 classes: chance is 0.1, after a few tiny synthetic batches
     s = tmp_path / "student"

@@ -11,6 +11,46 @@ from torch import nn
 from fed_distill.data.transforms import Normalizer
 from fed_distill.train.fit import predict_logits
 
+ENSEMBLE_METHODS = ("logits", "probs", "weighted")
+
+
+def class_shares(class_counts: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+    """(T, C) share of each class's training data held by each teacher (columns sum to 1;
+    a class nobody holds is shared equally)."""
+    c = torch.as_tensor(class_counts, dtype=torch.float32)
+    total = c.sum(dim=0, keepdim=True)
+    return torch.where(total > 0, c / total.clamp_min(1.0), torch.full_like(c, 1.0 / c.shape[0]))
+
+
+def ensemble_probs(
+    logits: torch.Tensor,
+    method: str = "weighted",
+    shares: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Combine (T, N, C) teacher logits into (N, C) class probabilities.
+
+    ``logits``: softmax of the mean logits. ``probs``: mean of the teachers' softmax.
+    ``weighted``: per class, each teacher's softmax weighted by its share of that class's
+    training data (``shares``, from the label counts clients upload with their model), so a
+    teacher speaks for the classes it has seen. On label-skewed clients ``logits`` is by far the
+    worst: over-confident teachers outvote the ones that know the class.
+    """
+    z = logits / temperature
+    if method == "logits":
+        return z.mean(dim=0).softmax(dim=-1)
+    p = z.softmax(dim=-1)
+    if method == "probs":
+        return p.mean(dim=0)
+    if method == "weighted":
+        if shares is None:
+            raise ValueError("ensemble method 'weighted' needs the teachers' class shares")
+        q = (p * shares.to(p.device, p.dtype)[:, None, :]).sum(dim=0)
+        return q / q.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    raise ValueError(
+        f"ensemble method must be one of {', '.join(ENSEMBLE_METHODS)}, got '{method}'"
+    )
+
 
 def ensemble_accuracy(
     teachers: Sequence[nn.Module],
@@ -18,12 +58,16 @@ def ensemble_accuracy(
     y: torch.Tensor,
     normalizer: Normalizer,
     device: torch.device | str = "cpu",
-) -> float:
-    """Accuracy of the mean of the teachers' logits."""
+    shares: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Accuracy of the teacher ensemble under every combination rule (see :func:`ensemble_probs`)."""
     if len(y) == 0:
-        return float("nan")
-    logits = torch.stack([predict_logits(t, x, normalizer, device) for t in teachers]).mean(dim=0)
-    return (logits.argmax(1) == y).float().mean().item()
+        return {m: float("nan") for m in ENSEMBLE_METHODS}
+    logits = torch.stack([predict_logits(t, x, normalizer, device) for t in teachers])
+    methods = [m for m in ENSEMBLE_METHODS if m != "weighted" or shares is not None]
+    return {
+        m: (ensemble_probs(logits, m, shares).argmax(1) == y).float().mean().item() for m in methods
+    }
 
 
 def fedavg_state(

@@ -23,7 +23,13 @@ apart from gains from simply training longer.
 Label space: one joint output layer, public classes first, private classes offset after them
 (10 digits + 6 letters = 16 outputs; see ``fed_distill.federated.config``). Private accuracy is
 the argmax over the private outputs only (:func:`private_accuracy`). Scores are exchanged over
-*all* outputs, as in the paper.
+*all* outputs, as in the paper. There is no separate private-only head: the joint layer is the
+way to give public and private classes their own outputs (``label_space=shared`` when public and
+private data have the very same classes).
+
+Optimisation follows the authors' Keras code: Adam (lr 1e-3) everywhere, a fresh optimiser per
+step, and an L2 penalty of 1e-3 on the output layer's weights in every loss (``head_l2``;
+their ``kernel_regularizer=l2(1e-3)``), which keeps the exchanged logits on a moderate scale.
 
 Every protocol step is a plain function of tensors and a model (what a client or the server
 computes); :func:`run_fedmd` chains them in one process, and a Flower runner can call the same

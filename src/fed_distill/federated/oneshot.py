@@ -23,7 +23,7 @@ from fed_distill.data.partition import Split
 from fed_distill.data.sources import Dataset
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import FedDistillError
-from fed_distill.federated.baselines import ensemble_accuracy, fedavg_state
+from fed_distill.federated.baselines import class_shares, ensemble_accuracy, fedavg_state
 from fed_distill.models import build_model
 from fed_distill.pipeline import (
     TeacherSpec,
@@ -191,6 +191,7 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
         val=(ctx.data.train_x[val_idx], ctx.data.train_y[val_idx]),
         server_data=server,
         num_classes=info.num_classes,
+        shares=class_shares(ctx.class_counts),
         progress=cfg.progress,
     )
     save_weights(student, out / "student.safetensors", metadata={"model": name})
@@ -228,9 +229,13 @@ def evaluate_oneshot(
     out: dict[str, Any] = {
         "teacher_acc": teacher_acc,
         "teacher_local_acc": teacher_local,
-        "ensemble_acc": ensemble_accuracy(ctx.teachers, tx, ty, norm, dev),
+        "ensemble_acc_by_method": ensemble_accuracy(
+            ctx.teachers, tx, ty, norm, dev, class_shares(ctx.class_counts)
+        ),
         "fedavg_acc": None,
     }
+    out["ensemble_method"] = cfg.student.ensemble
+    out["ensemble_acc"] = out["ensemble_acc_by_method"][cfg.student.ensemble]
     # FedAvg is meaningful only for one architecture from one shared initialisation, which
     # train-teachers guarantees (teachers.json records both).
     sizes = [len(c.train) + len(c.val) for c in ctx.split.clients[: ctx.split.num_teachers]]
@@ -302,7 +307,12 @@ def print_summary(res: dict[str, Any]) -> None:
         for i, (a, b) in enumerate(zip(res["teacher_acc"], res["teacher_local_acc"], strict=True))
     ]
     rows += [
-        ["ensemble", _pct(res["ensemble_acc"]), ""],
+        [f"ensemble ({res['ensemble_method']})", _pct(res["ensemble_acc"]), ""],
+        *[
+            [f"ensemble ({m})", _pct(a), ""]
+            for m, a in res["ensemble_acc_by_method"].items()
+            if m != res["ensemble_method"]
+        ],
         ["FedAvg (one-shot)", _pct(res["fedavg_acc"]), ""],
         ["student", _pct(res["student_acc"]), ""],
     ]

@@ -120,9 +120,9 @@ class StudentConfig:
     schedule: str = "cosine"  # cosine | none
     loss: str = "kl"  # kl: KL to the teachers' soft labels at `temperature` | ce: CE on synthetic labels (the seed)
     temperature: float = 4.0
-    soft_labels: str = (
-        "ensemble"  # ensemble: mean logits of all teachers | producers: the batch's own teachers
-    )
+    # How the teachers' outputs combine into soft labels: weighted (each teacher's softmax
+    # weighted by its share of each class) | probs (mean softmax) | logits (mean logits).
+    ensemble: str = "weighted"
     augment: bool = True  # random roll (jitter) and flip of pool batches
     jitter: int = 2
     server_data: bool = False  # train also on the real data of split clients without a teacher
@@ -147,9 +147,9 @@ class StudentConfig:
             )
         if self.loss not in ("kl", "ce"):
             raise ConfigError(f"student.loss must be kl or ce, got '{self.loss}'")
-        if self.soft_labels not in ("ensemble", "producers"):
+        if self.ensemble not in ("weighted", "probs", "logits"):
             raise ConfigError(
-                f"student.soft_labels must be ensemble or producers, got '{self.soft_labels}'"
+                f"student.ensemble must be weighted, probs or logits, got '{self.ensemble}'"
             )
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"student.optimizer must be sgd or adam, got '{self.optimizer}'")

@@ -22,6 +22,7 @@ from torch import nn
 
 from fed_distill.data.transforms import Normalizer, augment
 from fed_distill.errors import FedDistillError
+from fed_distill.federated.baselines import ensemble_probs
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
 from fed_distill.synthesis.config import StudentConfig
 from fed_distill.train.fit import evaluate
@@ -98,22 +99,30 @@ class SyntheticPool:
         return pool
 
 
-def ensemble_logits(teachers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """Mean of the teachers' logits (the ensemble's soft labels), without autograd."""
-    with torch.inference_mode():
-        return torch.stack([t(x) for t in teachers]).mean(dim=0)
+def teacher_targets(
+    teachers: list[nn.Module],
+    x: torch.Tensor,
+    temperature: float,
+    method: str,
+    shares: torch.Tensor | None,
+) -> torch.Tensor:
+    """The ensemble's soft labels at ``temperature`` (see ``ensemble_probs``), without autograd.
+    no_grad, not inference_mode: the targets enter the student's loss, which autograd records."""
+    with torch.no_grad():
+        return ensemble_probs(torch.stack([t(x) for t in teachers]), method, shares, temperature)
 
 
 def weighted_kd_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
     temperature: float,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """KL(softmax(t/T) ‖ softmax(s/T))·T² per sample, averaged with optional per-sample weights."""
+    """KL(p_teacher ‖ softmax(s/T))·T² per sample (``teacher_probs`` already at temperature T),
+    averaged with optional per-sample weights."""
     log_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_t = F.log_softmax(teacher_logits / temperature, dim=1)
-    per = (log_t.exp() * (log_t - log_s)).sum(dim=1) * temperature**2
+    log_t = teacher_probs.clamp_min(1e-12).log()
+    per = (teacher_probs * (log_t - log_s)).sum(dim=1) * temperature**2
     if weights is None:
         return per.mean()
     return (weights * per).sum() / weights.sum().clamp_min(1e-12)
@@ -142,6 +151,7 @@ def distill(
     val: tuple[torch.Tensor, torch.Tensor] | None = None,
     server_data: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_classes: int | None = None,
+    shares: torch.Tensor | None = None,
     progress: bool = True,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> StudentResult:
@@ -183,7 +193,8 @@ def distill(
         s_logits = student(x)
         w = cw[y] if cw is not None else None
         if cfg.loss == "kl":
-            loss = weighted_kd_loss(s_logits, ensemble_logits(teachers, x), cfg.temperature, w)
+            targets = teacher_targets(teachers, x, cfg.temperature, cfg.ensemble, shares)
+            loss = weighted_kd_loss(s_logits, targets, cfg.temperature, w)
         else:
             ce = F.cross_entropy(s_logits, y, reduction="none")
             loss = ce.mean() if w is None else (w * ce).sum() / w.sum().clamp_min(1e-12)
