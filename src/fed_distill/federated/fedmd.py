@@ -316,6 +316,40 @@ def digest_loss(
     raise ConfigError(f"fedmd.digest_loss must be mae or kl, got '{loss}'")
 
 
+def _seeded_fit(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    val: tuple[torch.Tensor | None, torch.Tensor | None],
+    cfg: TrainConfig,
+    normalizer: Normalizer,
+    loss_fn: Callable,
+    *,
+    hflip: bool = False,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    desc: str = "",
+    progress: bool = False,
+) -> FitResult:
+    """``fit`` under this step's own seed: every FedMD training step goes through here."""
+    with seeded(seed, device):
+        return fit(
+            model,
+            x,
+            y,
+            val[0],
+            val[1],
+            cfg,
+            normalizer,
+            hflip=hflip,
+            device=device,
+            seed=seed,
+            desc=desc,
+            progress=progress,
+            loss_fn=loss_fn,
+        )
+
+
 def digest(
     model: torch.nn.Module,
     public_x: torch.Tensor,
@@ -337,21 +371,19 @@ def digest(
     Fresh Adam, ``epochs`` passes, no augmentation (the targets belong to the plain images).
     """
     cfg = adam_config(epochs, batch_size, lr)
-    with seeded(seed, device):
-        return fit(
-            model,
-            public_x,
-            consensus.float(),
-            None,
-            None,
-            cfg,
-            normalizer,
-            device=device,
-            seed=seed,
-            desc="digest",
-            progress=False,
-            loss_fn=with_head_l2(digest_loss(loss, scores, temperature), model, head_l2),
-        )
+    loss_fn = with_head_l2(digest_loss(loss, scores, temperature), model, head_l2)
+    return _seeded_fit(
+        model,
+        public_x,
+        consensus.float(),
+        (None, None),
+        cfg,
+        normalizer,
+        loss_fn,
+        device=device,
+        seed=seed,
+        desc="digest",
+    )
 
 
 def revisit(
@@ -379,22 +411,20 @@ def revisit(
     if epochs < 1:
         return None
     cfg = adam_config(epochs, batch_size, lr, crop_padding=crop_padding)
-    with seeded(seed, device):
-        return fit(
-            model,
-            private_x,
-            private_y,
-            None,
-            None,
-            cfg,
-            normalizer,
-            hflip=hflip,
-            device=device,
-            seed=seed,
-            desc=desc,
-            progress=progress,
-            loss_fn=with_head_l2(None, model, head_l2),
-        )
+    return _seeded_fit(
+        model,
+        private_x,
+        private_y,
+        (None, None),
+        cfg,
+        normalizer,
+        with_head_l2(None, model, head_l2),
+        hflip=hflip,
+        device=device,
+        seed=seed,
+        desc=desc,
+        progress=progress,
+    )
 
 
 def pretrain_public(
@@ -419,22 +449,20 @@ def pretrain_public(
 ) -> FitResult:
     """Transfer learning, step 1: fit the labelled public data; keep the best on validation."""
     cfg = adam_config(epochs, batch_size, lr, patience=patience, crop_padding=crop_padding)
-    with seeded(seed, device):
-        return fit(
-            model,
-            public_x,
-            public_y,
-            val_x,
-            val_y,
-            cfg,
-            normalizer,
-            hflip=hflip,
-            device=device,
-            seed=seed,
-            desc=desc,
-            progress=progress,
-            loss_fn=with_head_l2(None, model, head_l2),
-        )
+    return _seeded_fit(
+        model,
+        public_x,
+        public_y,
+        (val_x, val_y),
+        cfg,
+        normalizer,
+        with_head_l2(None, model, head_l2),
+        hflip=hflip,
+        device=device,
+        seed=seed,
+        desc=desc,
+        progress=progress,
+    )
 
 
 def transfer_learning(
