@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 USAGE = """usage: fed-distill STAGE [key=value ...] [--cfg] [--multirun]
        fed-distill data info|fetch NAME [data_dir=DIR]
+       fed-distill report RUN_DIR
        fed-distill models
 
 Stages:
@@ -60,6 +61,9 @@ def _usage() -> str:
     width = max(len(s) for s in STAGES)
     lines = [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in STAGES.items()]
     lines.append(f"  {'data'.ljust(width)}  inspect or fetch a dataset (info NAME | fetch NAME)")
+    lines.append(
+        f"  {'report'.ljust(width)}  report.md with figures for a run folder (report RUN_DIR)"
+    )
     lines.append(f"  {'models'.ljust(width)}  list the registered model architectures")
     return USAGE.format(stages="\n".join(lines))
 
@@ -91,6 +95,11 @@ def run_stage(stage: str, overrides: list[str]) -> None:
     if not cfg.progress:
         os.environ["FED_DISTILL_NO_PROGRESS"] = "1"
     _stage_fn(stage)(_prepare(cfg, overrides))
+    from fed_distill.report import stage_summary
+
+    summary = stage_summary(stage, cfg.run_dir)
+    if summary:
+        print(summary)
 
 
 def _multirun(stage: str, overrides: list[str]) -> None:
@@ -183,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "data":
             _data_command(rest)
             return 0
+        if stage == "report":
+            from fed_distill.report import run_report
+
+            run_report(rest)
+            return 0
         if stage == "models":
             from fed_distill.models import list_models
 
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if stage not in STAGES:
             print(
-                f"error: unknown stage '{stage}'; choose one of: {', '.join([*STAGES, 'data', 'models'])}",
+                f"error: unknown stage '{stage}'; choose one of: {', '.join([*STAGES, 'data', 'report', 'models'])}",
                 file=sys.stderr,
             )
             return 2
