@@ -180,6 +180,7 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
     seed_everything(cfg.seed)
     init = build_model(mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs)
     init_state = {k: v.clone() for k, v in init.state_dict().items()}
+    _check_train_config(init, tcfg)  # a bad train.* value fails before teachers.json is written
     spec = TeacherSpec(
         mcfg.name,
         dict(mcfg.kwargs),
@@ -274,6 +275,18 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
     return summary
 
 
+def _check_train_config(model: torch.nn.Module, tcfg: TrainConfig) -> None:
+    """Build the optimiser and schedule once: unknown names and invalid values (lr < 0) become
+    one ConfigError line instead of a failure inside the first fit."""
+    from fed_distill.errors import ConfigError
+    from fed_distill.train.fit import make_optimizer, make_schedule
+
+    try:
+        make_schedule(make_optimizer(model, tcfg), 1, tcfg, 1)
+    except ValueError as e:  # torch.optim's own checks (learning rate, momentum, weight decay)
+        raise ConfigError(f"train: {e}") from None
+
+
 def load_teachers(
     run_dir: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[list[torch.nn.Module], TeacherSpec]:
@@ -290,6 +303,13 @@ def load_teachers(
         raise FedDistillError(
             f"{tdir / 'teachers.json'} is malformed ({e}); rerun train-teachers"
         ) from None
+    ints = ("num_classes", "in_channels", "image_size", "num_teachers")
+    bad = [k for k in ints if type(getattr(spec, k)) is not int or getattr(spec, k) < 1]
+    if bad or not isinstance(spec.model, str) or not isinstance(spec.model_kwargs, dict):
+        raise FedDistillError(
+            f"{tdir / 'teachers.json'} is malformed ({', '.join(bad) or 'model'} has the wrong"
+            " type or value); rerun train-teachers"
+        )
     teachers = []
     for i in range(spec.num_teachers):
         m = build_model(

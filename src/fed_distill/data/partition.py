@@ -116,7 +116,7 @@ def split_dirichlet(
     """Label skew: for each class, client shares ~ Dir(alpha); redrawn until every client holds
     at least ``min_size`` samples. A client already above the mean size gets no more of a class
     (the usual NIID-Bench rule, which keeps sizes from exploding at small alpha)."""
-    if not alpha > 0:
+    if not 0 < alpha < float("inf"):  # also refuses NaN; inf would loop over degenerate draws
         raise SplitError(f"split.alpha must be > 0 for a Dirichlet split, got {alpha}")
     n = len(labels)
     _check_common(n, num_clients)
@@ -369,6 +369,22 @@ def load_split(path: str | Path) -> Split:
             raise SplitError(f"split file {path} lacks '{k}'; rerun `fed-distill split`")
     if not isinstance(raw["clients"], list) or not raw["clients"]:
         raise SplitError(f"split file {path}: 'clients' must be a non-empty list")
+    for k, types in (
+        ("dataset", str),
+        ("strategy", str),
+        ("params", dict),
+        ("seed", int),
+        ("num_classes", int),
+        ("num_train", int),
+        ("num_test", int),
+        ("dataset_options", dict),
+    ):
+        v = raw.get(k)
+        if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
+            raise SplitError(
+                f"split file {path}: '{k}' must be {'a JSON object' if types is dict else 'an integer' if types is int else 'a string'},"
+                f" got {v!r:.40}; rerun `fed-distill split`"
+            )
     n_tr = int(raw.get("num_train") or 2**62)
     n_te = int(raw.get("num_test") or 2**62)
     clients = []
@@ -384,9 +400,22 @@ def load_split(path: str | Path) -> Split:
                 _as_index_list(c["train"], f"client {i} 'train'", n_tr),
                 _as_index_list(c["val"], f"client {i} 'val'", n_tr),
                 _as_index_list(c["test"], f"client {i} 'test'", n_te),
-                list(c["train_class_counts"]),
+                _as_index_list(c["train_class_counts"], f"client {i} 'train_class_counts'", 2**62),
             )
         )
+    # Clients own disjoint samples: an index held twice would leak data between clients (or
+    # between a client's train and val parts).
+    for part, names in (("train", ("train", "val")), ("test", ("test",))):
+        seen: set[int] = set()
+        for i, c in enumerate(clients):
+            for name in names:
+                for j in getattr(c, name):
+                    if j in seen:
+                        raise SplitError(
+                            f"split file {path}: {part} index {j} is held more than once"
+                            f" (again in client {i} '{name}'); rerun `fed-distill split`"
+                        )
+                    seen.add(j)
     return Split(
         dataset=str(raw["dataset"]),
         strategy=str(raw["strategy"]),

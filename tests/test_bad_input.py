@@ -1,0 +1,619 @@
+"""A fuzz list of malformed inputs: configs, split files, checkpoints, synthetic datasets, class
+scores, dataset files, result files. For each one: a non-zero exit with one ``error:`` line and
+no traceback (CLI), or a typed FedDistillError (API); and every file already in the run folder
+is byte-for-byte what it was. Then: planted malicious pickles are refused and never run."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import struct
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST_TRAIN
+from fed_distill.artifacts import read_weights, save_tensors, save_weights
+from fed_distill.errors import ConfigError, FedDistillError, ProtocolError
+from fed_distill.federated.fedmd import aggregate, validate_scores
+from fed_distill.report import write_report
+
+TINY = [
+    *FAST_TRAIN,
+    "train.epochs=1",
+    "synthesis.iterations=5",
+    "synthesis.batch_size=32",
+    "student.epochs=1",
+    "student.initial_batches=1",
+    "student.steps_per_epoch=2",
+    "student.batch_size=32",
+]
+STUDENT = [
+    "device=cpu",
+    "synthesis.iterations=5",
+    "synthesis.batch_size=32",
+    "student.epochs=1",
+    "student.initial_batches=1",
+    "student.steps_per_epoch=2",
+]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """One complete tiny one-shot run on digits (split, teachers, initial.pt, student, results)."""
+    from fed_distill.cli import main
+
+    run = tmp_path_factory.mktemp("base") / "run"
+    code = main(
+        [
+            "oneshot",
+            "dataset=digits",
+            "split=iid",
+            "split.num_clients=2",
+            "seed=1",
+            f"run_dir={run}",
+            *TINY,
+        ]
+    )
+    assert code == 0
+    return run
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def one_line_error(code: int, err: str) -> str:
+    assert code != 0, "the command succeeded on malformed input"
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- helpers that break files
+def edit_json(path: Path, fn: Callable[[dict], object]) -> None:
+    d = json.loads(path.read_text())
+    out = fn(d)
+    path.write_text(json.dumps(d if out is None else out))
+
+
+def split_edit(fn):
+    def setup(run: Path) -> list[str]:
+        edit_json(run / "split.json", fn)
+        return ["train-teachers", f"run_dir={run}", *FAST_TRAIN]
+
+    return setup
+
+
+def split_bytes(data: bytes):
+    def setup(run: Path) -> list[str]:
+        (run / "split.json").write_bytes(data)
+        return ["train-teachers", f"run_dir={run}", *FAST_TRAIN]
+
+    return setup
+
+
+def split_truncated(run: Path) -> list[str]:
+    raw = (run / "split.json").read_bytes()
+    (run / "split.json").write_bytes(raw[: len(raw) // 2])
+    return ["train-teachers", f"run_dir={run}", *FAST_TRAIN]
+
+
+def _set(d: dict, key: str, value) -> None:
+    d[key] = value
+
+
+def _pop(d: dict, key: str) -> None:
+    d.pop(key)
+
+
+def _duplicate_across_clients(d: dict) -> None:
+    d["clients"][1]["train"][0] = d["clients"][0]["train"][0]
+
+
+def _teacher_state(run: Path) -> dict[str, torch.Tensor]:
+    # clone: read_weights may memory-map the file, which these helpers then overwrite
+    return {
+        k: v.clone() for k, v in read_weights(run / "teachers" / "teacher_0.safetensors").items()
+    }
+
+
+def teacher(fn):
+    """Break teacher 0; the next stage (generate-initial) must refuse it."""
+
+    def setup(run: Path) -> list[str]:
+        fn(run / "teachers" / "teacher_0.safetensors", run)
+        return ["generate-initial", f"run_dir={run}", *STUDENT]
+
+    return setup
+
+
+def _truncate(path: Path, run: Path) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def _wrong_shape(path: Path, run: Path) -> None:
+    state = _teacher_state(run)
+    k = next(k for k, v in state.items() if v.dim() == 4)
+    v = state[k]
+    state[k] = torch.zeros(v.shape[0] + 1, *v.shape[1:])
+    save_weights(state, path)
+
+
+def _nan_weights(path: Path, run: Path) -> None:
+    state = _teacher_state(run)
+    k = next(k for k, v in state.items() if v.is_floating_point())
+    state[k].view(-1)[0] = float("nan")
+    save_weights(state, path)
+
+
+def _missing_key(path: Path, run: Path) -> None:
+    state = _teacher_state(run)
+    state.pop(next(iter(state)))
+    save_weights(state, path)
+
+
+def _torch_zip(path: Path, run: Path) -> None:
+    torch.save(_teacher_state(run), path)  # a plain (harmless) torch checkpoint: still refused
+
+
+def _plain_pickle(path: Path, run: Path) -> None:
+    path.write_bytes(pickle.dumps({k: v.tolist() for k, v in _teacher_state(run).items()}))
+
+
+def _empty(path: Path, run: Path) -> None:
+    path.write_bytes(b"")
+
+
+def teachers_json(fn):
+    def setup(run: Path) -> list[str]:
+        edit_json(run / "teachers" / "teachers.json", fn)
+        return ["generate-initial", f"run_dir={run}", *STUDENT]
+
+    return setup
+
+
+def teachers_json_bytes(run: Path) -> list[str]:
+    (run / "teachers" / "teachers.json").write_text('{"model": "cnn_small", ')
+    return ["generate-initial", f"run_dir={run}", *STUDENT]
+
+
+def missing_teacher(run: Path) -> list[str]:
+    (run / "teachers" / "teacher_1.safetensors").unlink()
+    return ["generate-initial", f"run_dir={run}", *STUDENT]
+
+
+def initial(fn):
+    """Break student/initial.pt; train-student must refuse it."""
+
+    def setup(run: Path) -> list[str]:
+        path = run / "student" / "initial.pt"
+        state = torch.load(path, weights_only=True)
+        out = fn(state, path)
+        if out is not None:
+            save_tensors(out, path)
+        return ["train-student", f"run_dir={run}", *STUDENT]
+
+    return setup
+
+
+def _nan_images(s, path):
+    s["images"][0, 0, 0, 0] = float("nan")
+    return s
+
+
+def _bad_image_shape(s, path):
+    s["images"] = s["images"][:, :, :4, :4].contiguous()
+    return s
+
+
+def _labels_out_of_range(s, path):
+    s["labels"][0] = 10
+    return s
+
+
+def _no_labels(s, path):
+    del s["labels"]
+    return s
+
+
+def _not_a_dict(s, path):
+    torch.save(s["images"], path)
+
+
+def _truncated_file(s, path):
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 3])
+
+
+def results(fn):
+    def setup(run: Path) -> list[str]:
+        path = run / "results.json"
+        if callable(fn):
+            edit_json(path, fn)
+        else:
+            path.write_bytes(fn)
+        return ["report", str(run)]
+
+    return setup
+
+
+def report_dataset_nan(run: Path) -> list[str]:
+    path = run / "student" / "dataset.pt"
+    s = torch.load(path, weights_only=True)
+    s["images"][1, 0, 2, 2] = float("inf")
+    save_tensors(s, path)
+    return ["report", str(run)]
+
+
+def report_teacher_metrics(run: Path) -> list[str]:
+    edit_json(run / "teachers" / "metrics_teacher_0.json", lambda d: _set(d, "val_acc", "high"))
+    return ["report", str(run)]
+
+
+def report_on(sub: str):
+    def setup(run: Path) -> list[str]:
+        target = run / sub
+        if sub == "empty":
+            target.mkdir()
+        return ["report", str(target)]
+
+    return setup
+
+
+def report_args(*args: str):
+    def setup(run: Path) -> list[str]:
+        return ["report", *[a.format(run=run) for a in args]]
+
+    return setup
+
+
+def config(*args: str):
+    def setup(run: Path) -> list[str]:
+        return [*args, f"run_dir={run}"]
+
+    return setup
+
+
+# ----------------------------------------------------------------------------- dataset files
+def _idx(path: Path, magic: int, dims: tuple[int, ...], data: bytes) -> None:
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(f">I{len(dims)}I", magic, *dims) + data)
+
+
+def mnist_files(kind: str):
+    def setup(run: Path) -> list[str]:
+        d = run.parent / "mnist_files"
+        d.mkdir()
+        for prefix, n in (("train", 40), ("t10k", 10)):
+            img_magic = 2049 if kind == "magic" and prefix == "train" else 2051
+            _idx(d / f"{prefix}-images-idx3-ubyte.gz", img_magic, (n, 28, 28), bytes(28 * 28 * n))
+            labels = bytes([12] * n) if kind == "labels" else bytes(i % 10 for i in range(n))
+            _idx(d / f"{prefix}-labels-idx1-ubyte.gz", 2049, (n,), labels)
+        if kind == "gzip":
+            p = d / "train-images-idx3-ubyte.gz"
+            p.write_bytes(p.read_bytes()[:-20])
+        return [
+            "split",
+            "dataset=mnist",
+            f"dataset.data_dir={d}",
+            "dataset.download=false",
+            f"run_dir={run}",
+        ]
+
+    return setup
+
+
+def cifar_files(kind: str):
+    def setup(run: Path) -> list[str]:
+        d = run.parent / "cifar_files"
+        d.mkdir()
+        good = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            (d / name).write_bytes(pickle.dumps(good))
+        bad: object = {
+            "not_dict": [1, 2, 3],
+            "no_data": {b"labels": [0, 1]},
+            "garbage": None,
+        }[kind]
+        (d / "data_batch_1").write_bytes(os.urandom(64) if bad is None else pickle.dumps(bad))
+        return [
+            "split",
+            "dataset=cifar10",
+            f"dataset.data_dir={d}",
+            "dataset.download=false",
+            f"run_dir={run}",
+        ]
+
+    return setup
+
+
+# fmt: off
+CLI_CASES = [
+    # --- configs --------------------------------------------------------------------------------
+    ("cfg-num-clients-negative", config("split", "dataset=digits", "split=iid", "split.num_clients=-3"), "num_clients must be >= 1"),
+    ("cfg-num-clients-zero", config("split", "dataset=digits", "split.num_clients=0"), "num_clients must be >= 1"),
+    ("cfg-alpha-nan", config("split", "dataset=digits", "split.alpha=nan"), "alpha"),
+    ("cfg-alpha-inf", config("split", "dataset=digits", "split.alpha=inf"), "alpha must be > 0"),
+    ("cfg-val-fraction", config("split", "dataset=digits", "split=iid", "split.val_fraction=1.5"), "val_fraction"),
+    ("cfg-shards-too-many-classes", config("split", "dataset=digits", "split=shards", "split.classes_per_client=11"), "classes_per_client"),
+    ("cfg-heter-percentage", config("split", "dataset=digits", "split=heter", "split.unif_percentage=2"), "unif_percentage"),
+    ("cfg-server-clients-all", config("split", "dataset=digits", "split=iid", "split.num_clients=3", "split.server_clients=3"), "server_clients"),
+    ("cfg-min-size", config("split", "dataset=digits", "split.min_size=100000"), "min_size"),
+    ("cfg-wrong-type-other-group", config("split", "dataset=digits", "train.epochs=many"), "train.epochs"),
+    ("cfg-misspelt-nested-key", config("split", "dataset=digits", "synthesis.iteratons=5"), "synthesis.iteratons"),
+    ("cfg-unknown-synthesis", config("split", "dataset=digits", "synthesis=nonexistent"), "unknown synthesis 'nonexistent'"),
+    ("cfg-unknown-experiment", config("split", "experiment=nope"), "unknown experiment 'nope'"),
+    ("cfg-digits-image-size", config("split", "dataset=digits", "dataset.image_size=3"), "image_size"),
+    ("cfg-bad-device", lambda run: ["train-teachers", f"run_dir={run}", "device=tpu"], "device must be"),
+    ("cfg-student-epochs", lambda run: ["train-student", f"run_dir={run}", "student.epochs=-1"], "student.epochs"),
+    ("cfg-synthesis-iterations", lambda run: ["generate-initial", f"run_dir={run}", "synthesis.iterations=0", "device=cpu"], "synthesis.iterations"),
+    ("cfg-train-optimizer", lambda run: ["train-teachers", f"run_dir={run}", "train.optimizer=adamw", "force=true", "device=cpu"], "train.optimizer"),
+    ("cfg-train-negative-lr", lambda run: ["train-teachers", f"run_dir={run}", "train.lr=-0.1", "force=true", "device=cpu"], "learning rate"),
+    ("split-class-counts-not-list", split_edit(lambda d: _set(d["clients"][0], "train_class_counts", 7)), "train_class_counts"),
+    ("cfg-fedmd-rounds", config("fedmd", "fedmd=quick", "fedmd.rounds=-1"), "fedmd.rounds"),
+    ("cfg-fedmd-public-dataset", config("fedmd", "fedmd=quick", "fedmd.public=imagenet"), "imagenet"),
+    # --- split files ------------------------------------------------------------------------------
+    ("split-truncated", split_truncated, "not valid JSON"),
+    ("split-not-json", split_bytes(b"\x00\xffgarbage"), "not valid JSON"),
+    ("split-json-list", split_bytes(b"[1, 2, 3]"), "must hold a JSON object"),
+    ("split-missing-clients", split_edit(lambda d: _pop(d, "clients")), "lacks 'clients'"),
+    ("split-no-clients", split_edit(lambda d: _set(d, "clients", [])), "non-empty list"),
+    ("split-index-out-of-range", split_edit(lambda d: d["clients"][0]["train"].append(10**6)), "outside"),
+    ("split-negative-index", split_edit(lambda d: d["clients"][0]["test"].append(-1)), "outside"),
+    ("split-index-not-int", split_edit(lambda d: d["clients"][0]["val"].append("7")), "list of integers"),
+    ("split-duplicate-index", split_edit(_duplicate_across_clients), "more than once"),
+    ("split-seed-not-int", split_edit(lambda d: _set(d, "seed", "abc")), "seed"),
+    ("split-params-not-object", split_edit(lambda d: _set(d, "params", [1, 2])), "params"),
+    ("split-unknown-dataset", split_edit(lambda d: _set(d, "dataset", "imagenet")), "unknown dataset 'imagenet'"),
+    ("split-class-counts", split_edit(lambda d: d["clients"][0]["train_class_counts"].reverse()), "class counts"),
+    # --- teacher checkpoints ----------------------------------------------------------------------
+    ("teacher-truncated", teacher(_truncate), "not a valid safetensors file"),
+    ("teacher-empty", teacher(_empty), "not a valid safetensors file"),
+    ("teacher-plain-pickle", teacher(_plain_pickle), "refusing to unpickle"),
+    ("teacher-torch-zip", teacher(_torch_zip), "refusing to unpickle"),
+    ("teacher-wrong-shape", teacher(_wrong_shape), "does not fit the model"),
+    ("teacher-nan-weights", teacher(_nan_weights), "NaN or Inf"),
+    ("teacher-missing-key", teacher(_missing_key), "missing keys"),
+    ("teacher-file-missing", missing_teacher, "weights file not found"),
+    ("teachers-json-truncated", teachers_json_bytes, "not valid JSON"),
+    ("teachers-json-unknown-model", teachers_json(lambda d: _set(d, "model", "resnet9000")), "unknown model 'resnet9000'"),
+    ("teachers-json-count-not-int", teachers_json(lambda d: _set(d, "num_teachers", "two")), "num_teachers"),
+    ("teachers-json-missing-key", teachers_json(lambda d: _pop(d, "image_size")), "malformed"),
+    ("teachers-json-zero-classes", teachers_json(lambda d: _set(d, "num_classes", 0)), "num_classes"),
+    # --- synthetic datasets -------------------------------------------------------------------------
+    ("initial-nan", initial(_nan_images), "NaN"),
+    ("initial-wrong-shape", initial(_bad_image_shape), "shape"),
+    ("initial-labels-out-of-range", initial(_labels_out_of_range), "labels"),
+    ("initial-no-labels", initial(_no_labels), "lacks tensor 'labels'"),
+    ("initial-not-a-dict", initial(_not_a_dict), "does not hold a dict"),
+    ("initial-truncated", initial(_truncated_file), "refused or is corrupt"),
+    # --- dataset files ----------------------------------------------------------------------------
+    ("idx-wrong-magic", mnist_files("magic"), "magic number"),
+    ("idx-labels-out-of-range", mnist_files("labels"), "mnist"),
+    ("idx-cut-gzip", mnist_files("gzip"), "mnist"),
+    ("cifar-not-a-dict", cifar_files("not_dict"), "not a CIFAR dict"),
+    ("cifar-no-data", cifar_files("no_data"), "b'data'"),
+    ("cifar-garbage", cifar_files("garbage"), "cifar10"),
+    # --- report inputs ------------------------------------------------------------------------------
+    ("report-results-not-json", results(b'{"teacher_acc": [0.5,'), "not valid JSON"),
+    ("report-results-list", results(b"[0.5]"), "JSON object"),
+    ("report-results-bad-acc", results(lambda d: _set(d, "teacher_acc", "high")), "teacher_acc"),
+    ("report-results-acc-above-one", results(lambda d: _set(d, "student_acc", 7.5)), "student_acc"),
+    ("report-results-unknown-kind", results(lambda d: {"hello": 1}), "neither a one-shot"),
+    ("report-fedmd-short-curve", results(lambda d: {"rounds": 3, "parties": ["fedmd_1"], "party_acc": [[0.5]], "alone_acc": [0.5], "pooled_acc": [None]}), "party_acc[0]"),
+    ("report-dataset-inf", report_dataset_nan, "NaN or Inf"),
+    ("report-teacher-metrics", report_teacher_metrics, "val_acc"),
+    ("report-empty-dir", report_on("empty"), "holds no fed-distill run"),
+    ("report-missing-dir", report_on("nonexistent"), "not found"),
+    ("report-a-file", report_on("split.json"), "not a folder"),
+    ("report-two-dirs", report_args("{run}", "{run}"), "one run folder"),
+    ("report-unknown-option", report_args("{run}", "--pdf"), "unknown option"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    "setup, expected", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES]
+)
+def test_cli_refuses_malformed_input(cli, base_run, tmp_path, setup, expected):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    args = setup(run)
+    before = snapshot(run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = cli(*args)
+    line = one_line_error(code, err)
+    assert expected in line, line
+    assert snapshot(run) == before, "a failed command changed an earlier artifact"
+    # a warning from our own code would be a second stderr line for a CLI user
+    ours = [w for w in caught if "fed_distill" in str(w.filename)]
+    assert not ours, [str(w.message) for w in ours]
+
+
+def test_the_fuzz_list_is_long_enough():
+    assert len(CLI_CASES) + len(API_CASES) >= 30
+    assert len({c[0] for c in CLI_CASES}) == len(CLI_CASES)
+
+
+# ----------------------------------------------------------------------------- API: typed errors
+def _scores(shape=(8, 4), dtype=torch.float32, fill=0.0):
+    return torch.full(shape, fill, dtype=dtype)
+
+
+API_CASES = [
+    (
+        "scores-transposed",
+        lambda: validate_scores(_scores((4, 8)), (8, 4), 0),
+        ProtocolError,
+        "shape",
+    ),
+    ("scores-3d", lambda: validate_scores(_scores((1, 8, 4)), (8, 4), 0), ProtocolError, "shape"),
+    (
+        "scores-bool",
+        lambda: validate_scores(_scores(dtype=torch.bool), (8, 4), 0),
+        ProtocolError,
+        "floating point",
+    ),
+    (
+        "scores-numpy",
+        lambda: validate_scores(np.zeros((8, 4), np.float32), (8, 4), 0),
+        ProtocolError,
+        "must be a tensor",
+    ),
+    (
+        "scores-all-inf",
+        lambda: validate_scores(_scores(fill=float("inf")), (8, 4), "p"),
+        ProtocolError,
+        "32 Inf",
+    ),
+    ("scores-none", lambda: validate_scores(None, (8, 4), 1), ProtocolError, "NoneType"),
+    ("aggregate-nothing", lambda: aggregate([]), ProtocolError, "no party"),
+    (
+        "aggregate-negative-weights",
+        lambda: aggregate([_scores(), _scores()], "mean", [1.0, -2.0]),
+        ConfigError,
+        "non-negative",
+    ),
+    (
+        "aggregate-trim",
+        lambda: aggregate([_scores()] * 3, "trimmed_mean", trim=0.7),
+        ConfigError,
+        "trim",
+    ),
+    ("report-api-missing", lambda: write_report("/nonexistent/run"), FedDistillError, "not found"),
+]
+
+
+@pytest.mark.parametrize(
+    "call, error, match", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES]
+)
+def test_api_raises_a_typed_one_line_error(call, error, match):
+    with pytest.raises(error) as info:
+        call()
+    msg = str(info.value)
+    assert match in msg and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------- malicious pickles
+class Evil:
+    """Unpickling this runs code: it creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"import pathlib; pathlib.Path({str(self.marker)!r}).touch()",))
+
+
+class EvilShell(Evil):
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _raw_pickle(marker: Path, path: Path, protocol: int) -> None:
+    path.write_bytes(pickle.dumps({"images": Evil(marker)}, protocol=protocol))
+
+
+def _torch_style(marker: Path, path: Path) -> None:
+    torch.save({"images": EvilShell(marker), "labels": torch.zeros(2, dtype=torch.long)}, path)
+
+
+PLANTS = [
+    # (id, file in the run folder, how to write it, command that reads it)
+    (
+        "teacher-raw-pickle",
+        "teachers/teacher_0.safetensors",
+        lambda m, p: _raw_pickle(m, p, 4),
+        "generate-initial",
+    ),
+    (
+        "teacher-protocol-0-pickle",
+        "teachers/teacher_0.safetensors",
+        lambda m, p: _raw_pickle(m, p, 0),
+        "generate-initial",
+    ),
+    ("teacher-torch-zip", "teachers/teacher_0.safetensors", _torch_style, "generate-initial"),
+    ("initial-torch-zip", "student/initial.pt", _torch_style, "train-student"),
+    (
+        "initial-raw-pickle",
+        "student/initial.pt",
+        lambda m, p: _raw_pickle(m, p, 2),
+        "train-student",
+    ),
+    ("dataset-torch-zip", "student/dataset.pt", _torch_style, "report"),
+    ("dataset-raw-pickle", "student/dataset.pt", lambda m, p: _raw_pickle(m, p, 4), "report"),
+]
+
+
+def _live(write, tmp_path: Path) -> None:
+    """Control: the payload does run when a plain unpickler reads it (so the test can fail)."""
+    marker = tmp_path / "control_marker"
+    probe = tmp_path / "probe.bin"
+    write(marker, probe)
+    raw = probe.read_bytes()
+    if raw[:2] == b"PK":
+        torch.load(probe, weights_only=False)
+    else:
+        pickle.loads(raw)
+    assert marker.exists(), "the planted payload is inert; the test would prove nothing"
+    marker.unlink()
+
+
+@pytest.mark.parametrize(
+    "where, write, command", [p[1:] for p in PLANTS], ids=[p[0] for p in PLANTS]
+)
+def test_malicious_pickle_is_refused_and_never_runs(cli, base_run, tmp_path, where, write, command):
+    _live(write, tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    marker = tmp_path / "pwned"
+    write(marker, run / where)
+    args = [command, str(run)] if command == "report" else [command, f"run_dir={run}", *STUDENT]
+    before = snapshot(run)
+    code, _, err = cli(*args)
+    line = one_line_error(code, err)
+    assert any(w in line for w in ("refus", "not a valid safetensors")), line
+    assert not marker.exists(), "the pickle's payload ran"
+    assert snapshot(run) == before
+
+
+def test_malicious_cifar_batch_is_refused_by_the_cli(cli, tmp_path):
+    d = tmp_path / "cifar"
+    d.mkdir()
+    good = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]})
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (d / name).write_bytes(good)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({b"data": EvilShell(marker), b"labels": [0, 1]})
+    pickle.loads(payload)  # control: a plain unpickler runs it
+    assert marker.exists()
+    marker.unlink()
+    (d / "data_batch_1").write_bytes(payload)
+    code, _, err = cli(
+        "split",
+        "dataset=cifar10",
+        f"dataset.data_dir={d}",
+        "dataset.download=false",
+        f"run_dir={tmp_path / 'run'}",
+    )
+    line = one_line_error(code, err)
+    assert "refusing to unpickle" in line and ("posix.system" in line or "os.system" in line)
+    assert not marker.exists()
+    assert not (tmp_path / "run" / "split.json").exists()
