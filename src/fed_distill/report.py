@@ -337,49 +337,48 @@ def plot_student_curves(m: dict[str, Any], path: Path) -> None:
 def plot_synthetic_grid(
     images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: Path, title: str
 ) -> None:
-    """One row per class, up to MAX_GRID_COLS images each (images in [0, 1], (N, C, H, W))."""
+    """One row per class, up to MAX_GRID_COLS images each (images in [0, 1], (N, C, H, W)).
+
+    Drawn as one mosaic image (a hundred small axes would take seconds to render)."""
     plt = _plt()
-    classes = sorted(set(labels.tolist()))
-    rows = len(class_names) if len(class_names) <= 20 else len(classes)
-    shown = list(range(len(class_names))) if len(class_names) <= 20 else classes
-    cols = MAX_GRID_COLS
-    size = 0.75
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(cols * size + 1.0, rows * size + 0.6), squeeze=False
+    n, c, h, w = images.shape
+    shown = (
+        list(range(len(class_names))) if len(class_names) <= 20 else sorted(set(labels.tolist()))
     )
+    cols, pad = MAX_GRID_COLS, max(1, h // 8)
+    mosaic = np.ones((len(shown) * (h + pad) + pad, cols * (w + pad) + pad, 3), dtype=np.float32)
+    empty = []
     for r, k in enumerate(shown):
         idx = np.flatnonzero(labels == k)
         if len(idx) > cols:  # spread over the pool: early (initial) and late (adaptive) batches
             idx = idx[np.linspace(0, len(idx) - 1, cols).round().astype(int)]
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
-            if c < len(idx):
-                img = images[idx[c]]
-                if img.shape[0] == 1:
-                    ax.imshow(img[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-                else:
-                    ax.imshow(np.transpose(img[:3], (1, 2, 0)), interpolation="nearest")
-        axes[r, 0].set_ylabel(
-            str(class_names[k])[:12], rotation=0, ha="right", va="center", fontsize=8
-        )
         if len(idx) == 0:
-            axes[r, 0].text(
-                0.5,
-                0.5,
-                "none",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="grey",
-                transform=axes[r, 0].transAxes,
-            )
-    height = rows * size + 0.6
-    fig.subplots_adjust(wspace=0.05, hspace=0.05, top=1 - 0.45 / height, bottom=0.02)
-    fig.suptitle(title, fontsize=10, y=1 - 0.12 / height)
+            empty.append(r)
+        for j, i in enumerate(idx):
+            img = images[i]
+            rgb = np.repeat(img[:1], 3, 0) if c == 1 else img[:3]
+            y0, x0 = pad + r * (h + pad), pad + j * (w + pad)
+            mosaic[y0 : y0 + h, x0 : x0 + w] = np.transpose(rgb, (1, 2, 0))
+    cell = 0.6 if h <= 16 else 0.8  # inches per image: small images drawn larger than 1:1
+    fig, ax = plt.subplots(figsize=(cols * cell + 1.0, len(shown) * cell + 0.6))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(len(shown))])
+    ax.set_yticklabels([str(class_names[k])[:12] for k in shown], fontsize=8)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    for r in empty:
+        ax.text(
+            pad + w / 2,
+            pad + r * (h + pad) + h / 2,
+            "none",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="grey",
+        )
+    ax.set_title(title, fontsize=10)
     save_figure(fig, path)
 
 
