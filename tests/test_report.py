@@ -213,3 +213,15 @@ def test_generate_initial_prints_its_summary(cli, oneshot_run, tmp_path):
     assert code == 0, err
     assert "initial synthetic set: 16 images in 1 batches" in out
     assert f"report: fed-distill report {run}" in out
+
+
+def test_grid_of_colour_images_keeps_to_twenty_classes(tmp_path):
+    from fed_distill.report import plot_synthetic_grid
+
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 100, 300)
+    plot_synthetic_grid(x, y, [f"c{k}" for k in range(100)], tmp_path / "g.png", "cifar100-like")
+    img = png_pixels(tmp_path / "g.png")
+    assert img.shape[-1] in (3, 4) and img[..., :3].std() > 0.05
+    assert img.shape[0] < 2200  # 20 rows at most, not 100

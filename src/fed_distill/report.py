@@ -25,6 +25,7 @@ from fed_distill.errors import FedDistillError
 
 PREFIX = "report_"  # figures are written next to report.md as report_*.png
 MAX_GRID_COLS = 10  # synthetic images per class in the grid
+MAX_GRID_ROWS = 20  # classes in the grid (more are sampled evenly)
 
 
 class ReportError(FedDistillError):
@@ -342,9 +343,12 @@ def plot_synthetic_grid(
     Drawn as one mosaic image (a hundred small axes would take seconds to render)."""
     plt = _plt()
     n, c, h, w = images.shape
-    shown = (
-        list(range(len(class_names))) if len(class_names) <= 20 else sorted(set(labels.tolist()))
-    )
+    shown = list(range(len(class_names)))
+    if len(shown) > MAX_GRID_ROWS:  # e.g. CIFAR-100: evenly spaced classes among those present
+        present = sorted(set(labels.tolist()))
+        pick = np.linspace(0, len(present) - 1, min(MAX_GRID_ROWS, len(present))).round()
+        shown = [present[int(i)] for i in pick]
+        title = f"{title} ({len(shown)} of {len(class_names)} classes)"
     cols, pad = MAX_GRID_COLS, max(1, h // 8)
     mosaic = np.ones((len(shown) * (h + pad) + pad, cols * (w + pad) + pad, 3), dtype=np.float32)
     empty = []
