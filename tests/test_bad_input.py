@@ -617,3 +617,14 @@ def test_malicious_cifar_batch_is_refused_by_the_cli(cli, tmp_path):
     assert "refusing to unpickle" in line and ("posix.system" in line or "os.system" in line)
     assert not marker.exists()
     assert not (tmp_path / "run" / "split.json").exists()
+
+
+def test_a_safetensors_file_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    # the header length is the first field; 128 + 256k bytes makes its first byte 0x80
+    path = tmp_path / "w.safetensors"
+    for n in range(1, 300):
+        save_weights({"k" * n: torch.zeros(2)}, path)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert list(read_weights(path)) == ["k" * n]

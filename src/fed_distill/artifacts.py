@@ -102,8 +102,12 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header ("{"). Its first
+    # byte can be 0x80 (a header of 128 + 256k bytes), so only a file that is not laid out like
+    # that is taken for a zip or a pickle (protocol >= 2 starts with 0x80).
+    looks_safetensors = head[8:9] == b"{"
+    if not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise CheckpointError(
             f"{path} is a pickle/zip checkpoint, not safetensors; refusing to unpickle it"
         )
