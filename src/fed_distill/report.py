@@ -1105,8 +1105,11 @@ def write_report(run_dir: str | Path) -> Report:
     return rep
 
 
-def run_report(args: Sequence[str]) -> Path:
+def run_report(args: Sequence[str]) -> Path | None:
     """``fed-distill report RUN_DIR`` (or ``run_dir=RUN_DIR``)."""
+    if any(a in ("-h", "--help") for a in args):
+        print("usage: fed-distill report RUN_DIR\n\n" + (__doc__ or "").strip().split("\n\n")[0])
+        return None
     dirs = []
     for a in args:
         if a.startswith("run_dir="):
@@ -1135,12 +1138,21 @@ def stage_summary(stage: str, run_dir: str | Path) -> str | None:
 
     Read back from what the stage wrote, so it shows what a later stage will actually see.
     """
+    try:
+        return _stage_summary(stage, Path(run_dir))
+    except (FedDistillError, KeyError, IndexError, TypeError, ValueError) as e:
+        # the stage itself succeeded; a summary that cannot be read must not turn it into a failure
+        return f"(no summary: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
+
+
+def _stage_summary(stage: str, run: Path) -> str | None:
     from fed_distill.pipeline import format_table
 
-    run = Path(run_dir)
     hint = f"report: fed-distill report {run}"
     if stage == "generate-initial":
-        info = _read_json(run / "student" / "initial.json", "initial.json") or {}
+        info = _read_json(run / "student" / "initial.json", "initial.json")
+        if not isinstance(info, dict):
+            return None
         lines = [
             f"initial synthetic set: {info.get('images', 0)} images in {info.get('batches', 0)} batches, "
             f"{_f(info.get('seconds')):.1f}s ({_f(info.get('images_per_s')):.0f} images/s)"
