@@ -628,3 +628,29 @@ def test_a_safetensors_file_starting_with_0x80_is_not_taken_for_a_pickle(tmp_pat
             break
     assert path.read_bytes()[0] == 0x80
     assert list(read_weights(path)) == ["k" * n]
+
+
+REPORT_ODDITIES = [
+    ("results-synthesis-s-text", "results.json", lambda d: _set(d, "synthesis_s", "fast")),
+    ("results-config-list", "results.json", lambda d: _set(d, "config", [1])),
+    (
+        "teacher-time-text",
+        "teachers/metrics_teacher_1.json",
+        lambda d: _set(d, "train_time_s", "x"),
+    ),
+    ("di-metrics-text", "student/di_metrics_teacher_0.json", lambda d: _set(d, "seconds", ["a"])),
+    ("di-metrics-list", "student/di_metrics_teacher_0.json", lambda d: [1, 2]),
+]
+
+
+@pytest.mark.parametrize(
+    "where, edit", [c[1:] for c in REPORT_ODDITIES], ids=[c[0] for c in REPORT_ODDITIES]
+)
+def test_report_refuses_odd_values_before_writing_anything(cli, base_run, tmp_path, where, edit):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    edit_json(run / where, edit)
+    before = snapshot(run)
+    line = one_line_error(*cli("report", str(run))[::2])
+    assert where.split("/")[-1] in line, line
+    assert snapshot(run) == before  # not even a figure was written

@@ -83,6 +83,15 @@ def _check_times(v: Any, path: Path, key: str) -> None:
     )
 
 
+def _get(d: Any, dotted: str, default: Any = None) -> Any:
+    """``d["a"]["b"]`` for ``"a.b"``, or ``default`` where a level is missing or not a dict."""
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return default
+        d = d[part]
+    return d
+
+
 def _f(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
@@ -489,8 +498,11 @@ def _oneshot(rep: Report) -> None:  # noqa: C901 - one section after another, re
             _check_acc(a, results_path, f"ensemble_acc_by_method.{m}")
         if "stage_times_s" in results:
             _check_times(results["stage_times_s"], results_path, "stage_times_s")
+        for k in ("wall_time_s", "synthesis_s", "synthesis_images_per_s", "synthetic_images"):
+            v = results.get(k)
+            _check(v is None or _is_num(v), results_path, f"'{k}' must be a number")
         _check(
-            _is_num(results.get("wall_time_s", 0)), results_path, "'wall_time_s' must be a number"
+            isinstance(results.get("config", {}), dict), results_path, "'config' must be an object"
         )
 
     # --- split --------------------------------------------------------------------------------
@@ -527,6 +539,8 @@ def _oneshot(rep: Report) -> None:  # noqa: C901 - one section after another, re
                 _check_num_list(m[k], p, k)
         for k in ("test_acc", "local_test_acc", "best_val_acc"):
             _check_acc(m.get(k), p, k)
+        for k in ("train_time_s", "best_epoch"):
+            _check(m.get(k) is None or _is_num(m[k]), p, f"'{k}' must be a number")
         tmetrics[i] = m
     # --- student --------------------------------------------------------------------------------
     sdir = run / "student"
@@ -578,6 +592,18 @@ def _oneshot(rep: Report) -> None:  # noqa: C901 - one section after another, re
                 f"labels outside 0..{split.num_classes - 1}",
             )
     initial = _read_json(sdir / "initial.json", "initial.json")
+    di: dict[int, dict[str, Any]] = {}  # per-teacher synthesis statistics (optional)
+    for i in range(n_teachers):
+        p = sdir / f"di_metrics_teacher_{i}.json"
+        d = _read_json(p, f"synthesis metrics of teacher {i}")
+        if d is None:
+            continue
+        _check(isinstance(d, dict), p, "must hold a JSON object")
+        for k in ("teacher_acc", "student_acc", "seconds"):
+            if k in d:
+                _check_num_list(d[k], p, k)
+        if d.get("teacher_acc"):
+            di[i] = d
 
     if (
         split is None
@@ -594,9 +620,7 @@ def _oneshot(rep: Report) -> None:  # noqa: C901 - one section after another, re
     # ---- title and config ------------------------------------------------------------------------
     cfg = (results or {}).get("config") or {}
     dataset = (
-        split.dataset
-        if split
-        else (spec or {}).get("dataset") or cfg.get("dataset", {}).get("name", "?")
+        split.dataset if split else (spec or {}).get("dataset") or _get(cfg, "dataset.name", "?")
     )
     stages = [
         s
@@ -791,11 +815,6 @@ def _oneshot(rep: Report) -> None:  # noqa: C901 - one section after another, re
     else:
         rep.missing.append("synthetic images (`student/dataset.pt` or `student/initial.pt`)")
 
-    di = {}
-    for i in range(n_teachers):
-        d = _read_json(sdir / f"di_metrics_teacher_{i}.json", f"synthesis metrics of teacher {i}")
-        if isinstance(d, dict) and isinstance(d.get("teacher_acc"), list) and d["teacher_acc"]:
-            di[i] = d
     if di:
         rep.add(
             "Synthesis, per teacher: how often the teacher and the current student agree with the "
@@ -933,7 +952,7 @@ def _fedmd(rep: Report, results: Any) -> None:
     cfg = results.get("config") or {}
     data = results.get("data") or {}
     run = rep.run_dir
-    preset = results.get("preset") or cfg.get("fedmd", {}).get("name", "")
+    preset = results.get("preset") or _get(cfg, "fedmd.name", "")
     fin = [a[-1] for a in pa]
     alone = results["alone_acc"]
     gain = 100 * (np.nanmean(_series(fin)) - np.nanmean(_series(alone)))
@@ -1010,7 +1029,12 @@ def _fedmd(rep: Report, results: Any) -> None:
         "and mean pooled levels, and each party's pooled accuracy as a star.",
         lambda p: _plot_fedmd(results, p),
     )
-    left = [(k + 1, d) for k, lo in enumerate(results.get("left_out") or []) for d in (lo or [])]
+    left = [
+        (k + 1, d)
+        for k, lo in enumerate(results.get("left_out") or [])
+        for d in (lo if isinstance(lo, list) else [])
+        if isinstance(d, dict)
+    ]
     if left:
         rep.add(
             "Parties left out of a round's consensus: "
@@ -1042,7 +1066,7 @@ def _fedmd(rep: Report, results: Any) -> None:
             lambda p: plot_label_distribution(
                 counts,
                 names,
-                f"private data ({cfg.get('fedmd', {}).get('private', '')})",
+                f"private data ({_get(cfg, 'fedmd.private', '')})",
                 p,
                 xlabel="party",
             ),
@@ -1086,17 +1110,24 @@ def write_report(run_dir: str | Path) -> Report:
     results = _read_json(run / "results.json", "results.json")
     if results is not None and not isinstance(results, dict):
         raise ReportError(f"{run / 'results.json'} must hold a JSON object; the file is malformed")
-    if results is not None and "party_acc" in results:
-        rep = Report(run, "fedmd")
-        _fedmd(rep, results)
-    elif results is not None and "teacher_acc" not in results:
+    if results is not None and "party_acc" not in results and "teacher_acc" not in results:
         raise ReportError(
             f"{run / 'results.json'} is neither a one-shot result (teacher_acc) nor a FedMD one "
             "(party_acc); the file is malformed"
         )
-    else:
-        rep = Report(run, "oneshot")
-        _oneshot(rep)
+    rep = Report(run, "fedmd" if results is not None and "party_acc" in results else "oneshot")
+    try:
+        if rep.kind == "fedmd":
+            _fedmd(rep, results)
+        else:
+            _oneshot(rep)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # The checks above name the file and key; this is the net under them, so that an odd
+        # value nobody thought of still ends in one line rather than a traceback.
+        raise ReportError(
+            f"cannot report {run}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            " (a file in it is malformed?)"
+        ) from None
     if rep.missing:
         rep.add("## Not in this run (yet)\n\n" + "\n".join(f"- {m}" for m in rep.missing))
     rep.add("---\n*Written by `fed-distill report`.*")
