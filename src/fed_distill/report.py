@@ -682,8 +682,15 @@ def _oneshot(rep: Report) -> None:  # noqa: C901 - one section after another, re
         table.append([f"teacher {i}", n, _pct(a), _pct(t_loc[i] if i < len(t_loc) else None)])
         acc_rows.append((f"teacher {i}", _f(a), "teacher"))
     if t_acc and any(a is not None for a in t_acc):
-        mean_t = float(np.mean([a for a in t_acc if a is not None]))
+        known = [a for a in t_acc if a is not None]
+        mean_t = float(np.mean(known))
         table.append(["mean teacher", "", _pct(mean_t), ""])
+        if len(t_acc) > 12:  # one bar per teacher would drown the chart: summarise them
+            acc_rows = [
+                (f"best of {len(t_acc)} teachers", max(known), "teacher"),
+                (f"mean of {len(t_acc)} teachers", mean_t, "teacher"),
+                (f"worst of {len(t_acc)} teachers", min(known), "teacher"),
+            ]
     if results is not None:
         used = results.get("ensemble_method")
         by_method = results.get("ensemble_acc_by_method") or {}
