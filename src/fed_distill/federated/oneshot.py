@@ -94,6 +94,7 @@ def _synthesizer(cfg: DictConfig, ctx: ServerContext, seed: int):
         ctx.hflip,
         ctx.device,
         seed,
+        data_dir=cfg.dataset.get("data_dir"),
     )
 
 

@@ -51,12 +51,14 @@ def build_synthesizer(
     hflip: bool,
     device: torch.device | str,
     seed: int,
+    data_dir: str | None = None,
 ) -> Synthesizer:
     """The synthesizer ``cfg.method`` names.
 
     ``class_counts`` (num_teachers, num_classes): training-label counts per teacher;
     ``image_shape`` (C, H, W); ``hflip``: whether the dataset allows horizontal flips (used when
-    ``cfg.flip`` is None); ``seed`` makes the sequence of batches reproducible.
+    ``cfg.flip`` is None); ``seed`` makes the sequence of batches reproducible; ``data_dir``: where
+    ``method=public`` looks for its public dataset when ``cfg.public_data_dir`` is unset.
     """
     cfg.validate(num_available=len(teachers))
     if cfg.method == "deepinversion":
@@ -71,5 +73,32 @@ def build_synthesizer(
             hflip=hflip,
             device=device,
             seed=seed,
+        )
+    if cfg.method in ("generator", "fast"):
+        from fed_distill.synthesis.generator import GeneratorSynthesizer
+
+        return GeneratorSynthesizer(
+            cfg,
+            teachers,
+            class_counts,
+            image_shape,
+            normalizer,
+            hflip=hflip,
+            device=device,
+            seed=seed,
+            meta=cfg.method == "fast",
+        )
+    if cfg.method == "public":
+        from fed_distill.synthesis.public import PublicDataSynthesizer
+
+        return PublicDataSynthesizer(
+            cfg,
+            teachers,
+            class_counts,
+            image_shape,
+            normalizer,
+            device=device,
+            seed=seed,
+            data_dir=data_dir,
         )
     raise ConfigError(f"synthesis.method '{cfg.method}' is not implemented")  # pragma: no cover
