@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import FAST_TRAIN
 from fed_distill.data.transforms import Normalizer
