@@ -195,6 +195,23 @@ def file_digest(path: str | Path, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+def tensors_digest(tensors: Mapping[str, Any], length: int = 16) -> str:
+    """Short sha256 of a dict of tensors' names, dtypes, shapes and values. Unlike the bytes of
+    the file holding them it is reproducible: safetensors orders its metadata at random and
+    torch.save records the (temporary) file name."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k]
+        h.update(k.encode())
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().contiguous()
+            h.update(f"{v.dtype}{tuple(v.shape)}".encode())
+            h.update(v.view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        else:
+            h.update(repr(v).encode())
+    return h.hexdigest()[:length]
+
+
 # ----------------------------------------------------------------------------- checkpoints
 # A checkpoint is ONE safetensors file, written atomically: every tensor of a nested state
 # (model, optimiser, RNG states, histories) is stored as a safetensors tensor, and the

@@ -27,6 +27,7 @@ from fed_distill.artifacts import (
     save_json,
     save_tensors,
     save_weights,
+    tensors_digest,
 )
 from fed_distill.config import as_object, to_container
 from fed_distill.data.partition import Split
@@ -101,10 +102,7 @@ def _inputs_digest(cfg: DictConfig, ctx: ServerContext) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     return {
         "split": file_digest(run_dir / "split.json"),
-        "teachers": [
-            file_digest(run_dir / "teachers" / f"teacher_{i}.safetensors")
-            for i in range(ctx.spec.num_teachers)
-        ],
+        "teachers": [tensors_digest(t.state_dict()) for t in ctx.teachers],
         "seed": int(cfg.seed),
     }
 
@@ -252,7 +250,11 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
         {
             "student": _without_checkpoint_every(cfg.student),
             "synthesis": _without_checkpoint_every(cfg.synthesis),
-            "initial": file_digest(out / "initial.pt") if scfg.initial_batches > 0 else None,
+            "initial": (
+                tensors_digest(load_tensors(out / "initial.pt", "initial synthetic batches"))
+                if scfg.initial_batches > 0
+                else None
+            ),
             **_inputs_digest(cfg, ctx),
         }
     )
