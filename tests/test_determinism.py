@@ -36,7 +36,8 @@ FEDMD = [
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # or the CLI sets one thread per core
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -30,6 +30,17 @@ class Stop(Exception):
     pass
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One intra-op thread here and in the subprocesses (OMP_NUM_THREADS=1), so an in-process
+    reference run and a killed-and-resumed subprocess run use the very same kernels."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _digits(n: int = 300):
     d = load_digits()
     x = torch.from_numpy((d.images * (255 / 16)).round().astype(np.uint8))[:, None]
@@ -248,9 +259,9 @@ def _weights_equal(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), (a, k)
 
 
-def test_oneshot_killed_twice_then_rerun_matches_an_uninterrupted_run(tmp_path):
+def test_oneshot_killed_twice_then_rerun_matches_an_uninterrupted_run(tmp_path, cli):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    _run(ONESHOT, ref)
+    assert cli(*ONESHOT, f"run_dir={ref}")[0] == 0  # the uninterrupted reference, in-process
     ckpts = run / "checkpoints"
     # 1) SIGKILL in the middle of teacher 1 (teacher 0 finished, teacher 1 has a checkpoint)
     _run_and_kill(ONESHOT, run, lambda: (ckpts / "teacher_1.safetensors").is_file())
@@ -296,7 +307,7 @@ def test_oneshot_killed_twice_then_rerun_matches_an_uninterrupted_run(tmp_path):
 
 def test_fedmd_killed_twice_then_rerun_matches_an_uninterrupted_run(tmp_path, cli):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    _run(FEDMD, ref)
+    assert cli(*FEDMD, f"run_dir={ref}")[0] == 0  # the uninterrupted reference, in-process
     ckpt = run / "checkpoints/fedmd.safetensors"
     # 1) SIGKILL during transfer learning (party 0 done), 2) during the rounds (round 1 done)
     _run_and_kill(FEDMD, run, lambda: ckpt.is_file())
