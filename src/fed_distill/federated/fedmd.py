@@ -660,6 +660,8 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
                 f" {old['mean_acc'][-1]:.4f} after {old['rounds']} rounds, {run_dir / 'results.json'});"
                 " force=true to redo"
             )
+            if not (run_dir / "fedmd_accuracy.png").is_file():  # killed just before the plot
+                plot_fedmd(old, run_dir / "fedmd_accuracy.png")
             return old
     seed_everything(seed)
     stage_times: dict[str, float] = {}
