@@ -281,8 +281,6 @@ def fit(
         best_state = ckpt["best_state"]
         bad_evals, start = ckpt["bad_evals"], ckpt["epoch"] + 1
         print(f"{desc}: resuming from epoch {start + 1}/{epochs} (checkpoint {checkpoint_path})")
-        if cfg.patience is not None and bad_evals >= cfg.patience:
-            start = epochs  # it had stopped early
     bar = progress_bar(range(start, epochs), desc=desc, enabled=progress)
     for epoch in bar:
         model.train()
@@ -339,7 +337,7 @@ def fit(
             and checkpoint_every > 0
             and (epoch + 1) % checkpoint_every == 0
             and epoch + 1 < epochs
-            and not stop
+            and not stop  # a stopped loop is finished: nothing to resume
         ):
             save_checkpoint(
                 {
