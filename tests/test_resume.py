@@ -18,8 +18,16 @@ import torch
 from safetensors import safe_open
 from sklearn.datasets import load_digits
 
-from fed_distill.artifacts import load_checkpoint, load_tensors, read_weights
+from fed_distill.artifacts import (
+    atomic_path,
+    load_checkpoint,
+    load_tensors,
+    read_weights,
+    save_checkpoint,
+    save_json,
+)
 from fed_distill.data.transforms import Normalizer
+from fed_distill.errors import CheckpointError
 from fed_distill.models import build_model
 from fed_distill.train.fit import TrainConfig, fit
 
@@ -51,6 +59,45 @@ def _digits(n: int = 300):
 def _model():
     torch.manual_seed(0)
     return build_model("cnn_small", 10, 1, 8, width=8, dropout=0.3)  # dropout: global RNG
+
+
+def test_checkpoint_round_trip_keeps_types_and_refuses_pickles(tmp_path):
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(m.parameters())
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {
+        "optimizer": opt.state_dict(),  # {int: {...}} state, tuples in param_groups
+        "rng": torch.get_rng_state(),
+        "history": {"val_acc": [0.5, float("nan")], "n": 3, "none": None},
+        "by_teacher": {1: {"acc": [0.25]}},
+        "empty": torch.zeros(0),
+    }
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(state, path)
+    back = load_checkpoint(path)
+    assert list(back["optimizer"]["state"]) == [0, 1] and back["by_teacher"] == {1: {"acc": [0.25]}}
+    assert torch.equal(back["rng"], state["rng"]) and back["empty"].shape == (0,)
+    assert back["history"]["val_acc"][1] != back["history"]["val_acc"][1]  # NaN survives
+    opt2 = torch.optim.Adam(m.parameters())
+    opt2.load_state_dict(back["optimizer"])
+    assert torch.equal(opt2.state[m.weight]["exp_avg"], opt.state[m.weight]["exp_avg"])
+
+    torch.save(state, tmp_path / "pickled.safetensors")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(tmp_path / "pickled.safetensors")
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "metrics.json"
+    save_json({"a": 1}, path)
+    with pytest.raises(TypeError):
+        save_json({"a": object()}, path)  # fails while serialising
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text('{"a": ')  # half written, then the process "dies"
+        raise RuntimeError
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
 def test_fit_resumed_from_a_checkpoint_is_bit_identical(tmp_path):
