@@ -6,6 +6,7 @@ numbers as an uninterrupted run."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -386,3 +387,39 @@ def test_fedmd_killed_twice_then_rerun_matches_an_uninterrupted_run(tmp_path, cl
     # finished: the same command again does not redo it
     code, out, _ = cli(*FEDMD, f"run_dir={run}")
     assert code == 0 and "fedmd already finished" in out and "round 1/" not in out
+
+
+def test_generate_initial_interrupted_by_ctrl_c_resumes_after_the_last_batch(
+    tmp_path, cli, monkeypatch
+):
+    from fed_distill.synthesis.deepinversion import DeepInversion
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    split = ["dataset=digits", "split=iid", "split.num_clients=2", "seed=6"]
+    train = ["train.epochs=1", "train.min_steps=10", "device=cpu"]
+    gen = ["device=cpu", "synthesis.iterations=5", "synthesis.batch_size=16"]
+    gen.append("student.initial_batches=3")
+    assert cli("split", f"run_dir={ref}", *split)[0] == 0
+    assert cli("train-teachers", f"run_dir={ref}", *train)[0] == 0
+    shutil.copytree(ref, run)
+    assert cli("generate-initial", f"run_dir={ref}", *gen)[0] == 0
+
+    real, calls = DeepInversion.synthesize, []
+
+    def interrupted_on_the_third_batch(self, student=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C raises
+        return real(self, student)
+
+    monkeypatch.setattr(DeepInversion, "synthesize", interrupted_on_the_third_batch)
+    code, _, err = cli("generate-initial", f"run_dir={run}", *gen)
+    assert code == 130 and "rerun the same command" in err
+    assert not (run / "student/initial.pt").exists()
+    monkeypatch.setattr(DeepInversion, "synthesize", real)
+    code, out, _ = cli("generate-initial", f"run_dir={run}", *gen)
+    assert code == 0 and "generate-initial: resuming after batch 2/3" in out
+    a, b = load_tensors(ref / "student/initial.pt"), load_tensors(run / "student/initial.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not (run / "checkpoints/initial.safetensors").exists()
