@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,19 @@ class Synthesizer(ABC):
     def synthesize(self, student: nn.Module | None = None) -> SyntheticBatch:
         """One batch. With ``student`` given the synthesis is adaptive (Adaptive DeepInversion):
         images are pushed towards where teacher and student disagree."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the *next* batches (RNG states, cursors, trained generator
+        networks and their optimisers), as tensors and plain values, so that a resumed run
+        continues the same sequence. Saved in checkpoints with ``save_checkpoint`` (no pickle).
+
+        Subclasses must implement it (and :meth:`load_state_dict`) to make student training
+        resumable; without it ``train-student`` runs without checkpoints and says so."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement state_dict()")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement load_state_dict()")
 
 
 def build_synthesizer(

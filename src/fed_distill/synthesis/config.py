@@ -167,6 +167,8 @@ class StudentConfig:
     real_weight: float = 1.0  # weight of the server's real-data loss
     class_weights: list[float] | None = None  # per-class loss weights (the seed's "weighted")
     eval_every: int = 1
+    # Resumable checkpoints: every N student epochs (and every N initial batches); 0 = none.
+    checkpoint_every: int = 1
 
     def validate(self) -> StudentConfig:
         for key in ("epochs", "batch_size", "eval_every"):
@@ -174,7 +176,13 @@ class StudentConfig:
                 raise ConfigError(
                     f"student.{key} must be a positive integer, got {getattr(self, key)!r}"
                 )
-        for key in ("initial_batches", "new_batches_per_epoch", "steps_per_epoch", "jitter"):
+        for key in (
+            "initial_batches",
+            "new_batches_per_epoch",
+            "steps_per_epoch",
+            "jitter",
+            "checkpoint_every",
+        ):
             if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 0):
                 raise ConfigError(
                     f"student.{key} must be an integer >= 0, got {getattr(self, key)!r}"

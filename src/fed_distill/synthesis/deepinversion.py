@@ -30,6 +30,7 @@ import copy
 import math
 import time
 from contextlib import ExitStack
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,6 +150,16 @@ class DeepInversion(Synthesizer):
         self._next_teacher = 0
         self.last_draws: list[list[int]] = []
         self.last_loss_curve: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ resumable state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The RNG stream and the cycling cursor: all that decides the next batches."""
+        return {"generator": self.generator.get_state(), "next_teacher": self._next_teacher}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self._next_teacher = int(state["next_teacher"]) % len(self.teachers)
 
     # ------------------------------------------------------------------ helpers
 
