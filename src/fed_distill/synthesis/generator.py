@@ -32,6 +32,7 @@ import copy
 import math
 import time
 from contextlib import ExitStack
+from typing import Any
 
 import numpy as np
 import torch
@@ -262,3 +263,34 @@ class GeneratorSynthesizer(Synthesizer):
             teacher_ids=list(range(len(self.teachers))),
             stats=stats,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """RNG stream, the (meta-)generator and its optimiser, the tracked BN statistics: all
+        that decides the next batches (for checkpoints)."""
+        state: dict[str, Any] = {
+            "rng": self.generator.get_state(),
+            "net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+            "batches": self.batches,
+            "tracked": [
+                None
+                if tr is None
+                else [None if t is None else [t[0].cpu(), t[1].cpu()] for t in tr]
+                for tr in self.tracked
+            ],
+        }
+        if self.meta:
+            state["meta_opt"] = self.meta_opt.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["rng"])
+        self.net.load_state_dict({k: v.to(self.device) for k, v in state["net"].items()})
+        self.batches = int(state["batches"])
+        self.tracked = [
+            None
+            if tr is None
+            else [None if t is None else (t[0].to(self.device), t[1].to(self.device)) for t in tr]
+            for tr in state["tracked"]
+        ]
+        if self.meta:
+            self.meta_opt.load_state_dict(state["meta_opt"])

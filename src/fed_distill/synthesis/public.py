@@ -11,6 +11,7 @@ synthetic batches.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,3 +145,11 @@ class PublicDataSynthesizer(Synthesizer):
                 "images_per_s": len(idx) / max(seconds, 1e-9),
             },
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The RNG stream and what is left of the current permutation (for checkpoints)."""
+        return {"rng": self.generator.get_state(), "order": self._order.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["rng"])
+        self._order = state["order"].long()
