@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from fed_distill.artifacts import save_json, write_text
 from fed_distill.cli import run_stage
 from fed_distill.pipeline import format_table
 
@@ -88,8 +89,8 @@ def main() -> int:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
-    (out / "table.txt").write_text(table + "\n")
+    save_json({str(k): v for k, v in results.items()}, out / "summary.json", indent=1)
+    write_text(table + "\n", out / "table.txt")
     return 0
 
 

@@ -7,6 +7,7 @@ weights are safetensors, tensors are read with ``torch.load(weights_only=True)``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fed_distill.errors import CheckpointError, FedDistillError
@@ -33,6 +34,10 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        # Flush the bytes before the rename: after a crash the name never points at a file
+        # whose contents are still only in the page cache.
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -183,3 +188,100 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+
+
+def file_digest(path: str | Path, length: int = 16) -> str:
+    """Short sha256 of a file's bytes (what a later stage records about an input it used)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+def tensors_digest(tensors: Mapping[str, Any], length: int = 16) -> str:
+    """Short sha256 of a dict of tensors' names, dtypes, shapes and values. Unlike the bytes of
+    the file holding them it is reproducible: safetensors orders its metadata at random and
+    torch.save records the (temporary) file name."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k]
+        h.update(k.encode())
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().contiguous()
+            h.update(f"{v.dtype}{tuple(v.shape)}".encode())
+            h.update(v.view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        else:
+            h.update(repr(v).encode())
+    return h.hexdigest()[:length]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# A checkpoint is ONE safetensors file, written atomically: every tensor of a nested state
+# (model, optimiser, RNG states, histories) is stored as a safetensors tensor, and the
+# structure around them (dicts, lists, numbers, strings) as JSON in the file's metadata. One
+# file means the parts can never come from different moments, and nothing is ever unpickled.
+
+_CKPT_KEY = "fed_distill.checkpoint"
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj:
+            return {k: _flatten(v, tensors) for k, v in obj.items()}
+        # Non-string keys (an optimiser's {param index: state}) keep their type.
+        return {"__items__": [[_flatten(k, tensors), _flatten(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, list | tuple):
+        return [_flatten(v, tensors) for v in obj]
+    if isinstance(obj, bool | int | str) or obj is None:
+        return obj
+    if isinstance(obj, float):
+        return obj  # NaN / Inf survive: the metadata is written with allow_nan
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalars
+        return obj.item()
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint")
+
+
+def _unflatten(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__items__"}:
+            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__items__"]}
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
+    """Write a nested state (tensors, dicts, lists, numbers, strings, None) as one safetensors
+    file, atomically. Tuples come back as lists; dict keys keep their types."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(dict(state), tensors)
+    meta = {_CKPT_KEY: json.dumps(skeleton)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a file written by :func:`save_checkpoint` (refuses pickles and foreign files)."""
+    path = Path(path)
+    tensors = read_weights(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        skeleton = json.loads(meta[_CKPT_KEY])
+        return _unflatten(skeleton, tensors)
+    except (KeyError, json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{path} is not a fed-distill checkpoint ({type(e).__name__})"
+        ) from None
+
+
+def remove_file(path: str | Path) -> None:
+    Path(path).unlink(missing_ok=True)

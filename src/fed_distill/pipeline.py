@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fed_distill.artifacts import load_json, load_weights, save_figure, save_json, save_weights
+from fed_distill.artifacts import (
+    load_json,
+    load_weights,
+    remove_file,
+    save_figure,
+    save_json,
+    save_weights,
+)
 from fed_distill.config import DatasetConfig, ModelConfig, as_object, to_container
 from fed_distill.data.partition import Split, check_split, load_split, make_split, save_split
 from fed_distill.data.sources import Dataset, load_dataset
@@ -25,7 +32,7 @@ from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import FedDistillError, SplitError
 from fed_distill.models import build_model
 from fed_distill.train.fit import TrainConfig, evaluate, fit
-from fed_distill.utils import resolve_device, seed_everything
+from fed_distill.utils import fork_seeded, resolve_device, seed_everything
 
 
 # ----------------------------------------------------------------------------- data
@@ -162,6 +169,11 @@ class TeacherSpec:
     init_seed: int
 
 
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """Where resumable mid-stage checkpoints live (deleted as each unit of work finishes)."""
+    return Path(run_dir) / "checkpoints"
+
+
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -196,7 +208,8 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
     fp = _fingerprint(
         {
             "spec": asdict(spec),
-            "train": asdict(tcfg),
+            # how often checkpoints are written does not change the teacher
+            "train": {k: v for k, v in asdict(tcfg).items() if k != "checkpoint_every"},
             "split": split.label_digest,
             "split_seed": split.seed,
             "clients": [[c.train, c.val] for c in split.clients[: split.num_teachers]],
@@ -208,7 +221,10 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
     t_start = time.perf_counter()
     for i, c in enumerate(split.clients[: split.num_teachers]):
         wpath, mpath = out / f"teacher_{i}.safetensors", out / f"metrics_teacher_{i}.json"
-        if not cfg.force and wpath.exists() and mpath.exists():
+        ckpt = checkpoint_dir(run_dir) / f"teacher_{i}.safetensors"
+        if cfg.force:
+            remove_file(ckpt)  # force=true redoes the teacher from scratch
+        elif wpath.exists() and mpath.exists():
             old = load_json(mpath, "teacher metrics")
             if old.get("fingerprint") == fp:
                 print(
@@ -223,20 +239,26 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
         model.load_state_dict(init_state)
         tr, va, te = (torch.as_tensor(v, dtype=torch.long) for v in (c.train, c.val, c.test))
         t0 = time.perf_counter()
-        res = fit(
-            model,
-            data.train_x[tr],
-            data.train_y[tr],
-            data.train_x[va],
-            data.train_y[va],
-            tcfg,
-            norm,
-            hflip=hflip,
-            device=device,
-            seed=cfg.seed * 1000 + i,
-            desc=f"teacher {i + 1}/{split.num_teachers}",
-            progress=cfg.progress,
-        )
+        # The teacher's own global-RNG stream (dropout): skipping or resuming teacher 0 must not
+        # change teacher 1.
+        with fork_seeded(cfg.seed * 1000 + i, device):
+            res = fit(
+                model,
+                data.train_x[tr],
+                data.train_y[tr],
+                data.train_x[va],
+                data.train_y[va],
+                tcfg,
+                norm,
+                hflip=hflip,
+                device=device,
+                seed=cfg.seed * 1000 + i,
+                desc=f"teacher {i + 1}/{split.num_teachers}",
+                progress=cfg.progress,
+                checkpoint_path=ckpt,
+                checkpoint_every=tcfg.checkpoint_every,
+                checkpoint_meta={"fingerprint": fp, "teacher": i},
+            )
         metrics = {
             **res.history,
             "best_epoch": res.best_epoch,
@@ -250,6 +272,7 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
         }
         save_weights(model, wpath, metadata={"model": mcfg.name, "teacher": str(i)})
         save_json(metrics, mpath)
+        remove_file(ckpt)  # the finished teacher is on disk: its checkpoint has done its job
         print(
             f"teacher {i}: {len(c.train)} train samples, best epoch {res.best_epoch + 1}, val"
             f" {res.best_val_acc:.4f}, local test {metrics['local_test_acc']:.4f}, test {metrics['test_acc']:.4f}"

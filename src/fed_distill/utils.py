@@ -24,6 +24,17 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@contextmanager
+def fork_seeded(seed: int, device: torch.device | str = "cpu"):
+    """Run a block with torch's global RNG (dropout) seeded to ``seed``, restoring it after:
+    the block's numbers then do not depend on what ran before it (or was skipped on a resume)."""
+    device = torch.device(device)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` → CUDA when present, else CPU. ``cuda`` without a GPU is a config error."""
     if name == "auto":

@@ -44,6 +44,7 @@ import pickle
 import shutil
 import struct
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -57,6 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fed_distill.artifacts import atomic_path
 from fed_distill.errors import DatasetError
 
 ENV_VAR = "FED_DISTILL_DATA"
@@ -892,7 +894,18 @@ def safe_extract_tar(archive: str | os.PathLike[str], dest: str | os.PathLike[st
                         "or a link/device); the archive is not the official one, delete it"
                     )
             dest.mkdir(parents=True, exist_ok=True)
-            tar.extractall(dest, members=members, filter="data")
+            # Into a hidden folder first, then each file renamed into place: a killed
+            # extraction never leaves a truncated data file that a later load would trust.
+            staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+            try:
+                tar.extractall(staging, members=members, filter="data")
+                for m in members:
+                    if m.isfile():
+                        target = dest / PurePosixPath(m.name)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(staging / PurePosixPath(m.name), target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     except DatasetError:
         raise
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
@@ -904,10 +917,14 @@ def safe_extract_tar(archive: str | os.PathLike[str], dest: str | os.PathLike[st
 
 def _extract_zip_member(archive: Path, member: str, dest: Path) -> None:
     try:
-        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, dest.open("wb") as out:
+        with (
+            zipfile.ZipFile(archive) as zf,
+            zf.open(member) as src,
+            atomic_path(dest) as tmp,
+            tmp.open("wb") as out,
+        ):
             shutil.copyfileobj(src, out, 1 << 20)
     except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error) as exc:
-        dest.unlink(missing_ok=True)
         raise DatasetError(
             f"cannot extract {member} from {archive} ({type(exc).__name__}: {exc}); delete it "
             "and download it again"

@@ -88,6 +88,11 @@ class FedMDConfig:
     extended_alone: bool = True  # control: alone + rounds*revisit_epochs more private epochs
     save_models: bool = True  # final party weights -> run_dir/parties/party_{i}.safetensors
 
+    # --- interruption ----------------------------------------------------------------------------
+    # run_dir/checkpoints/fedmd.safetensors after every party's transfer learning and baselines
+    # and every N rounds; rerunning the same command continues from it (0 = no checkpoints).
+    checkpoint_every: int = 1
+
 
 def check_fedmd_config(c: FedMDConfig) -> None:
     """Raise ConfigError (one line) for values no run can use; cheap, reads no data."""
@@ -126,7 +131,7 @@ def check_fedmd_config(c: FedMDConfig) -> None:
         "pooled_batch_size",
     ):
         need(getattr(c, key) >= 1, f"{key} must be >= 1, got {getattr(c, key)}")
-    for key in ("rounds", "revisit_epochs", "public_val_size", "crop_padding"):
+    for key in ("rounds", "revisit_epochs", "public_val_size", "crop_padding", "checkpoint_every"):
         need(getattr(c, key) >= 0, f"{key} must be >= 0, got {getattr(c, key)}")
     need(
         c.public_size is None or c.public_size >= 1,

@@ -44,6 +44,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from fed_distill.artifacts import save_checkpoint
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError, ModelError, ProtocolError
 from fed_distill.federated.config import AGGREGATES, FedMDConfig, check_fedmd_config
@@ -622,9 +624,10 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
     ``left_out`` parties, the resolved ``config``) and ``run_dir/fedmd_accuracy.png``.
     Presets: ``fedmd=quick|fashion|fashion_same_domain|mnist_femnist_balanced|...``.
     """
-    from fed_distill.artifacts import save_json, save_weights
+    from fed_distill.artifacts import load_json, remove_file, save_json, save_weights
     from fed_distill.config import as_object, to_container
-    from fed_distill.pipeline import format_table
+    from fed_distill.pipeline import _fingerprint, checkpoint_dir, format_table
+    from fed_distill.train.fit import load_resumable
     from fed_distill.utils import progress_bar, resolve_device, seed_everything
 
     t_start = time.perf_counter()
@@ -640,6 +643,26 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(str(cfg.run_dir))
     archs = party_architectures(c)
     names = [f"party {i} ({a})" for i, a in enumerate(archs)]
+    # A finished run with the same settings is not redone; an interrupted one continues from
+    # run_dir/checkpoints/fedmd.safetensors (written after every party's transfer learning and
+    # baselines, and every fedmd.checkpoint_every rounds). force=true starts afresh.
+    fp = _fingerprint(
+        {"fedmd": {k: v for k, v in asdict(c).items() if k != "checkpoint_every"}, "seed": seed}
+    )
+    ckpt_path = checkpoint_dir(run_dir) / "fedmd.safetensors"
+    if cfg.force:
+        remove_file(ckpt_path)
+    elif (run_dir / "results.json").is_file():
+        old = load_json(run_dir / "results.json", "results.json")
+        if isinstance(old, dict) and old.get("fingerprint") == fp:
+            print(
+                f"fedmd already finished (mean accuracy {old['mean_acc'][0]:.4f} alone ->"
+                f" {old['mean_acc'][-1]:.4f} after {old['rounds']} rounds, {run_dir / 'results.json'});"
+                " force=true to redo"
+            )
+            if not (run_dir / "fedmd_accuracy.png").is_file():  # killed just before the plot
+                plot_fedmd(old, run_dir / "fedmd_accuracy.png")
+            return old
     seed_everything(seed)
     stage_times: dict[str, float] = {}
 
@@ -654,10 +677,67 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
         f" of {data.num_outputs}); test {len(data.test_y)} images; device {device}"
     )
 
+    # --- resuming ------------------------------------------------------------------------------
+    models: list[torch.nn.Module] = []
+    transfer: list[dict[str, Any]] = []
+    ensemble: list[float] = []
+    pooled: list[float | None] = [None] * len(archs)
+    extended: list[float | None] = [None] * len(archs)
+    party_acc: list[list[float]] = []
+    distances: list[list[float | None]] = []
+    left_out_log: list[list[dict[str, Any]]] = []
+    round_times: list[float] = []
+    steps = {"communicate": 0.0, "aggregate": 0.0, "digest": 0.0, "revisit": 0.0, "evaluate": 0.0}
+    done = {"transfer": 0, "pooled": 0, "extended": 0, "rounds": 0}
+    meta = {"fingerprint": fp}
+    every = c.checkpoint_every
+
+    def checkpoint() -> None:
+        if every <= 0:
+            return
+        state = {
+            "meta": meta,
+            "done": done,
+            "models": [m.state_dict() for m in models],
+            "transfer": transfer,
+            "ensemble": ensemble,
+            "pooled": pooled,
+            "extended": extended,
+            "party_acc": party_acc,
+            "distances": distances,
+            "left_out": left_out_log,
+            "round_times": round_times,
+            "steps": steps,
+            "stage_times": stage_times,
+            "elapsed": time.perf_counter() - t_start,
+            "rng": torch.get_rng_state(),
+        }
+        save_checkpoint(state, ckpt_path)
+
+    ckpt = load_resumable(ckpt_path if every > 0 else None, meta, "fedmd")
+    if ckpt is not None:
+        for i, state in enumerate(ckpt["models"]):
+            m = build_party_model(archs[i], data, c.width_scale, seed=step_seed(seed, i, 0))
+            m.load_state_dict(state)
+            models.append(m.to(device))
+        transfer, ensemble = ckpt["transfer"], ckpt["ensemble"]
+        pooled, extended, party_acc = ckpt["pooled"], ckpt["extended"], ckpt["party_acc"]
+        distances, left_out_log = ckpt["distances"], ckpt["left_out"]
+        round_times, steps, done = ckpt["round_times"], ckpt["steps"], ckpt["done"]
+        stage_times = {**ckpt["stage_times"], "data": stage_times["data"]}
+        t_start -= ckpt["elapsed"]
+        torch.set_rng_state(ckpt["rng"])
+        print(
+            f"fedmd: resuming after {done['transfer']}/{len(archs)} parties' transfer learning,"
+            f" {done['pooled']} pooled and {done['extended']} extended baselines,"
+            f" {done['rounds']}/{c.rounds} rounds (checkpoint {ckpt_path})"
+        )
+
     # --- transfer learning ---------------------------------------------------------------------
     t0 = time.perf_counter()
-    models, transfer = [], []
     for i, arch in enumerate(archs):
+        if i < done["transfer"]:
+            continue  # restored from the checkpoint
         m = build_party_model(arch, data, c.width_scale, seed=step_seed(seed, i, 0)).to(device)
         tr = transfer_learning(m, data, i, c, device=device, seed=seed, progress=show)
         print(
@@ -667,32 +747,41 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
         )
         models.append(m)
         transfer.append(tr)
-    stage_times["transfer_learning"] = time.perf_counter() - t0
+        done["transfer"] = i + 1
+        checkpoint()
+    stage_times["transfer_learning"] = (
+        stage_times.get("transfer_learning", 0.0) + time.perf_counter() - t0
+    )
     alone = [tr["alone_acc"] for tr in transfer]
     # diagnostic: the mean-logit ensemble of the parties on the private test task, per round
-    ensemble = [
-        restricted_accuracy(
-            torch.stack([tr.pop("test_logits") for tr in transfer]).mean(0),
-            data.test_y,
-            data.offset,
-            data.num_private,
-        )
-    ]
+    if not ensemble:
+        ensemble = [
+            restricted_accuracy(
+                torch.stack([tr.pop("test_logits") for tr in transfer]).mean(0),
+                data.test_y,
+                data.offset,
+                data.num_private,
+            )
+        ]
 
     # --- baselines: pooled (upper bound) and alone extended (control) --------------------------
     t0 = time.perf_counter()
-    pooled: list[float | None] = [None] * len(archs)
     if c.pooled:
         for i, arch in enumerate(archs):
+            if i < done["pooled"]:
+                continue
             m = build_party_model(arch, data, c.width_scale, seed=step_seed(seed, i, 0))
             m.load_state_dict(transfer[i]["public_state"])
             pooled[i] = pooled_baseline(m.to(device), data, i, c, device=device, seed=seed)
             del m
-    stage_times["pooled"] = time.perf_counter() - t0
+            done["pooled"] = i + 1
+            checkpoint()
+    stage_times["pooled"] = stage_times.get("pooled", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
-    extended: list[float | None] = [None] * len(archs)
     if c.extended_alone and c.rounds * c.revisit_epochs > 0:
         for i in range(len(archs)):
+            if i < done["extended"]:
+                continue
             m = copy.deepcopy(models[i])
             revisit(
                 m,
@@ -718,18 +807,19 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
                 device,
             )
             del m
-    stage_times["alone_extended"] = time.perf_counter() - t0
+            done["extended"] = i + 1
+            checkpoint()
+    stage_times["alone_extended"] = (
+        stage_times.get("alone_extended", 0.0) + time.perf_counter() - t0
+    )
     for transfer_result in transfer:
-        del transfer_result["public_state"]
+        transfer_result.pop("public_state", None)
 
     # --- collaboration rounds ---------------------------------------------------------------------
-    party_acc = [[a] for a in alone]
-    distances: list[list[float | None]] = []
-    left_out_log: list[list[dict[str, Any]]] = []
-    round_times: list[float] = []
-    steps = {"communicate": 0.0, "aggregate": 0.0, "digest": 0.0, "revisit": 0.0, "evaluate": 0.0}
+    if not party_acc:
+        party_acc = [[a] for a in alone]
     crop = c.crop_padding
-    bar = progress_bar(range(1, c.rounds + 1), desc="fedmd rounds", enabled=show)
+    bar = progress_bar(range(done["rounds"] + 1, c.rounds + 1), desc="fedmd rounds", enabled=show)
     for r in bar:
         t_round = time.perf_counter()
         idx = torch.as_tensor(draw_public_subset(data.public_y, c.public_subset_size, seed, r))
@@ -817,6 +907,9 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
                 f"(alone {np.mean(alone):.4f}), {round_times[-1]:.1f}s"
                 + (f", left out {[d['party'] for d in left_out]}" if left_out else "")
             )
+        done["rounds"] = r
+        if every > 0 and r % every == 0 and r < c.rounds:
+            checkpoint()
     bar.close()
     stage_times["rounds"] = float(sum(round_times))
 
@@ -848,8 +941,10 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
         "data": data.summary(),
         "preset": c.name,
         "config": to_container(cfg),
+        "fingerprint": fp,
     }
     save_json(results, run_dir / "results.json")
+    remove_file(ckpt_path)
     plot_fedmd(results, run_dir / "fedmd_accuracy.png")
     print(summary_table(results, format_table))
     print(f"results in {run_dir / 'results.json'}, figure {run_dir / 'fedmd_accuracy.png'}")

@@ -17,7 +17,18 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fed_distill.artifacts import load_json, load_tensors, save_json, save_tensors, save_weights
+from fed_distill.artifacts import (
+    file_digest,
+    load_json,
+    load_tensors,
+    load_weights,
+    remove_file,
+    save_checkpoint,
+    save_json,
+    save_tensors,
+    save_weights,
+    tensors_digest,
+)
 from fed_distill.config import as_object, to_container
 from fed_distill.data.partition import Split
 from fed_distill.data.sources import Dataset
@@ -27,6 +38,8 @@ from fed_distill.federated.baselines import class_shares, ensemble_accuracy, fed
 from fed_distill.models import build_model
 from fed_distill.pipeline import (
     TeacherSpec,
+    _fingerprint,
+    checkpoint_dir,
     format_table,
     load_split_and_data,
     load_teachers,
@@ -35,8 +48,8 @@ from fed_distill.pipeline import (
 )
 from fed_distill.synthesis import build_synthesizer
 from fed_distill.synthesis.config import StudentConfig, SynthesisConfig
-from fed_distill.train.fit import evaluate
-from fed_distill.train.student import SyntheticPool, distill
+from fed_distill.train.fit import evaluate, load_resumable
+from fed_distill.train.student import StudentResult, SyntheticPool, distill
 from fed_distill.utils import resolve_device, seed_everything
 
 MAX_VAL = 2000  # validation images evaluated per student epoch (diagnostic only)
@@ -83,6 +96,21 @@ def server_context(cfg: DictConfig) -> ServerContext:
     )
 
 
+def _inputs_digest(cfg: DictConfig, ctx: ServerContext) -> dict[str, Any]:
+    """What the server's stages depend on besides their own config: the split and the uploaded
+    teachers (by content), so a retrained teacher invalidates the synthetic data and student."""
+    run_dir = Path(cfg.run_dir)
+    return {
+        "split": file_digest(run_dir / "split.json"),
+        "teachers": [tensors_digest(t.state_dict()) for t in ctx.teachers],
+        "seed": int(cfg.seed),
+    }
+
+
+def _without_checkpoint_every(node: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in to_container(node).items() if k != "checkpoint_every"}
+
+
 def _synthesizer(cfg: DictConfig, ctx: ServerContext, seed: int):
     scfg: SynthesisConfig = as_object(cfg.synthesis, SynthesisConfig)
     return build_synthesizer(
@@ -94,32 +122,93 @@ def _synthesizer(cfg: DictConfig, ctx: ServerContext, seed: int):
         ctx.hflip,
         ctx.device,
         seed,
+        data_dir=cfg.dataset.get("data_dir"),
     )
 
 
 def run_generate_initial(cfg: DictConfig) -> SyntheticPool:
     """``fed-distill generate-initial``: ``student.initial_batches`` non-adaptive synthetic batches
-    from the uploaded teachers → ``run_dir/student/initial.pt``."""
+    from the uploaded teachers → ``run_dir/student/initial.pt``.
+
+    Skipped when ``initial.json`` records the same settings and teachers (``force=true`` redoes
+    it); interrupted, it continues from the last batch in ``run_dir/checkpoints/initial.safetensors``.
+    """
     scfg: StudentConfig = as_object(cfg.student, StudentConfig).validate()
     ctx = server_context(cfg)
+    out = Path(cfg.run_dir) / "student"
+    ckpt_path = checkpoint_dir(cfg.run_dir) / "initial.safetensors"
+    fp = _fingerprint(
+        {
+            "synthesis": _without_checkpoint_every(cfg.synthesis),
+            "initial_batches": scfg.initial_batches,
+            **_inputs_digest(cfg, ctx),
+        }
+    )
+    if cfg.force:
+        remove_file(ckpt_path)
+    elif (out / "initial.json").is_file():
+        done = load_json(out / "initial.json", "initial.json")
+        if done.get("fingerprint") == fp and (
+            done.get("batches") == 0 or (out / "initial.pt").is_file()
+        ):
+            print(
+                f"initial batches already generated ({done.get('images')} images in"
+                f" {out / 'initial.pt'}); force=true to redo"
+            )
+            if not done.get("batches"):
+                return SyntheticPool()
+            return SyntheticPool.from_state(
+                load_tensors(out / "initial.pt", "initial synthetic batches"),
+                ctx.image_shape,
+                ctx.data.info.num_classes,
+            )
     seed_everything(cfg.seed)
     synth = _synthesizer(cfg, ctx, seed=cfg.seed)
     pool = SyntheticPool()
-    t0 = time.perf_counter()
+    seconds = 0.0
+    every = scfg.checkpoint_every
+    try:
+        synth.state_dict()
+    except NotImplementedError as e:
+        print(f"generate-initial: no checkpoints ({e})")
+        every = 0
+    meta = {"fingerprint": fp}
+    ckpt = load_resumable(ckpt_path if every > 0 else None, meta, "generate-initial")
+    if ckpt is not None:
+        synth.load_state_dict(ckpt["synthesizer"])
+        pool = SyntheticPool.from_state(ckpt["pool"], ctx.image_shape, ctx.data.info.num_classes)
+        seconds = ckpt["seconds"]
+        print(
+            f"generate-initial: resuming after batch {len(pool.labels)}/{scfg.initial_batches}"
+            f" (checkpoint {ckpt_path})"
+        )
     from fed_distill.utils import progress_bar
 
     for _ in progress_bar(
-        range(scfg.initial_batches), desc="initial batches", enabled=cfg.progress
+        range(len(pool.labels), scfg.initial_batches),
+        desc="initial batches",
+        enabled=cfg.progress,
     ):
+        t0 = time.perf_counter()
         batch = synth.synthesize(None)
+        seconds += time.perf_counter() - t0
         pool.append(batch)
         print(
             f"initial batch {len(pool.labels)}/{scfg.initial_batches}: teachers {batch.teacher_ids}, "
             f"teacher accuracy on it {batch.stats.get('teacher_acc', float('nan')):.3f}, "
             f"{batch.stats.get('seconds', float('nan')):.1f}s"
         )
-    seconds = time.perf_counter() - t0
-    out = Path(cfg.run_dir) / "student"
+        n = len(pool.labels)
+        if every > 0 and n % every == 0 and n < scfg.initial_batches:
+            save_checkpoint(
+                {
+                    "meta": meta,
+                    "synthesizer": synth.state_dict(),
+                    "pool": pool.state(),
+                    "seconds": seconds,
+                },
+                ckpt_path,
+            )
     if len(pool):
         save_tensors(pool.state(), out / "initial.pt")
     save_json(
@@ -128,27 +217,60 @@ def run_generate_initial(cfg: DictConfig) -> SyntheticPool:
             "images": len(pool),
             "seconds": seconds,
             "images_per_s": len(pool) / seconds if seconds > 0 else None,
+            "fingerprint": fp,
         },
         out / "initial.json",
     )
+    remove_file(ckpt_path)
     print(f"{len(pool)} initial synthetic images in {seconds:.1f}s -> {out / 'initial.pt'}")
     return pool
 
 
 def run_train_student(cfg: DictConfig) -> dict[str, Any]:
     """``fed-distill train-student``: distil the teachers into a student on a growing synthetic
-    dataset (starting from ``student/initial.pt``) → ``run_dir/student/``."""
+    dataset (starting from ``student/initial.pt``) → ``run_dir/student/``.
+
+    Skipped when ``student/metrics.json`` records the same settings, teachers and initial batches
+    (``force=true`` redoes it); interrupted, it continues from the last checkpoint in
+    ``run_dir/checkpoints/student.safetensors``.
+    """
     scfg: StudentConfig = as_object(cfg.student, StudentConfig).validate()
     ctx = server_context(cfg)
     run_dir = Path(cfg.run_dir)
     out = run_dir / "student"
     info = ctx.data.info
-    if scfg.initial_batches > 0:
-        if not (out / "initial.pt").is_file():
-            raise FedDistillError(
-                f"no initial synthetic batches in {out}; run `fed-distill generate-initial"
-                f" run_dir={run_dir}` first"
+    if scfg.initial_batches > 0 and not (out / "initial.pt").is_file():
+        raise FedDistillError(
+            f"no initial synthetic batches in {out}; run `fed-distill generate-initial"
+            f" run_dir={run_dir}` first"
+        )
+    name = scfg.model or ctx.spec.model
+    kwargs = dict(scfg.model_kwargs) if scfg.model else dict(ctx.spec.model_kwargs)
+    ckpt_path = checkpoint_dir(run_dir) / "student.safetensors"
+    fp = _fingerprint(
+        {
+            "student": _without_checkpoint_every(cfg.student),
+            "synthesis": _without_checkpoint_every(cfg.synthesis),
+            "initial": (
+                tensors_digest(load_tensors(out / "initial.pt", "initial synthetic batches"))
+                if scfg.initial_batches > 0
+                else None
+            ),
+            **_inputs_digest(cfg, ctx),
+        }
+    )
+    if cfg.force:
+        remove_file(ckpt_path)
+    else:
+        done = _finished_student(out, fp, name, kwargs, ctx)
+        if done is not None:
+            acc = done["result"].metrics["test_acc"][-1]
+            print(
+                f"student already trained (test accuracy {acc:.4f}, {out / 'student.safetensors'});"
+                " force=true to redo"
             )
+            return done
+    if scfg.initial_batches > 0:
         pool = SyntheticPool.from_state(
             load_tensors(out / "initial.pt", "initial synthetic batches"),
             ctx.image_shape,
@@ -157,8 +279,6 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
     else:
         pool = SyntheticPool()
     seed_everything(cfg.seed + 1)
-    name = scfg.model or ctx.spec.model
-    kwargs = dict(scfg.model_kwargs) if scfg.model else dict(ctx.spec.model_kwargs)
     student = build_model(name, info.num_classes, info.channels, info.image_size, **kwargs)
     # A different stream from generate-initial, so new batches are not copies of initial ones.
     synth = _synthesizer(cfg, ctx, seed=cfg.seed + 7919)
@@ -193,8 +313,15 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
         num_classes=info.num_classes,
         shares=class_shares(ctx.class_counts),
         progress=cfg.progress,
+        checkpoint_path=ckpt_path,
+        checkpoint_every=scfg.checkpoint_every,
+        checkpoint_meta={"fingerprint": fp},
     )
     save_weights(student, out / "student.safetensors", metadata={"model": name})
+    save_tensors(pool.state(), out / "dataset.pt")
+    for t, d in res.di_metrics.items():
+        save_json(d, out / f"di_metrics_teacher_{t}.json")
+    # metrics.json last: with its fingerprint it marks the stage as finished
     save_json(
         {
             **res.metrics,
@@ -202,17 +329,40 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
             "model_kwargs": kwargs,
             "synthesis_seconds": res.synthesis_seconds,
             "synthesized_images": res.synthesized_images,
+            "fingerprint": fp,
         },
         out / "metrics.json",
     )
-    save_tensors(pool.state(), out / "dataset.pt")
-    for t, d in res.di_metrics.items():
-        save_json(d, out / f"di_metrics_teacher_{t}.json")
+    remove_file(ckpt_path)
     acc = res.metrics["test_acc"][-1]
     print(
         f"student ({name}): test accuracy {acc:.4f} after {scfg.epochs} epochs on {len(pool)} synthetic images"
     )
     return {"student": student, "result": res, "pool": pool}
+
+
+def _finished_student(
+    out: Path, fp: str, name: str, kwargs: dict[str, Any], ctx: ServerContext
+) -> dict[str, Any] | None:
+    """The student a previous run finished with the same fingerprint, else None."""
+    files = [out / f for f in ("metrics.json", "student.safetensors", "dataset.pt")]
+    if not all(f.is_file() for f in files):
+        return None
+    m = load_json(out / "metrics.json", "student metrics")
+    if m.get("fingerprint") != fp:
+        return None
+    info = ctx.data.info
+    student = build_model(name, info.num_classes, info.channels, info.image_size, **kwargs)
+    load_weights(student, out / "student.safetensors")
+    pool = SyntheticPool.from_state(
+        load_tensors(out / "dataset.pt", "synthetic dataset"), ctx.image_shape, info.num_classes
+    )
+    res = StudentResult(
+        metrics={k: v for k, v in m.items() if isinstance(v, list)},
+        synthesis_seconds=float(m.get("synthesis_seconds") or 0.0),
+        synthesized_images=int(m.get("synthesized_images") or 0),
+    )
+    return {"student": student.to(ctx.device), "result": res, "pool": pool}
 
 
 def evaluate_oneshot(

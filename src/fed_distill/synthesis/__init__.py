@@ -1,5 +1,6 @@
 """Data-free synthesis: labelled images from frozen teachers (DeepInversion, Adaptive DI,
-multi-teacher cycling / ensemble / sampling) behind one :class:`Synthesizer` interface.
+multi-teacher cycling / ensemble / sampling; generator-based DENSE and Fast; FedDF's public
+transfer set) behind one :class:`Synthesizer` interface.
 
 ``build_synthesizer(cfg, teachers, class_counts, image_shape, normalizer, hflip, device, seed)``
 returns a synthesizer whose ``synthesize(student=None)`` yields one :class:`SyntheticBatch`.
@@ -22,6 +23,11 @@ _LAZY = {
     "BNFeatureHooks": "bn_hooks",
     "BNStatsHook": "bn_hooks",
     "DeepInversion": "deepinversion",
+    "GeneratorSynthesizer": "generator",
+    "ImageGenerator": "generator",
+    "adversarial_loss": "generator",
+    "PublicDataSynthesizer": "public",
+    "load_unlabeled_images": "public",
     "teacher_class_weights": "deepinversion",
     "class_weighted_ce": "losses",
     "competition_loss": "losses",

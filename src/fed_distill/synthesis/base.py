@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,19 @@ class Synthesizer(ABC):
         """One batch. With ``student`` given the synthesis is adaptive (Adaptive DeepInversion):
         images are pushed towards where teacher and student disagree."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the *next* batches (RNG states, cursors, trained generator
+        networks and their optimisers), as tensors and plain values, so that a resumed run
+        continues the same sequence. Saved in checkpoints with ``save_checkpoint`` (no pickle).
+
+        Subclasses must implement it (and :meth:`load_state_dict`) to make student training
+        resumable; without it ``train-student`` runs without checkpoints and says so."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement state_dict()")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement load_state_dict()")
+
 
 def build_synthesizer(
     cfg: SynthesisConfig,
@@ -51,12 +65,14 @@ def build_synthesizer(
     hflip: bool,
     device: torch.device | str,
     seed: int,
+    data_dir: str | None = None,
 ) -> Synthesizer:
     """The synthesizer ``cfg.method`` names.
 
     ``class_counts`` (num_teachers, num_classes): training-label counts per teacher;
     ``image_shape`` (C, H, W); ``hflip``: whether the dataset allows horizontal flips (used when
-    ``cfg.flip`` is None); ``seed`` makes the sequence of batches reproducible.
+    ``cfg.flip`` is None); ``seed`` makes the sequence of batches reproducible; ``data_dir``: where
+    ``method=public`` looks for its public dataset when ``cfg.public_data_dir`` is unset.
     """
     cfg.validate(num_available=len(teachers))
     if cfg.method == "deepinversion":
@@ -71,5 +87,32 @@ def build_synthesizer(
             hflip=hflip,
             device=device,
             seed=seed,
+        )
+    if cfg.method in ("generator", "fast"):
+        from fed_distill.synthesis.generator import GeneratorSynthesizer
+
+        return GeneratorSynthesizer(
+            cfg,
+            teachers,
+            class_counts,
+            image_shape,
+            normalizer,
+            hflip=hflip,
+            device=device,
+            seed=seed,
+            meta=cfg.method == "fast",
+        )
+    if cfg.method == "public":
+        from fed_distill.synthesis.public import PublicDataSynthesizer
+
+        return PublicDataSynthesizer(
+            cfg,
+            teachers,
+            class_counts,
+            image_shape,
+            normalizer,
+            device=device,
+            seed=seed,
+            data_dir=data_dir,
         )
     raise ConfigError(f"synthesis.method '{cfg.method}' is not implemented")  # pragma: no cover

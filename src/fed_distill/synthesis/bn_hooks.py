@@ -37,12 +37,27 @@ def batch_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class BNStatsHook:
-    """Forward hook on one BatchNorm2d; ``r_feature`` holds the term of the latest forward."""
+    """Forward hook on one BatchNorm2d; ``r_feature`` holds the term of the latest forward.
 
-    def __init__(self, module: nn.BatchNorm2d) -> None:
+    With ``momentum`` m > 0 and ``tracked`` statistics (from earlier batches), the term compares
+    (1 − m)·batch + m·tracked with the running statistics instead of the batch alone (Fast
+    data-free KD): a generator adapted for a few steps per batch then matches the statistics
+    over many batches, not within each one. ``batch_stats`` keeps the latest detached batch
+    mean/var for :meth:`BNFeatureHooks.update_momentum`.
+    """
+
+    def __init__(
+        self,
+        module: nn.BatchNorm2d,
+        momentum: float = 0.0,
+        tracked: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.module = module
         self.r_feature: torch.Tensor | None = None
         self.enabled = True
+        self.momentum = float(momentum)
+        self.tracked = tracked
+        self.batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _out: object) -> None:
@@ -52,6 +67,12 @@ class BNStatsHook:
         if x.dtype != torch.float32:  # under autocast the statistics are still taken in fp32
             x = x.float()
         mean, var = batch_mean_var(x)
+        if self.momentum > 0:
+            self.batch_stats = (mean.detach(), var.detach())
+            if self.tracked is not None:
+                m = self.momentum
+                mean = (1 - m) * mean + m * self.tracked[0]
+                var = (1 - m) * var + m * self.tracked[1]
         self.r_feature = torch.linalg.vector_norm(
             mean - module.running_mean
         ) + torch.linalg.vector_norm(var - module.running_var)
@@ -68,17 +89,25 @@ class BNFeatureHooks:
     ...     loss = bn.loss(first_bn_multiplier=1.0)
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        momentum: float = 0.0,
+        tracked: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+    ) -> None:
         self.model = model
         self.hooks: list[BNStatsHook] = []
+        self.momentum = float(momentum)
+        self._tracked = tracked
 
     def __enter__(self) -> BNFeatureHooks:
         mods = [m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d)]
+        tracked = self._tracked or [None] * len(mods)
         try:
-            for m in mods:
+            for m, tr in zip(mods, tracked, strict=True):
                 if m.running_mean is None or m.running_var is None:
                     raise ValueError("BNFeatureHooks needs BatchNorm2d layers that track stats")
-                self.hooks.append(BNStatsHook(m))
+                self.hooks.append(BNStatsHook(m, self.momentum, tr))
         except BaseException:
             self.remove()
             raise
@@ -109,6 +138,23 @@ class BNFeatureHooks:
         # Switch off for forwards that need no BN loss (e.g. a final accuracy check).
         for h in self.hooks:
             h.enabled = value
+
+    def update_momentum(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Blend the latest batch statistics into the tracked ones (tracked ← m·tracked +
+        (1 − m)·batch; the first batch is taken as is) and return them, one per layer, to pass
+        as ``tracked`` to the hooks of the next batch."""
+        m = self.momentum
+        for h in self.hooks:
+            if h.batch_stats is None:
+                continue
+            if h.tracked is None:
+                h.tracked = h.batch_stats
+            else:
+                h.tracked = (
+                    m * h.tracked[0] + (1 - m) * h.batch_stats[0],
+                    m * h.tracked[1] + (1 - m) * h.batch_stats[1],
+                )
+        return [h.tracked for h in self.hooks]
 
     def layer_losses(self) -> list[torch.Tensor]:
         """The per-layer terms of the latest forward, in module order."""

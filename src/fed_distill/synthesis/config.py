@@ -12,7 +12,9 @@ from typing import Any
 
 from fed_distill.errors import ConfigError
 
-SYNTHESIS_METHODS = ("deepinversion",)
+SYNTHESIS_METHODS = ("deepinversion", "generator", "fast", "public")
+META_UPDATES = ("maml", "reptile")
+ENSEMBLES = ("weighted", "probs", "logits")
 SYNTHESIS_MODES = ("cycling", "ensemble", "sampling")
 LABEL_MODES = ("uniform", "weighted")
 LR_SCHEDULES = ("cosine", "none")
@@ -49,6 +51,22 @@ class SynthesisConfig:
     class_weighted_ce: bool = False  # CE weight w[t][l] = share of label l in teacher t's data
     lr_schedule: str = "cosine"  # cosine | none
     init: str = "randn"  # initial pixels (normalised space)
+    # --- generator-based synthesis (method=generator: DENSE; method=fast: Fast data-free KD).
+    # `iterations` = generator steps per batch, `lr` = the generator's learning rate.
+    nz: int = 100  # latent size
+    ngf: int = 16  # generator width (channels of its last hidden layer)
+    lr_z: float = 0.01  # learning rate of the per-batch latent codes
+    oh_scale: float = 1.0  # weight of the CE ("one-hot") term on the teachers' ensemble
+    adv_scale: float = 1.0  # weight of the adversarial term (student-ensemble disagreement)
+    bn_momentum: float = 0.9  # fast: momentum of the tracked BN statistics (0 = off)
+    meta_update: str = "maml"  # fast: first-order MAML or Reptile update of the meta-generator
+    # How the teachers' outputs combine into the target of the generator's CE and adversarial
+    # terms and FedDF's pseudo-labels: weighted (class shares) | probs | logits.
+    ensemble: str = "weighted"
+    # --- method=public (FedDF): unlabeled images of another dataset instead of synthesis.
+    public_dataset: str = "mnist5k"
+    public_data_dir: str | None = None  # None = the usual lookup (see `fed-distill data info`)
+    public_limit: int | None = None  # use at most this many public images (None = all)
 
     def validate(self, num_available: int | None = None) -> SynthesisConfig:
         """Raise ConfigError (one line) on a bad value; ``num_available`` = teachers at hand."""
@@ -65,7 +83,9 @@ class SynthesisConfig:
         one_of("label_mode", self.label_mode, LABEL_MODES)
         one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         one_of("init", self.init, INITS)
-        for key in ("batch_size", "iterations", "num_teachers"):
+        one_of("meta_update", self.meta_update, META_UPDATES)
+        one_of("ensemble", self.ensemble, ENSEMBLES)
+        for key in ("batch_size", "iterations", "num_teachers", "nz", "ngf"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(f"{key} must be a positive integer, got {value!r}")
@@ -84,7 +104,25 @@ class SynthesisConfig:
             raise bad(f"temperature must be > 0, got {self.temperature}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise bad(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
-        for key in ("l2_scale", "var_scale", "bn_scale", "comp_scale", "first_bn_multiplier"):
+        if not self.lr_z > 0:
+            raise bad(f"lr_z must be > 0, got {self.lr_z}")
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise bad(f"bn_momentum must be in [0, 1), got {self.bn_momentum}")
+        if self.public_limit is not None and (
+            isinstance(self.public_limit, bool)
+            or not isinstance(self.public_limit, int)
+            or self.public_limit < 1
+        ):
+            raise bad(f"public_limit must be a positive integer or null, got {self.public_limit!r}")
+        for key in (
+            "l2_scale",
+            "var_scale",
+            "bn_scale",
+            "comp_scale",
+            "first_bn_multiplier",
+            "oh_scale",
+            "adv_scale",
+        ):
             if not getattr(self, key) >= 0:  # also rejects NaN
                 raise bad(f"{key} must be >= 0, got {getattr(self, key)}")
         if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
@@ -129,6 +167,8 @@ class StudentConfig:
     real_weight: float = 1.0  # weight of the server's real-data loss
     class_weights: list[float] | None = None  # per-class loss weights (the seed's "weighted")
     eval_every: int = 1
+    # Resumable checkpoints: every N student epochs (and every N initial batches); 0 = none.
+    checkpoint_every: int = 1
 
     def validate(self) -> StudentConfig:
         for key in ("epochs", "batch_size", "eval_every"):
@@ -136,7 +176,13 @@ class StudentConfig:
                 raise ConfigError(
                     f"student.{key} must be a positive integer, got {getattr(self, key)!r}"
                 )
-        for key in ("initial_batches", "new_batches_per_epoch", "steps_per_epoch", "jitter"):
+        for key in (
+            "initial_batches",
+            "new_batches_per_epoch",
+            "steps_per_epoch",
+            "jitter",
+            "checkpoint_every",
+        ):
             if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 0):
                 raise ConfigError(
                     f"student.{key} must be an integer >= 0, got {getattr(self, key)!r}"

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from fed_distill.artifacts import load_checkpoint, save_checkpoint
 from fed_distill.data.transforms import Normalizer, augment
-from fed_distill.errors import ConfigError, FedDistillError
+from fed_distill.errors import CheckpointError, ConfigError, FedDistillError
 from fed_distill.utils import progress_bar
 
 
@@ -41,6 +44,7 @@ class TrainConfig:
     patience: int | None = None  # early stopping after this many evaluations without improvement
     label_smoothing: float = 0.0
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    checkpoint_every: int = 1  # epochs between resumable checkpoints of a teacher (0 = none)
 
 
 @dataclass
@@ -137,6 +141,58 @@ def _autocast(device: torch.device, enabled: bool = True):
     )
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's global RNG state(s) that a loop on ``device`` consumes (dropout and the like)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def align_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Give restored optimiser buffers their parameter's memory layout (channels_last on CPU):
+    a checkpoint stores them contiguous, and a layout change can change the last bits of the
+    update, which would make a resumed run drift from an uninterrupted one."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+def load_resumable(
+    path: str | Path | None, meta: Mapping[str, Any], what: str
+) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it was written for exactly ``meta``, else None (with a note:
+    a checkpoint of other settings, or an unreadable one, is ignored and overwritten later)."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        print(f"{what}: ignoring unreadable checkpoint ({e}); starting afresh")
+        return None
+    if ckpt.get("meta") != json_like(meta):
+        print(f"{what}: checkpoint {path} was written for other settings; starting afresh")
+        return None
+    return ckpt
+
+
+def json_like(obj: Any) -> Any:
+    """``obj`` as it reads back from a checkpoint's metadata (tuples become lists)."""
+    if isinstance(obj, Mapping):
+        return {k: json_like(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_like(v) for v in obj]
+    return obj
+
+
 def fit(
     model: torch.nn.Module,
     train_x: torch.Tensor,
@@ -153,12 +209,22 @@ def fit(
     progress: bool = True,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int = 1,
+    checkpoint_meta: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` on (train_x, train_y); keep the weights with the best validation accuracy.
 
     ``train_y`` holds class indices (cross-entropy) unless ``loss_fn`` is given, in which case it
     can be any per-sample target (e.g. soft labels) and ``loss_fn(logits, targets)`` is minimised.
     Without a validation set the last epoch's weights are kept.
+
+    With ``checkpoint_path``, every ``checkpoint_every`` epochs the whole loop state (model,
+    optimiser, schedule, grad scaler, shuffling generator, torch's global RNG, best weights so
+    far, history) is written there; a later call with the same arguments and a checkpoint
+    present continues from it and ends exactly where an uninterrupted call would have. A
+    checkpoint written for other settings (``checkpoint_meta`` and the loop's own sizes) is
+    ignored. The caller deletes the file once it has saved the result.
     """
     device = torch.device(device)
     if len(train_x) == 0:
@@ -194,8 +260,28 @@ def fit(
 
     hist: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "val_acc": [], "lr": []}
     result = FitResult(history=hist)
-    best_state, bad_evals = None, 0
-    bar = progress_bar(range(epochs), desc=desc, enabled=progress)
+    best_state, bad_evals, start = None, 0, 0
+    meta = {
+        **(checkpoint_meta or {}),
+        "fit": [n, bs, steps, epochs, int(seed), cfg.optimizer, cfg.schedule],
+    }
+    ckpt = load_resumable(checkpoint_path, meta, desc)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        align_optimizer_state(opt)
+        sched.load_state_dict(ckpt["schedule"])
+        if ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        gen.set_state(ckpt["generator"])
+        set_rng_state(ckpt["rng"], device)
+        hist.update(ckpt["history"])
+        result.history = hist
+        result.best_val_acc, result.best_epoch = ckpt["best_val_acc"], ckpt["best_epoch"]
+        best_state = ckpt["best_state"]
+        bad_evals, start = ckpt["bad_evals"], ckpt["epoch"] + 1
+        print(f"{desc}: resuming from epoch {start + 1}/{epochs} (checkpoint {checkpoint_path})")
+    bar = progress_bar(range(start, epochs), desc=desc, enabled=progress)
     for epoch in bar:
         model.train()
         perm = torch.randperm(n, generator=gen).to(device)
@@ -245,7 +331,33 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(epoch, row)
-        if cfg.patience is not None and bad_evals >= cfg.patience:
+        stop = cfg.patience is not None and bad_evals >= cfg.patience
+        if (
+            checkpoint_path is not None
+            and checkpoint_every > 0
+            and (epoch + 1) % checkpoint_every == 0
+            and epoch + 1 < epochs
+            and not stop  # a stopped loop is finished: nothing to resume
+        ):
+            save_checkpoint(
+                {
+                    "meta": meta,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "schedule": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "generator": gen.get_state(),
+                    "rng": rng_state(device),
+                    "history": hist,
+                    "best_val_acc": result.best_val_acc,
+                    "best_epoch": result.best_epoch,
+                    "best_state": best_state,
+                    "bad_evals": bad_evals,
+                },
+                checkpoint_path,
+            )
+        if stop:
             break
     bar.close()
     if best_state is None:  # no validation set: keep the final weights

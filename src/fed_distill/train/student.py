@@ -13,19 +13,29 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fed_distill.artifacts import save_checkpoint
 from fed_distill.data.transforms import Normalizer, augment
 from fed_distill.errors import FedDistillError
 from fed_distill.federated.baselines import ensemble_probs
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
 from fed_distill.synthesis.config import StudentConfig
-from fed_distill.train.fit import evaluate
+from fed_distill.train.fit import (
+    align_optimizer_state,
+    evaluate,
+    load_resumable,
+    preferred_format,
+    rng_state,
+    set_rng_state,
+)
 from fed_distill.utils import progress_bar
 
 
@@ -53,6 +63,11 @@ class SyntheticPool:
                 raise FedDistillError("the synthetic pool is empty")
             self._cat = (torch.cat(self.images), torch.cat(self.labels))
         return self._cat
+
+    def replace_with(self, other: SyntheticPool) -> None:
+        """Take over ``other``'s batches (a pool restored from a checkpoint)."""
+        self.images, self.labels, self.teacher_ids = other.images, other.labels, other.teacher_ids
+        self._cat = None
 
     def state(self) -> dict[str, torch.Tensor]:
         x, y = self.tensors()
@@ -154,12 +169,24 @@ def distill(
     shares: torch.Tensor | None = None,
     progress: bool = True,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int = 1,
+    checkpoint_meta: Mapping[str, Any] | None = None,
 ) -> StudentResult:
-    """Train ``student`` from the teachers on a pool that grows by fresh synthetic batches."""
+    """Train ``student`` from the teachers on a pool that grows by fresh synthetic batches.
+
+    With ``checkpoint_path``, every ``checkpoint_every`` epochs the loop state is written there
+    (student, optimiser, schedule, the loop's generator, torch's global RNG, the synthesizer's
+    state, the pool, the metrics so far); a later call with the same arguments continues from it
+    and ends with the same student as an uninterrupted call. A checkpoint written for other
+    settings (``checkpoint_meta``) is ignored. The caller deletes it once the result is saved.
+    """
     cfg.validate()
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
-    student.to(device)
+    # The layout evaluate() would switch it to anyway; from the start, so that a student
+    # restored from a checkpoint computes with the very same kernels.
+    student.to(device, memory_format=preferred_format(device))
     teachers = [t.to(device).eval() for t in teachers]
     num_classes = num_classes or int(test[1].max()) + 1
     cw = None
@@ -242,7 +269,36 @@ def distill(
         }
     )
     t_start = time.perf_counter()
-    bar = progress_bar(range(cfg.epochs), desc="student", enabled=progress)
+    start = 0
+    meta = {**(checkpoint_meta or {}), "distill": [cfg.epochs, int(seed), len(pool)]}
+    if checkpoint_path is not None and checkpoint_every > 0:
+        try:
+            synthesizer.state_dict()
+        except NotImplementedError as e:
+            print(f"student: no checkpoints ({e})")
+            checkpoint_path = None
+    ckpt = load_resumable(checkpoint_path, meta, "student")
+    if ckpt is not None:
+        student.load_state_dict(ckpt["student"])
+        opt.load_state_dict(ckpt["optimizer"])
+        align_optimizer_state(opt)
+        sched.load_state_dict(ckpt["schedule"])
+        gen.set_state(ckpt["generator"])
+        set_rng_state(ckpt["rng"], device)
+        synthesizer.load_state_dict(ckpt["synthesizer"])
+        shape = tuple(ckpt["pool"]["images"].shape[1:])
+        pool.replace_with(SyntheticPool.from_state(ckpt["pool"], shape, num_classes))
+        res.metrics = ckpt["metrics"]
+        res.di_metrics = ckpt["di_metrics"]
+        res.synthesis_seconds = ckpt["synthesis_seconds"]
+        res.synthesized_images = ckpt["synthesized_images"]
+        start = ckpt["epoch"] + 1
+        t_start -= res.metrics["elapsed_s"][-1]  # elapsed time continues from the checkpoint
+        print(
+            f"student: resuming from epoch {start + 1}/{cfg.epochs} with {len(pool)} synthetic"
+            f" images (checkpoint {checkpoint_path})"
+        )
+    bar = progress_bar(range(start, cfg.epochs), desc="student", enabled=progress)
     for epoch in bar:
         losses, accs = [], []
         for _ in range(cfg.new_batches_per_epoch):
@@ -284,6 +340,30 @@ def distill(
         bar.set_postfix(loss=f"{row['loss']:.3f}", test=f"{row['test_acc']:.3f}", pool=len(y_all))
         if on_epoch is not None:
             on_epoch(epoch, row)
+        if (
+            checkpoint_path is not None
+            and checkpoint_every > 0
+            and (epoch + 1) % checkpoint_every == 0
+            and epoch + 1 < cfg.epochs
+        ):
+            save_checkpoint(
+                {
+                    "meta": meta,
+                    "epoch": epoch,
+                    "student": student.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "schedule": sched.state_dict(),
+                    "generator": gen.get_state(),
+                    "rng": rng_state(device),
+                    "synthesizer": synthesizer.state_dict(),
+                    "pool": pool.state(),
+                    "metrics": res.metrics,
+                    "di_metrics": res.di_metrics,
+                    "synthesis_seconds": res.synthesis_seconds,
+                    "synthesized_images": res.synthesized_images,
+                },
+                checkpoint_path,
+            )
     bar.close()
     return res
 

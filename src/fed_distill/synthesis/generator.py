@@ -1,0 +1,296 @@
+"""Generator-based synthesis: a small generator network is trained against the teachers instead
+of optimising every pixel of every batch.
+
+Two methods share the network and the loss:
+
+- ``generator`` (DENSE, Zhang et al., NeurIPS 2022): one persistent generator. Every
+  ``synthesize()`` draws fresh latent codes and labels and takes ``iterations`` Adam steps on the
+  generator and the codes; the batch with the lowest loss is returned. Because the generator keeps
+  learning from batch to batch, later batches cost few steps.
+- ``fast`` (Fast data-free KD, Fang et al., AAAI 2022): a meta-generator. Every batch starts from
+  a copy of it that is adapted for only ``iterations`` steps; the meta-generator then moves
+  towards what worked (first-order MAML: the gradient of the first adaptation step; or Reptile:
+  the difference between copy and meta-generator). BN statistics are matched against a momentum
+  average over batches (``bn_momentum``), so one batch need not match them alone.
+
+Loss on the (jittered/flipped) generated images x with labels y, teachers t = 1..T:
+
+    oh_scale · CE(ensemble(x), y) + bn_scale · mean_t BN_t(x) + adv_scale · adv
+    adv = −mean_i [ mask_i · KL(ensemble(x_i) ‖ student(x_i)) ],
+    mask_i = 1 where the student's top class equals the ensemble's (DENSE's adversarial term:
+    push the generator towards samples the student still gets right but does not yet match)
+
+``ensemble`` combines the teachers' softmax outputs (``weighted`` by class shares by default, see
+:func:`fed_distill.federated.baselines.ensemble_probs`). The adversarial term needs the current
+student (``synthesize(student)``); without one it is off. The generator's output is a sigmoid in
+[0, 1] that is then normalised, so every image is a valid picture.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import ExitStack
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fed_distill.data.transforms import Normalizer
+from fed_distill.errors import ConfigError
+from fed_distill.federated.baselines import class_shares, ensemble_probs
+from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
+from fed_distill.synthesis.bn_hooks import BNFeatureHooks
+from fed_distill.synthesis.config import SynthesisConfig
+from fed_distill.synthesis.deepinversion import balanced_labels, frozen_copies
+
+
+class ImageGenerator(nn.Module):
+    """z (N, nz) → images (N, C, H, W) in [0, 1].
+
+    fc → (2·ngf, H/4, W/4) → BN → [×2 up, conv 3×3, BN, LeakyReLU] at H/2 (2·ngf channels) and at
+    H (ngf channels) → conv 3×3 to C channels → sigmoid. Sizes not divisible by 4 are reached by
+    a final bilinear resize.
+    """
+
+    def __init__(self, nz: int, image_shape: tuple[int, int, int], ngf: int = 16) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        self.image_shape = (c, h, w)
+        self.init_hw = (max(1, math.ceil(h / 4)), max(1, math.ceil(w / 4)))
+        self.fc = nn.Linear(nz, 2 * ngf * self.init_hw[0] * self.init_hw[1])
+        self.ngf = ngf
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(2 * ngf),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * ngf, 2 * ngf, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * ngf),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * ngf, ngf, 3, padding=1, bias=False),
+            nn.BatchNorm2d(ngf),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(ngf, c, 3, padding=1),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.fc(z).view(z.shape[0], 2 * self.ngf, *self.init_hw)
+        x = self.body(x)
+        if tuple(x.shape[2:]) != self.image_shape[1:]:
+            x = F.interpolate(x, size=self.image_shape[1:], mode="bilinear", align_corners=False)
+        return torch.sigmoid(x)
+
+
+def adversarial_loss(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """DENSE's adversarial term: −mean over the batch of KL(teacher ‖ student) on the samples
+    where the student's top class agrees with the teacher's (0 for the others). Minimising it
+    drives a generator towards samples the student has not yet learnt to match."""
+    mask = (student_logits.argmax(dim=1) == teacher_probs.argmax(dim=1)).float()
+    log_t = teacher_probs.clamp_min(1e-12).log()
+    kl = (teacher_probs * (log_t - F.log_softmax(student_logits, dim=1))).sum(dim=1)
+    return -(kl * mask).mean()
+
+
+class GeneratorSynthesizer(Synthesizer):
+    """``synthesis.method=generator`` (DENSE) or ``fast`` (Fast data-free KD, ``meta=True``);
+    see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: SynthesisConfig,
+        teachers: list[nn.Module],
+        class_counts: np.ndarray,
+        image_shape: tuple[int, int, int],
+        normalizer: Normalizer,
+        hflip: bool = False,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        meta: bool = False,
+    ) -> None:
+        if not teachers:
+            raise ConfigError("synthesis needs at least one teacher")
+        cfg.validate(num_available=len(teachers))
+        self.cfg, self.meta = cfg, meta
+        self.device = torch.device(device)
+        counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64)
+        if counts.ndim != 2 or counts.shape[0] != len(teachers):
+            raise ConfigError(
+                f"class_counts must be ({len(teachers)}, num_classes), got {tuple(counts.shape)}"
+            )
+        self.counts = counts
+        self.num_classes = int(counts.shape[1])
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.teachers = frozen_copies(teachers, self.device, need_bn=cfg.bn_scale > 0)
+        self.shares = class_shares(counts).to(self.device)
+        self.normalizer = normalizer
+        self.flip = bool(hflip) if cfg.flip is None else bool(cfg.flip)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        # The network's initial weights come from the same seed, not from the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            self.net = ImageGenerator(cfg.nz, self.image_shape, cfg.ngf).to(self.device)
+        betas = (0.5, 0.999)
+        if meta:
+            # Fast data-free KD scales the meta step by the number of inner steps.
+            self.meta_opt = torch.optim.Adam(
+                self.net.parameters(), lr=cfg.lr * cfg.iterations, betas=betas
+            )
+        self.tracked: list[list[tuple[torch.Tensor, torch.Tensor] | None] | None] = [None] * len(
+            self.teachers
+        )
+        self.batches = 0
+
+    def _label_probs(self) -> torch.Tensor:
+        owned = self.counts.sum(dim=0)
+        p = (owned > 0).double() if self.cfg.label_mode == "uniform" else owned
+        return (p / p.sum()).float()
+
+    def _augment(self, x: torch.Tensor, offset: list[int] | None, flip: bool) -> torch.Tensor:
+        if offset is not None and (offset[0] or offset[1]):
+            x = torch.roll(x, shifts=(offset[0], offset[1]), dims=(2, 3))
+        return x.flip(3) if flip else x
+
+    def synthesize(self, student: nn.Module | None = None) -> SyntheticBatch:
+        cfg, dev, gen = self.cfg, self.device, self.generator
+        n, iters = cfg.batch_size, cfg.iterations
+        y = balanced_labels(self._label_probs(), n, gen).to(dev)
+        z = torch.randn((n, cfg.nz), generator=gen).to(dev).requires_grad_(True)
+        j = cfg.jitter
+        offsets = torch.randint(-j, j + 1, (iters, 2), generator=gen).tolist() if j else None
+        flips = (torch.rand(iters, generator=gen) < 0.5).tolist() if self.flip else [False] * iters
+
+        net = copy.deepcopy(self.net) if self.meta else self.net
+        net.train()  # the generator's own BN normalises with batch statistics
+        opt = torch.optim.Adam(
+            [{"params": net.parameters()}, {"params": [z], "lr": cfg.lr_z}],
+            lr=cfg.lr,
+            betas=(0.5, 0.999),
+        )
+        adaptive = student is not None and cfg.adv_scale > 0
+        momentum = cfg.bn_momentum if self.meta else 0.0
+        restore = None
+        if adaptive:
+            assert student is not None
+            restore = (student.training, [p.requires_grad for p in student.parameters()])
+            student.eval().requires_grad_(False)
+        zero = torch.zeros((), device=dev)
+        best_loss = torch.full((), math.inf, device=dev)
+        best_x = None
+        t0 = time.perf_counter()
+        try:
+            with ExitStack() as stack:
+                hooks = (
+                    [
+                        stack.enter_context(BNFeatureHooks(t, momentum, self.tracked[i]))
+                        for i, t in enumerate(self.teachers)
+                    ]
+                    if cfg.bn_scale > 0
+                    else []
+                )
+                for i in range(iters):
+                    x = self.normalizer(net(z))
+                    xa = self._augment(x, offsets[i] if offsets else None, flips[i])
+                    logits = torch.stack([t(xa) for t in self.teachers])
+                    probs = ensemble_probs(logits, cfg.ensemble, self.shares)
+                    ce = F.nll_loss(probs.clamp_min(1e-8).log(), y)
+                    bn = (
+                        torch.stack([h.loss(cfg.first_bn_multiplier) for h in hooks]).mean()
+                        if hooks
+                        else zero
+                    )
+                    adv = adversarial_loss(probs, student(xa)) if adaptive else zero  # type: ignore[misc]
+                    loss = cfg.oh_scale * ce + cfg.bn_scale * bn + cfg.adv_scale * adv
+                    with torch.no_grad():
+                        ld = loss.detach()
+                        better = ld < best_loss
+                        best_loss = torch.where(better, ld, best_loss)
+                        best_x = (
+                            x.detach()
+                            if best_x is None
+                            else torch.where(better, x.detach(), best_x)
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if self.meta and i == 0 and cfg.meta_update == "maml":
+                        # First-order MAML: the meta-gradient is the copy's first-step gradient.
+                        for p, q in zip(self.net.parameters(), net.parameters(), strict=True):
+                            p.grad = None if q.grad is None else q.grad.detach().clone()
+                    opt.step()
+                if momentum > 0:
+                    self.tracked = [h.update_momentum() for h in hooks] or self.tracked
+                terms = {"ce": ce.detach(), "bn": bn.detach(), "adv": adv.detach()}
+                for h in hooks:
+                    h.enabled = False
+                with torch.inference_mode():
+                    assert best_x is not None
+                    probs = ensemble_probs(
+                        torch.stack([t(best_x) for t in self.teachers]), cfg.ensemble, self.shares
+                    )
+                    acc = (probs.argmax(dim=1) == y).float().mean()
+        finally:
+            if restore is not None:
+                assert student is not None
+                student.train(restore[0])
+                for p, rg in zip(student.parameters(), restore[1], strict=True):
+                    p.requires_grad_(rg)
+        if self.meta:
+            if cfg.meta_update == "reptile":
+                for p, q in zip(self.net.parameters(), net.parameters(), strict=True):
+                    p.grad = (p.detach() - q.detach()).clone()
+            self.meta_opt.step()
+            self.meta_opt.zero_grad(set_to_none=True)
+        self.batches += 1
+        values = torch.stack([ld, best_loss, acc, terms["ce"], terms["bn"], terms["adv"]]).tolist()
+        seconds = time.perf_counter() - t0
+        stats = {
+            "loss": values[0],
+            "best_loss": values[1],
+            "teacher_acc": values[2],
+            "loss_ce": values[3],
+            "loss_bn": values[4],
+            "iterations": float(iters),
+            "seconds": seconds,
+            "images_per_s": n * iters / max(seconds, 1e-9),
+        }
+        if adaptive:
+            stats["loss_adv"] = values[5]
+        return SyntheticBatch(
+            images=best_x.to("cpu", copy=True),
+            labels=y.detach().to("cpu", copy=True),
+            teacher_ids=list(range(len(self.teachers))),
+            stats=stats,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """RNG stream, the (meta-)generator and its optimiser, the tracked BN statistics: all
+        that decides the next batches (for checkpoints)."""
+        state: dict[str, Any] = {
+            "rng": self.generator.get_state(),
+            "net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+            "batches": self.batches,
+            "tracked": [
+                None
+                if tr is None
+                else [None if t is None else [t[0].cpu(), t[1].cpu()] for t in tr]
+                for tr in self.tracked
+            ],
+        }
+        if self.meta:
+            state["meta_opt"] = self.meta_opt.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["rng"])
+        self.net.load_state_dict({k: v.to(self.device) for k, v in state["net"].items()})
+        self.batches = int(state["batches"])
+        self.tracked = [
+            None
+            if tr is None
+            else [None if t is None else (t[0].to(self.device), t[1].to(self.device)) for t in tr]
+            for tr in state["tracked"]
+        ]
+        if self.meta:
+            self.meta_opt.load_state_dict(state["meta_opt"])
