@@ -654,3 +654,20 @@ def test_report_refuses_odd_values_before_writing_anything(cli, base_run, tmp_pa
     line = one_line_error(*cli("report", str(run))[::2])
     assert where.split("/")[-1] in line, line
     assert snapshot(run) == before  # not even a figure was written
+
+
+def test_malicious_resume_checkpoint_is_ignored_and_never_runs(cli, base_run, tmp_path):
+    """A mid-stage checkpoint that is a pickle is not a fed-distill checkpoint: the stage says so,
+    starts that teacher afresh, and the payload never runs."""
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    (run / "teachers" / "teacher_0.safetensors").unlink()  # teacher 0 unfinished: it may resume
+    marker = tmp_path / "pwned"
+    ckpt = run / "checkpoints" / "teacher_0.safetensors"
+    ckpt.parent.mkdir(exist_ok=True)
+    _torch_style(marker, ckpt)
+    code, out, err = cli("train-teachers", f"run_dir={run}", *FAST_TRAIN, "train.epochs=1")
+    assert code == 0, err
+    assert "ignoring unreadable checkpoint" in out and "refusing to unpickle" in out
+    assert not marker.exists(), "the pickle's payload ran"
+    assert read_weights(run / "teachers" / "teacher_0.safetensors")
