@@ -193,7 +193,7 @@ def test_missing_public_dataset_is_one_line_error(cli, tmp_path):
     [
         ("generator", ["synthesis.iterations=10", "synthesis.lr=0.01"]),
         ("fast", ["synthesis.iterations=8", "synthesis.lr=0.01"]),
-        ("public", ["synthesis.public_dataset=mnist5k"]),
+        ("public", ["synthesis.public_dataset=mnist5k", "student.steps_per_epoch=40"]),
     ],
 )
 def test_oneshot_end_to_end_per_synthesizer(cli, tmp_path, method, extra):
