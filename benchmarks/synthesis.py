@@ -114,6 +114,12 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench_synthesis")
     ap.add_argument("--teachers", default=None, help="copy teachers from OUT/alpha*/ of this dir")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--reuse",
+        nargs="*",
+        default=[],
+        help="synthesizers whose saved OUT/alpha*/NAME.json is read instead of rerun",
+    )
     ap.add_argument("overrides", nargs="*", help="extra fed-distill overrides (after --)")
     args = ap.parse_args()
     base = Path(args.out)
@@ -124,10 +130,14 @@ def main() -> int:
         src = prepare_teachers(base, alpha, args.seed, teachers_from)
         runs = {}
         for name in args.only:
+            saved = base / f"alpha{alpha}" / f"{name}.json"
+            if name in args.reuse and saved.is_file():
+                runs[name] = json.loads(saved.read_text())
+                continue
             runs[name] = run_one(
                 name, src, base / f"alpha{alpha}" / name, alpha, args.seed, args.overrides
             )
-            (base / f"alpha{alpha}" / f"{name}.json").write_text(json.dumps(runs[name], indent=1))
+            saved.write_text(json.dumps(runs[name], indent=1))
         summary[str(alpha)] = runs
         ref = runs.get("adi")
         target = ref["results"]["student_acc"] if ref else None
