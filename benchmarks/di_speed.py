@@ -116,15 +116,20 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch intra-op threads; several values are interleaved like the variants",
+    )
     ap.add_argument("--modes", nargs="+", default=["ensemble", "cycling", "sampling"])
     ap.add_argument("--num-sampled", type=int, default=3, help="sampling: teachers per step")
     ap.add_argument("--run-dir", default=None, help="use the trained teachers of this run")
     ap.add_argument("--warm", choices=["fmnist", "noise"], default="fmnist")
     ap.add_argument("--ref", default=None, help="also time this commit's DeepInversion")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    thread_counts = args.threads or [torch.get_num_threads()]
 
     if args.run_dir:
         teachers, counts = trained_teachers(args.run_dir, args.teachers)
@@ -136,7 +141,7 @@ def main() -> int:
     ref_cls = load_ref(args.ref) if args.ref else None
     base = dict(batch_size=args.batch, iterations=args.iterations, jitter=2)
 
-    variants: list[tuple[str, str, object, SynthesisConfig, int]] = []
+    variants: list[tuple] = []
     for mode in args.modes:
         extra = {"num_teachers": min(args.num_sampled, n_t)} if mode == "sampling" else {}
         calls = n_t if mode == "cycling" else 1
@@ -152,21 +157,34 @@ def main() -> int:
             grouped = mk(grouped=True, parallel=mode == "cycling")
             variants.append((mode, "grouped", DeepInversion, grouped, calls))
 
+    if len(thread_counts) > 1:  # every variant at every thread count, labelled "name @Nt"
+        variants = [
+            (m, f"{v} @{th}t", cls, cfg, calls, th)
+            for m, v, cls, cfg, calls in variants
+            for th in thread_counts
+        ]
+        base_name = f"before @{thread_counts[0]}t"
+    else:
+        variants = [(*v, thread_counts[0]) for v in variants]
+        base_name = "before"
+
     times: dict[tuple[str, str], list[float]] = {(m, v): [] for m, v, *_ in variants}
     # one untimed warm-up call of each (allocator, oneDNN primitive caches)
-    for _mode, _name, cls, cfg, _calls in variants:
+    for _mode, _name, cls, cfg, _calls, th in variants:
+        torch.set_num_threads(th)
         time_variant(cls, SynthesisConfig(**{**vars(cfg), "iterations": 2}), teachers, counts, 1)
     for r in range(args.repeats):
         order = variants if r % 2 == 0 else variants[::-1]  # interleaved, alternating order
-        for mode, name, cls, cfg, calls in order:
+        for mode, name, cls, cfg, calls, th in order:
+            torch.set_num_threads(th)
             times[(mode, name)].append(time_variant(cls, cfg, teachers, counts, calls))
-            print(f"  repeat {r} {mode:9s} {name:12s} {times[(mode, name)][-1]:.2f}s", flush=True)
+            print(f"  repeat {r} {mode:9s} {name:16s} {times[(mode, name)][-1]:.2f}s", flush=True)
 
     rows = []
-    for mode, name, _cls, _cfg, calls in variants:
+    for mode, name, _cls, _cfg, calls, _th in variants:
         med = statistics.median(times[(mode, name)])
         batch_steps = calls * args.iterations
-        before = statistics.median(times[(mode, "before")])
+        before = statistics.median(times[(mode, base_name)])
         rows.append(
             [
                 mode,
@@ -181,11 +199,13 @@ def main() -> int:
     print()
     print(
         f"{n_t} teachers ({source}), batch {args.batch}x1x28x28, {args.iterations} steps, "
-        f"{torch.get_num_threads()} thread(s), median of {args.repeats}; "
+        f"threads {'/'.join(map(str, thread_counts))}, median of {args.repeats}; "
         f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs"
     )
     print(
-        format_table(["mode", "variant", "seconds", "batch-it/s", "img-steps/s", "vs before"], rows)
+        format_table(
+            ["mode", "variant", "seconds", "batch-it/s", "img-steps/s", f"vs {base_name}"], rows
+        )
     )
     return 0
 

@@ -375,3 +375,19 @@ def test_stacking_leaves_the_callers_teachers_alone(teachers):
         assert t.training == m
         assert all(torch.equal(v, t.state_dict()[k]) for k, v in sd.items())
         assert not any(isinstance(x, StatBatchNorm2d) for x in t.modules())
+
+
+def test_relu_then_maxpool_runs_as_pool_then_relu_with_the_same_gradient():
+    teacher = _warmed("cnn_small", 0, size=16)
+    stacked = StackedTeachers([teacher], (1, 16, 16))
+    kinds = [type(m) for m in stacked.net.features]
+    assert kinds[:4] == [nn.Conv2d, StatBatchNorm2d, nn.MaxPool2d, nn.ReLU]
+    assert [type(m) for m in teacher.features][2:4] == [nn.ReLU, nn.MaxPool2d]  # caller's
+    x = torch.randn(6, 1, 16, 16, dtype=torch.float64)
+    stacked.double()
+    ref = copy.deepcopy(teacher).double()
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    stacked(xa)[0].square().sum().backward()
+    ref(xb).square().sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)

@@ -22,6 +22,18 @@ CE and the competition term (its scores there carry no knowledge).
 Cost per step is one forward+backward of each teacher used (and of the student) with respect to
 the input only; the step loop avoids host syncs (the best batch is tracked with tensor ops and
 everything is read back once at the end).
+
+Speed keys (same math; tested against the plain path):
+
+- ``stacked`` (default on): the teachers run as converted copies (``synthesis/stacked.py``)
+  whose BatchNorm layers compute the BN-statistics term with one hand-written forward/backward
+  instead of BN + a hook + autograd through both; ``false`` is the plain path of before.
+- ``grouped`` (default on): in ``ensemble`` mode all teachers run as ONE grouped network, one
+  forward/backward per step (falls back to one after another when they differ in architecture
+  or the grouped outputs do not match).
+- ``parallel`` (cycling, default off): one batch per teacher at once, T independent problems
+  in one grouped forward, handed out one per ``synthesize()`` call in round-robin order. All
+  batches of a group see the student as it was when the group was made.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ teachers side by side, teacher-major along the channel axis:
   eval mode);
 - ``Linear(in, out)`` → :class:`GroupedLinear`: (N, T·in) → (N, T·out) by one batched matmul;
 - modules without parameters or buffers (ReLU, pools, adaptive pooling, Dropout in eval,
-  Identity, Flatten, containers, FedMD's ``KerasSameAvgPool2d`` …) are kept as they are.
+  Identity, Flatten, containers, FedMD's ``KerasSameAvgPool2d`` …) are kept as they are, except
+  that ReLU → MaxPool2d inside a Sequential is run as MaxPool2d → ReLU (exactly the same).
   Channelwise operations (residual adds, pooling) keep the teacher blocks apart by themselves.
 
 Anything else with parameters or buffers raises :class:`NotStackable`. Because a ``forward``
@@ -248,7 +249,24 @@ def build_grouped(teachers: list[nn.Module]) -> nn.Module:
             parent_name, _, attr = name.rpartition(".")
             parent = grouped.get_submodule(parent_name) if parent_name else grouped
             setattr(parent, attr, new)
+    _pool_before_relu(grouped)
     return grouped
+
+
+def _pool_before_relu(net: nn.Module) -> None:
+    """In every ``nn.Sequential``, ReLU → MaxPool2d becomes MaxPool2d → ReLU: the same values
+    and gradients (max and ReLU are both monotone, so they commute exactly), with the ReLU
+    and its backward on a quarter of the elements (~10% of a cnn_small synthesis step)."""
+    for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
+        mods = list(seq)
+        i = 0
+        while i < len(mods) - 1:
+            a, b = mods[i], mods[i + 1]
+            if type(a) is nn.ReLU and type(b) is nn.MaxPool2d and not b.return_indices:
+                seq[i], seq[i + 1] = b, a
+                i += 2
+            else:
+                i += 1
 
 
 class StackedTeachers(nn.Module):
