@@ -124,6 +124,12 @@ def main() -> int:
         help="torch intra-op threads; several values are interleaved like the variants",
     )
     ap.add_argument("--modes", nargs="+", default=["ensemble", "cycling", "sampling"])
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=["before", "fused", "grouped"],
+        help="which of before / fused / grouped to time (--ref adds the commit's own)",
+    )
     ap.add_argument("--num-sampled", type=int, default=3, help="sampling: teachers per step")
     ap.add_argument("--run-dir", default=None, help="use the trained teachers of this run")
     ap.add_argument("--warm", choices=["fmnist", "noise"], default="fmnist")
@@ -157,6 +163,8 @@ def main() -> int:
             grouped = mk(grouped=True, parallel=mode == "cycling")
             variants.append((mode, "grouped", DeepInversion, grouped, calls))
 
+    keep = set(args.variants) | {"before"} | ({f"ref {args.ref}"} if args.ref else set())
+    variants = [v for v in variants if v[1] in keep]
     if len(thread_counts) > 1:  # every variant at every thread count, labelled "name @Nt"
         variants = [
             (m, f"{v} @{th}t", cls, cfg, calls, th)

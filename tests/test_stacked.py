@@ -289,7 +289,7 @@ def test_one_teacher_fast_path_gives_the_sequential_batch(teachers, mode):
 
 
 def test_parallel_cycling_hands_out_batches_in_teacher_order(teachers):
-    synth = _di(_cfg(mode="cycling", parallel=True, class_mask=True), teachers)
+    synth = _di(_cfg(mode="cycling", parallel=True, grouped=True, class_mask=True), teachers)
     assert synth.stacked is not None
     made = []
     real = synth._synthesize_group
@@ -319,7 +319,7 @@ def test_parallel_batches_are_independent_problems(teachers):
     # same random draws) leaves it unchanged, while batch 1 changes.
     other = [teachers[0], _warmed("cnn_small", 7)]
     counts = _counts([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
-    cfg = _cfg(mode="cycling", parallel=True, l2_scale=1e-3, first_bn_multiplier=2.0)
+    cfg = _cfg(mode="cycling", parallel=True, grouped=True, l2_scale=1e-3, first_bn_multiplier=2.0)
     a = _di(cfg, teachers[:2], counts)
     b = _di(cfg, other, counts)
     a0, a1 = a.synthesize(), a.synthesize()
@@ -333,7 +333,7 @@ def test_parallel_batches_are_independent_problems(teachers):
 def test_parallel_group_batch_matches_its_loss(teachers):
     # The kept batch of each teacher has the best loss the group reported for it: recompute
     # that loss on the kept pixels with the plain teacher and BNFeatureHooks.
-    cfg = _cfg(mode="cycling", parallel=True, jitter=0, flip=False, iterations=6)
+    cfg = _cfg(mode="cycling", parallel=True, grouped=True, jitter=0, flip=False, iterations=6)
     synth = _di(cfg, teachers)
     for t in range(3):
         batch = synth.synthesize()
@@ -347,7 +347,7 @@ def test_parallel_group_batch_matches_its_loss(teachers):
 
 def test_parallel_queue_is_not_mixed_between_adaptive_and_plain_calls(teachers):
     student = _warmed("cnn_small", 11)
-    synth = _di(_cfg(mode="cycling", parallel=True, iterations=3), teachers)
+    synth = _di(_cfg(mode="cycling", parallel=True, grouped=True, iterations=3), teachers)
     first = synth.synthesize()  # plain group; teacher 0 handed out
     adaptive = synth.synthesize(student)  # the queued plain batches are dropped
     assert first.teacher_ids == [0] and adaptive.teacher_ids == [1]  # order kept

@@ -28,7 +28,7 @@ Speed keys (same math; tested against the plain path):
 - ``stacked`` (default on): the teachers run as converted copies (``synthesis/stacked.py``)
   whose BatchNorm layers compute the BN-statistics term with one hand-written forward/backward
   instead of BN + a hook + autograd through both; ``false`` is the plain path of before.
-- ``grouped`` (default on): in ``ensemble`` mode all teachers run as ONE grouped network, one
+- ``grouped`` (default off): in ``ensemble`` mode all teachers run as ONE grouped network, one
   forward/backward per step (falls back to one after another when they differ in architecture
   or the grouped outputs do not match).
 - ``parallel`` (cycling, default off): one batch per teacher at once, T independent problems
