@@ -391,3 +391,18 @@ def test_relu_then_maxpool_runs_as_pool_then_relu_with_the_same_gradient():
     stacked(xa)[0].square().sum().backward()
     ref(xb).square().sum().backward()
     assert torch.allclose(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_grouped_auto_follows_the_thread_count(teachers):
+    cfg = _cfg(mode="ensemble", iterations=1)  # grouped=None: auto
+    assert cfg.grouped is None
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _di(cfg, teachers)
+        torch.set_num_threads(2)
+        two = _di(cfg, teachers)
+    finally:
+        torch.set_num_threads(n)
+    assert one.stacked is None and all(f is not None for f in one.fast)
+    assert two.stacked is not None

@@ -57,10 +57,10 @@ class SynthesisConfig:
     # runs as it is. false = the sequential path of before (kept for comparison).
     stacked: bool = True
     # with `stacked`: where a step uses several teachers (ensemble, parallel cycling), run
-    # them as ONE grouped network when they share an architecture. Off by default: on the
-    # 2-core CPU at 1 thread it was slower than one fused teacher after another (larger
-    # tensors, same FLOPs; README "Synthesis speed"); it pays with several threads per op.
-    grouped: bool = False
+    # them as ONE grouped network when they share an architecture. null = auto: on for CUDA
+    # or with more than one intra-op thread, off at 1 thread, where it was slower than one
+    # fused teacher after another on the 2-core CPU (README "Synthesis speed").
+    grouped: bool | None = None
     # cycling only, needs `grouped`: synthesise one batch per teacher at once (T independent
     # problems in one grouped forward) and hand them out one per synthesize() call, in
     # round-robin order.

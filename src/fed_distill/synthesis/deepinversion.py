@@ -28,9 +28,9 @@ Speed keys (same math; tested against the plain path):
 - ``stacked`` (default on): the teachers run as converted copies (``synthesis/stacked.py``)
   whose BatchNorm layers compute the BN-statistics term with one hand-written forward/backward
   instead of BN + a hook + autograd through both; ``false`` is the plain path of before.
-- ``grouped`` (default off): in ``ensemble`` mode all teachers run as ONE grouped network, one
-  forward/backward per step (falls back to one after another when they differ in architecture
-  or the grouped outputs do not match).
+- ``grouped`` (default auto: on with CUDA or more than one CPU thread): in ``ensemble`` mode
+  all teachers run as ONE grouped network, one forward/backward per step (falls back to one
+  after another when they differ in architecture or the grouped outputs do not match).
 - ``parallel`` (cycling, default off): one batch per teacher at once, T independent problems
   in one grouped forward, handed out one per ``synthesize()`` call in round-robin order. All
   batches of a group see the student as it was when the group was made.
@@ -187,7 +187,10 @@ class DeepInversion(Synthesizer):
             fmt = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
             notes = []
             group = cfg.mode == "ensemble" or (cfg.mode == "cycling" and cfg.parallel)
-            if group and cfg.grouped and len(self.teachers) > 1:
+            grouped = cfg.grouped
+            if grouped is None:  # auto: see SynthesisConfig.grouped
+                grouped = self.device.type != "cpu" or torch.get_num_threads() > 1
+            if group and grouped and len(self.teachers) > 1:
                 self.stacked, why = try_stack(self.teachers, self.image_shape, fmt)
                 notes.append("grouped" if self.stacked is not None else f"not grouped: {why}")
                 if self.stacked is None:
