@@ -51,6 +51,23 @@ class SynthesisConfig:
     class_weighted_ce: bool = False  # CE weight w[t][l] = share of label l in teacher t's data
     lr_schedule: str = "cosine"  # cosine | none
     init: str = "randn"  # initial pixels (normalised space)
+    # --- speed (method=deepinversion; same math either way, see synthesis/stacked.py).
+    # `stacked`: run the teachers as converted networks whose BatchNorm layers compute the
+    # BN-statistics term with one fused forward/backward; a teacher that cannot be converted
+    # runs as it is. false = the sequential path of before (kept for comparison).
+    stacked: bool = True
+    # with `stacked`: where a step uses several teachers (ensemble, parallel cycling), run
+    # them as ONE grouped network when they share an architecture. null = auto: on for CUDA
+    # or with more than one intra-op thread, off at 1 thread, where it was slower than one
+    # fused teacher after another on the 2-core CPU (README "Synthesis speed").
+    grouped: bool | None = None
+    # cycling only, needs `grouped`: synthesise one batch per teacher at once (T independent
+    # problems in one grouped forward) and hand them out one per synthesize() call, in
+    # round-robin order.
+    # Off by default: the T batches of a group are all made against the student as it was when
+    # the group was made, so an adaptive batch handed out later is made against an older
+    # student; and a group is always T batches, even if fewer are needed.
+    parallel: bool = False
     # --- generator-based synthesis (method=generator: DENSE; method=fast: Fast data-free KD).
     # `iterations` = generator steps per batch, `lr` = the generator's learning rate.
     nz: int = 100  # latent size

@@ -22,13 +22,27 @@ CE and the competition term (its scores there carry no knowledge).
 Cost per step is one forward+backward of each teacher used (and of the student) with respect to
 the input only; the step loop avoids host syncs (the best batch is tracked with tensor ops and
 everything is read back once at the end).
+
+Speed keys (same math; tested against the plain path):
+
+- ``stacked`` (default on): the teachers run as converted copies (``synthesis/stacked.py``)
+  whose BatchNorm layers compute the BN-statistics term with one hand-written forward/backward
+  instead of BN + a hook + autograd through both; ``false`` is the plain path of before.
+- ``grouped`` (default auto: on with CUDA or more than one CPU thread): in ``ensemble`` mode
+  all teachers run as ONE grouped network, one forward/backward per step (falls back to one
+  after another when they differ in architecture or the grouped outputs do not match).
+- ``parallel`` (cycling, default off): one batch per teacher at once, T independent problems
+  in one grouped forward, handed out one per ``synthesize()`` call in round-robin order. All
+  batches of a group see the student as it was when the group was made.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
+from collections import deque
 from contextlib import ExitStack
 from typing import Any
 
@@ -43,12 +57,37 @@ from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
 from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.losses import (
+    MASKED_LOGIT,
     class_weighted_ce,
     competition_loss,
     l2_prior,
     masked_logits,
     total_variation,
 )
+from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack
+
+log = logging.getLogger(__name__)
+
+
+def total_variation_per_batch(x: torch.Tensor) -> torch.Tensor:
+    """:func:`total_variation` of each batch of (T, N, C, H, W) ``x`` → (T,): the norms are
+    taken over each batch separately, as T separate syntheses would."""
+    diffs = (
+        x[..., :, :-1] - x[..., :, 1:],
+        x[..., :-1, :] - x[..., 1:, :],
+        x[..., 1:, :-1] - x[..., :-1, 1:],
+        x[..., :-1, :-1] - x[..., 1:, 1:],
+    )
+    dims = tuple(range(1, x.dim()))
+    out = torch.linalg.vector_norm(diffs[0], dim=dims)
+    for d in diffs[1:]:
+        out = out + torch.linalg.vector_norm(d, dim=dims)
+    return out
+
+
+def l2_prior_per_batch(x: torch.Tensor) -> torch.Tensor:
+    """:func:`l2_prior` of each batch of (T, N, C, H, W) ``x`` → (T,)."""
+    return torch.linalg.vector_norm(x.flatten(1), dim=1)
 
 
 def teacher_class_weights(class_counts: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -137,6 +176,35 @@ class DeepInversion(Synthesizer):
         self.counts = counts
         self.owned = counts > 0  # (T, C) bool, CPU
         self.teachers = frozen_copies(teachers, self.device, need_bn=cfg.bn_scale > 0)
+        # synthesis.stacked: the teachers as converted networks (synthesis/stacked.py) whose
+        # BatchNorm layers compute the BN-statistics term with one fused forward/backward;
+        # with synthesis.grouped, where a step uses several teachers (ensemble, parallel
+        # cycling) they run as ONE grouped network. Same math; a teacher that cannot be
+        # converted runs as it is (plain BN + BNFeatureHooks).
+        self.stacked: StackedTeachers | None = None  # the grouped network of all teachers
+        self.fast: list[StackedTeachers | None] = [None] * len(self.teachers)  # one each
+        self.stacked_note = "off (synthesis.stacked=false)"
+        if cfg.stacked:
+            fmt = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
+            notes = []
+            group = cfg.mode == "ensemble" or (cfg.mode == "cycling" and cfg.parallel)
+            grouped = cfg.grouped
+            if grouped is None:  # auto: see SynthesisConfig.grouped
+                grouped = self.device.type != "cpu" or torch.get_num_threads() > 1
+            if group and grouped and len(self.teachers) > 1:
+                self.stacked, why = try_stack(self.teachers, self.image_shape, fmt)
+                notes.append("grouped" if self.stacked is not None else f"not grouped: {why}")
+                if self.stacked is None:
+                    log.info("teachers not grouped, run one after another (%s)", why)
+            if self.stacked is None:
+                for i, t in enumerate(self.teachers):
+                    self.fast[i], why = try_stack([t], self.image_shape, fmt)
+                    if self.fast[i] is None:
+                        notes.append(f"teacher {i} as is: {why}")
+            self.stacked_note = "; ".join(notes) or "fused BN statistics"
+        # parallel cycling: batches made as one group, handed out one per call.
+        self._queue: deque[tuple[SyntheticBatch, torch.Tensor]] = deque()
+        self._queue_adaptive = False
         # Device copies of the per-teacher tables used inside the step loop.
         self._weights_dev = self.class_weights.to(self.device)
         self._owned_dev = self.owned.to(self.device)
@@ -174,10 +242,19 @@ class DeepInversion(Synthesizer):
         return torch.optim.Adam([x], lr=self.cfg.lr, betas=(float(b1), float(b2)))
 
     def _teacher_logits(self, t: int, x: torch.Tensor) -> torch.Tensor:
-        logits = self.teachers[t](x)
+        logits = self._forward(t, x)
         if self.cfg.class_mask:
             logits = masked_logits(logits, self._owned_dev[t])
         return logits
+
+    def _forward(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        """Teacher ``t``'s logits, through its converted network where there is one."""
+        fast = self.fast[t]
+        return fast(x)[0] if fast is not None else self.teachers[t](x)
+
+    def _bn_hooks(self, t: int) -> BNFeatureHooks | StackedBNHooks:
+        fast = self.fast[t]
+        return StackedBNHooks(fast) if fast is not None else BNFeatureHooks(self.teachers[t])
 
     def _ce(self, t: int | None, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """CE of teacher ``t`` (None = ensemble), with per-class weights where configured."""
@@ -196,6 +273,8 @@ class DeepInversion(Synthesizer):
         student is put in eval mode with frozen weights for the call and restored after."""
         cfg = self.cfg
         n_teachers = len(self.teachers)
+        if cfg.mode == "cycling" and cfg.parallel and self.stacked is not None:
+            return self._next_from_group(student)
         if cfg.mode == "cycling":
             t_cur = self._next_teacher
             self._next_teacher = (self._next_teacher + 1) % n_teachers
@@ -242,11 +321,13 @@ class DeepInversion(Synthesizer):
         t0 = time.perf_counter()
         try:
             with ExitStack() as stack:
-                hooks = {}
-                if use_bn:
-                    hooks = {
-                        t: stack.enter_context(BNFeatureHooks(self.teachers[t])) for t in active
-                    }
+                hooks: dict = {}
+                stacked = self.stacked if cfg.mode == "ensemble" else None
+                if use_bn and stacked is not None:
+                    # one hook set on the grouped net: a (T,) vector of per-teacher terms
+                    hooks = {-1: stack.enter_context(StackedBNHooks(stacked))}
+                elif use_bn:
+                    hooks = {t: stack.enter_context(self._bn_hooks(t)) for t in active}
                 for i in range(iters):
                     if lrs is not None:
                         opt.param_groups[0]["lr"] = lrs[i]
@@ -265,7 +346,7 @@ class DeepInversion(Synthesizer):
                             logits = self._teacher_logits(t, xj)
                             ces.append(self._ce(t, logits, y))
                             if use_bn:
-                                bns.append(hooks[t].loss(cfg.first_bn_multiplier))
+                                bns.append(hooks[t].loss(cfg.first_bn_multiplier).reshape(()))
                             if adaptive:
                                 comps.append(competition_loss(logits, s_logits, cfg.temperature))
                         k = len(draws[i])
@@ -273,17 +354,22 @@ class DeepInversion(Synthesizer):
                         bn = torch.stack(bns).sum() / k if use_bn else zero
                         comp = torch.stack(comps).sum() / k if adaptive else zero
                     elif cfg.mode == "ensemble":
-                        logits = torch.stack([self.teachers[t](xj) for t in active]).mean(dim=0)
+                        if stacked is not None:
+                            logits = stacked(xj).mean(dim=0)  # one grouped forward
+                        else:
+                            logits = torch.stack([self._forward(t, xj) for t in active])
+                            logits = logits.mean(dim=0)
                         if cfg.class_mask:
                             logits = masked_logits(logits, self._union_dev)
                         ce = self._ce(None, logits, y)
-                        bn = (
-                            torch.stack(
-                                [hooks[t].loss(cfg.first_bn_multiplier) for t in active]
+                        if not use_bn:
+                            bn = zero
+                        elif stacked is not None:
+                            bn = hooks[-1].loss(cfg.first_bn_multiplier).mean()
+                        else:
+                            bn = torch.stack(
+                                [hooks[t].loss(cfg.first_bn_multiplier).reshape(()) for t in active]
                             ).mean()
-                            if use_bn
-                            else zero
-                        )
                         comp = (
                             competition_loss(logits, s_logits, cfg.temperature)
                             if adaptive
@@ -292,7 +378,11 @@ class DeepInversion(Synthesizer):
                     else:
                         logits = self._teacher_logits(t_cur, xj)  # type: ignore[arg-type]
                         ce = self._ce(t_cur, logits, y)
-                        bn = hooks[t_cur].loss(cfg.first_bn_multiplier) if use_bn else zero
+                        bn = (
+                            hooks[t_cur].loss(cfg.first_bn_multiplier).reshape(())
+                            if use_bn
+                            else zero
+                        )
                         comp = (
                             competition_loss(logits, s_logits, cfg.temperature)
                             if adaptive
@@ -327,7 +417,11 @@ class DeepInversion(Synthesizer):
                 for h in hooks.values():
                     h.enabled = False
                 with torch.inference_mode():
-                    logits = torch.stack([self.teachers[t](best_x) for t in active]).mean(dim=0)
+                    if stacked is not None:
+                        logits = stacked(best_x).mean(dim=0)
+                    else:
+                        logits = torch.stack([self.teachers[t](best_x) for t in active])
+                        logits = logits.mean(dim=0)
                     if cfg.class_mask:
                         logits = masked_logits(logits, self._owned_dev[active].any(dim=0))
                     acc = (logits.argmax(dim=1) == y).float().mean()
@@ -367,3 +461,176 @@ class DeepInversion(Synthesizer):
             teacher_ids=list(teacher_ids),
             stats=stats,
         )
+
+    # ------------------------------------------------------------------ parallel cycling
+
+    def _next_from_group(self, student: nn.Module | None) -> SyntheticBatch:
+        """``synthesis.parallel``: hand out the next batch of the current group, making a new
+        group (one batch per teacher, at once) when the queue is empty.
+
+        A group's batches are all made against ``student`` as it is when the group is made.
+        A queued batch is never handed to a call of the other kind (adaptive vs not): the rest
+        of the group is dropped and a new one made, starting at the first dropped teacher, so
+        the round-robin order is kept.
+        """
+        adaptive = student is not None and self.cfg.comp_scale > 0
+        n_teachers = len(self.teachers)
+        if self._queue and self._queue_adaptive != adaptive:
+            self._next_teacher = self._queue[0][0].teacher_ids[0]
+            self._queue.clear()
+        if not self._queue:
+            made = self._synthesize_group(student)
+            order = [(self._next_teacher + i) % n_teachers for i in range(n_teachers)]
+            self._queue.extend(made[t] for t in order)
+            self._queue_adaptive = adaptive
+        batch, curve = self._queue.popleft()
+        self._next_teacher = (batch.teacher_ids[0] + 1) % n_teachers
+        self.last_draws = []
+        self.last_loss_curve = curve
+        return batch
+
+    def _synthesize_group(
+        self, student: nn.Module | None
+    ) -> list[tuple[SyntheticBatch, torch.Tensor]]:
+        """T cycling batches at once, batch t from teacher t alone: T independent problems in
+        one grouped forward. Each batch's loss is its own (CE, BN, competition on its teacher's
+        logits; TV and l2 over that batch only) and the total is their sum, so every batch gets
+        exactly the gradient it would get alone; Adam is elementwise, so one Adam over the
+        (T, N, C, H, W) pixels is T separate Adams. Jitter/flip draws are shared by the group.
+        The lowest-loss pixels are kept per batch."""
+        cfg, stacked = self.cfg, self.stacked
+        assert stacked is not None
+        n_t = len(self.teachers)
+        gen, dev, iters, n = self.generator, self.device, cfg.iterations, cfg.batch_size
+        y = torch.stack([balanced_labels(self._label_probs([t]), n, gen) for t in range(n_t)]).to(
+            dev
+        )  # (T, N), teacher t's labels from its own classes
+        x0 = torch.randn((n_t, n, *self.image_shape), generator=gen).to(dev)
+        x = torch.maximum(torch.minimum(x0, self.high), self.low).requires_grad_(True)
+        opt = self._make_optimizer(x)
+
+        j = cfg.jitter
+        offsets = torch.randint(-j, j + 1, (iters, 2), generator=gen).tolist() if j else None
+        flips = (torch.rand(iters, generator=gen) < 0.5).tolist() if self.flip else None
+        if cfg.lr_schedule == "cosine":
+            lrs = [0.5 * cfg.lr * (1 + math.cos(math.pi * i / iters)) for i in range(iters)]
+        else:
+            lrs = None
+
+        adaptive = student is not None and cfg.comp_scale > 0
+        use_bn = cfg.bn_scale > 0
+        zero = torch.zeros(n_t, device=dev)
+        curve = torch.empty(iters, n_t, device=dev)
+        best_loss = torch.full((n_t,), math.inf, device=dev)
+        best_x = x.detach().clone()
+        y_flat = y.reshape(-1)
+        if cfg.class_weighted_ce:
+            w = self._weights_dev.gather(1, y)  # (T, N): w[t][y_tn]
+            w_sum = w.sum(dim=1).clamp_min(1e-12)
+        not_owned = ~self._owned_dev[:, None, :]  # (T, 1, K)
+
+        restore = None
+        if adaptive:
+            assert student is not None
+            restore = (student.training, [p.requires_grad for p in student.parameters()])
+            student.eval().requires_grad_(False)
+        t0 = time.perf_counter()
+        try:
+            with ExitStack() as stack:
+                hooks = stack.enter_context(StackedBNHooks(stacked)) if use_bn else None
+                for i in range(iters):
+                    if lrs is not None:
+                        opt.param_groups[0]["lr"] = lrs[i]
+                    xj = x
+                    if offsets is not None:
+                        dx, dy = offsets[i]
+                        if dx or dy:
+                            xj = torch.roll(xj, shifts=(dx, dy), dims=(3, 4))
+                    if flips is not None and flips[i]:
+                        xj = xj.flip(4)
+                    logits = stacked(xj)  # (T, N, K), one grouped forward
+                    if cfg.class_mask:
+                        logits = logits.masked_fill(not_owned, MASKED_LOGIT)
+                    k = logits.shape[-1]
+                    ce_el = F.cross_entropy(logits.reshape(-1, k), y_flat, reduction="none")
+                    ce_el = ce_el.view(n_t, n)
+                    ce = (w * ce_el).sum(dim=1) / w_sum if cfg.class_weighted_ce else ce_el.mean(1)
+                    bn = hooks.loss(cfg.first_bn_multiplier) if hooks is not None else zero
+                    tv = total_variation_per_batch(x)
+                    l2 = l2_prior_per_batch(x)
+                    per_batch = ce + cfg.bn_scale * bn + cfg.var_scale * tv + cfg.l2_scale * l2
+                    if adaptive:
+                        # The student in eval mode treats every image on its own, so one
+                        # forward over the T·N images is T separate ones.
+                        s_logits = student(xj.reshape(n_t * n, *xj.shape[2:]))  # type: ignore[misc]
+                        s_logits = s_logits.view(n_t, n, -1)
+                        comp = torch.stack(
+                            [
+                                competition_loss(logits[t], s_logits[t], cfg.temperature)
+                                for t in range(n_t)
+                            ]
+                        )
+                        per_batch = per_batch + cfg.comp_scale * comp
+                    else:
+                        comp = zero
+                    opt.zero_grad(set_to_none=True)
+                    per_batch.sum().backward()  # batch t's pixels only reach loss t
+
+                    with torch.no_grad():
+                        ld = per_batch.detach()
+                        curve[i] = ld
+                        better = ld < best_loss
+                        best_loss = torch.where(better, ld, best_loss)
+                        best_x = torch.where(better.view(-1, 1, 1, 1, 1), x.detach(), best_x)
+                    opt.step()
+                    with torch.no_grad():
+                        x.clamp_(min=self.low, max=self.high)
+                terms = [ce, bn, tv, l2, comp]
+                if hooks is not None:
+                    hooks.enabled = False
+                with torch.inference_mode():
+                    logits = stacked(best_x)
+                    if cfg.class_mask:
+                        logits = logits.masked_fill(not_owned, MASKED_LOGIT)
+                    acc = (logits.argmax(dim=2) == y).float().mean(dim=1)
+        finally:
+            if restore is not None:
+                assert student is not None
+                student.train(restore[0])
+                for p, rg in zip(student.parameters(), restore[1], strict=True):
+                    p.requires_grad_(rg)
+
+        # One host sync for the whole group.
+        rows = torch.stack([ld, curve[0], best_loss, acc] + [v.detach().float() for v in terms])
+        values = rows.t().tolist()  # values[t] = that batch's numbers
+        seconds = time.perf_counter() - t0
+        curves = curve.detach().cpu()
+        images, labels = best_x.detach().cpu(), y.cpu()
+        out = []
+        for t in range(n_t):
+            v = values[t]
+            stats = {
+                "loss": v[0],
+                "loss_start": v[1],
+                "best_loss": v[2],
+                "teacher_acc": v[3],
+                "loss_ce": v[4],
+                "loss_bn": v[5],
+                "loss_tv": v[6],
+                "loss_l2": v[7],
+                "iterations": float(iters),
+                # the group's time, shared out: seconds per batch and images/s of the group
+                "seconds": seconds / n_t,
+                "images_per_s": n_t * n * iters / max(seconds, 1e-9),
+                "group_size": float(n_t),
+            }
+            if adaptive:
+                stats["loss_comp"] = v[8]
+            batch = SyntheticBatch(
+                images=images[t].clone(),  # its own storage, never a view of the group
+                labels=labels[t].clone(),
+                teacher_ids=[t],
+                stats=stats,
+            )
+            out.append((batch, curves[:, t].clone()))
+        return out
