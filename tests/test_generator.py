@@ -222,3 +222,22 @@ def test_oneshot_end_to_end_per_synthesizer(cli, tmp_path, method, extra):
     assert r["student_acc"] > 0.3, r["student_acc"]  # chance is 0.1
     m = json.loads((tmp_path / "student" / "metrics.json").read_text())
     assert len(m["elapsed_s"]) == 6 and m["elapsed_s"] == sorted(m["elapsed_s"])
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_generator_on_converted_teachers_matches_plain_teachers(grouped):
+    # synthesis.stacked runs the teachers as converted networks (fused BN statistics, or one
+    # grouped network): the same math, so the same batch up to float rounding.
+    teachers = _teachers()
+    kw = dict(method="generator", batch_size=12, iterations=3, lr=1e-3, nz=8, ngf=4)
+    plain = SynthesisConfig(stacked=False, **kw)
+    fused = SynthesisConfig(stacked=True, grouped=grouped, **kw)
+    a = build_synthesizer(plain, teachers, COUNTS, (1, 8, 8), NORM, False, "cpu", seed=1)
+    b = build_synthesizer(fused, teachers, COUNTS, (1, 8, 8), NORM, False, "cpu", seed=1)
+    assert a.grouped is None and all(f is None for f in a.fused)
+    assert (b.grouped is not None) if grouped else all(f is not None for f in b.fused)
+    s = build_model("cnn_small", 4, 1, 8, width=4).train()
+    ba, bb = a.synthesize(s), b.synthesize(s)
+    assert torch.equal(ba.labels, bb.labels)
+    assert torch.allclose(ba.images, bb.images, atol=1e-3)
+    assert ba.stats["loss_bn"] == pytest.approx(bb.stats["loss_bn"], rel=1e-3)

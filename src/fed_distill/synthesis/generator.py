@@ -46,6 +46,7 @@ from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
 from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.deepinversion import balanced_labels, frozen_copies
+from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack
 
 
 class ImageGenerator(nn.Module):
@@ -124,6 +125,21 @@ class GeneratorSynthesizer(Synthesizer):
         self.num_classes = int(counts.shape[1])
         self.image_shape = tuple(int(s) for s in image_shape)
         self.teachers = frozen_copies(teachers, self.device, need_bn=cfg.bn_scale > 0)
+        # Speed (same math): every step runs all teachers on the same images, so with
+        # `synthesis.stacked` they run as one grouped network (auto: >1 thread or CUDA) or each
+        # as a converted network with fused BN statistics (see synthesis/stacked.py). The
+        # momentum-tracked statistics of `fast` need the plain hooks.
+        self.grouped: StackedTeachers | None = None
+        self.fused: list[StackedTeachers | None] = [None] * len(self.teachers)
+        if cfg.stacked and not (meta and cfg.bn_momentum > 0):
+            fmt = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
+            grouped = cfg.grouped
+            if grouped is None:
+                grouped = self.device.type != "cpu" or torch.get_num_threads() > 1
+            if grouped and len(self.teachers) > 1:
+                self.grouped, _ = try_stack(self.teachers, self.image_shape, fmt)
+            if self.grouped is None:
+                self.fused = [try_stack([t], self.image_shape, fmt)[0] for t in self.teachers]
         self.shares = class_shares(counts).to(self.device)
         self.normalizer = normalizer
         self.flip = bool(hflip) if cfg.flip is None else bool(cfg.flip)
@@ -147,6 +163,25 @@ class GeneratorSynthesizer(Synthesizer):
         owned = self.counts.sum(dim=0)
         p = (owned > 0).double() if self.cfg.label_mode == "uniform" else owned
         return (p / p.sum()).float()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, N, K) logits of all teachers on ``x``."""
+        if self.grouped is not None:
+            return self.grouped(x)
+        return torch.stack(
+            [t(x) if f is None else f(x)[0] for t, f in zip(self.teachers, self.fused, strict=True)]
+        )
+
+    def _enter_hooks(self, stack: ExitStack, momentum: float) -> list:
+        """BN-statistics hooks on every teacher (on the converted networks where there are)."""
+        if self.grouped is not None:
+            return [stack.enter_context(StackedBNHooks(self.grouped))]
+        return [
+            stack.enter_context(
+                StackedBNHooks(f) if f is not None else BNFeatureHooks(t, momentum, self.tracked[i])
+            )
+            for i, (t, f) in enumerate(zip(self.teachers, self.fused, strict=True))
+        ]
 
     def _augment(self, x: torch.Tensor, offset: list[int] | None, flip: bool) -> torch.Tensor:
         if offset is not None and (offset[0] or offset[1]):
@@ -182,22 +217,17 @@ class GeneratorSynthesizer(Synthesizer):
         t0 = time.perf_counter()
         try:
             with ExitStack() as stack:
-                hooks = (
-                    [
-                        stack.enter_context(BNFeatureHooks(t, momentum, self.tracked[i]))
-                        for i, t in enumerate(self.teachers)
-                    ]
-                    if cfg.bn_scale > 0
-                    else []
-                )
+                hooks = self._enter_hooks(stack, momentum) if cfg.bn_scale > 0 else []
                 for i in range(iters):
                     x = self.normalizer(net(z))
                     xa = self._augment(x, offsets[i] if offsets else None, flips[i])
-                    logits = torch.stack([t(xa) for t in self.teachers])
+                    logits = self._logits(xa)
                     probs = ensemble_probs(logits, cfg.ensemble, self.shares)
                     ce = F.nll_loss(probs.clamp_min(1e-8).log(), y)
                     bn = (
-                        torch.stack([h.loss(cfg.first_bn_multiplier) for h in hooks]).mean()
+                        torch.cat(
+                            [h.loss(cfg.first_bn_multiplier).reshape(-1) for h in hooks]
+                        ).mean()
                         if hooks
                         else zero
                     )
@@ -220,15 +250,13 @@ class GeneratorSynthesizer(Synthesizer):
                             p.grad = None if q.grad is None else q.grad.detach().clone()
                     opt.step()
                 if momentum > 0:
-                    self.tracked = [h.update_momentum() for h in hooks] or self.tracked
+                    self.tracked = [h.update_momentum() for h in hooks] or self.tracked  # type: ignore[union-attr]
                 terms = {"ce": ce.detach(), "bn": bn.detach(), "adv": adv.detach()}
                 for h in hooks:
                     h.enabled = False
                 with torch.inference_mode():
                     assert best_x is not None
-                    probs = ensemble_probs(
-                        torch.stack([t(best_x) for t in self.teachers]), cfg.ensemble, self.shares
-                    )
+                    probs = ensemble_probs(self._logits(best_x), cfg.ensemble, self.shares)
                     acc = (probs.argmax(dim=1) == y).float().mean()
         finally:
             if restore is not None:
