@@ -213,7 +213,9 @@ def plot_curves(runs: dict, alpha: float, target: float | None, path: Path) -> N
     for name, run in runs.items():
         c = run["curve"]
         pts = [(t, a) for t, a in zip(c["elapsed_s"], c["test_acc"], strict=True) if a is not None]
-        pts_s = [(t, a) for t, a in zip(c["synthesis_s"], c["test_acc"], strict=True) if a is not None]
+        pts_s = [
+            (t, a) for t, a in zip(c["synthesis_s"], c["test_acc"], strict=True) if a is not None
+        ]
         axes[0].plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", label=name)
         axes[1].plot([p[0] for p in pts_s], [100 * p[1] for p in pts_s], marker=".", label=name)
     for ax, xl in zip(axes, ["wall-clock seconds", "synthesis seconds"], strict=True):
