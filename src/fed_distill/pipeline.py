@@ -220,14 +220,10 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
             mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs
         )
         model.load_state_dict(init_state)
-        tr, va, te = (torch.as_tensor(v, dtype=torch.long) for v in (c.train, c.val, c.test))
-        t0 = time.perf_counter()
-        res = fit(
+        metrics = train_teacher(
             model,
-            data.train_x[tr],
-            data.train_y[tr],
-            data.train_x[va],
-            data.train_y[va],
+            data,
+            c,
             tcfg,
             norm,
             hflip=hflip,
@@ -236,17 +232,7 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
             desc=f"teacher {i + 1}/{split.num_teachers}",
             progress=cfg.progress,
         )
-        metrics = {
-            **res.history,
-            "best_epoch": res.best_epoch,
-            "best_val_acc": res.best_val_acc,
-            "local_test_acc": evaluate(model, data.test_x[te], data.test_y[te], norm, device),
-            "test_acc": evaluate(model, data.test_x, data.test_y, norm, device),
-            "num_train": len(c.train),
-            "train_class_counts": c.train_class_counts,
-            "train_time_s": time.perf_counter() - t0,
-            "fingerprint": fp,
-        }
+        metrics["fingerprint"] = fp
         save_weights(model, wpath, metadata={"model": mcfg.name, "teacher": str(i)})
         save_json(metrics, mpath)
         print(
@@ -272,6 +258,49 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
     )
     print(f"{split.num_teachers} teachers in {out} ({time.perf_counter() - t_start:.1f}s)")
     return summary
+
+
+def train_teacher(
+    model: torch.nn.Module,
+    data: Dataset,
+    client: Any,
+    tcfg: TrainConfig,
+    norm: Normalizer,
+    *,
+    hflip: bool,
+    device: torch.device | str,
+    seed: int,
+    desc: str = "teacher",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """One client's local training (what a client computes in one-shot FL): fit ``model`` in
+    place on the client's train part, select on its val part; return the teacher's metrics."""
+    tr, va, te = (torch.as_tensor(v, dtype=torch.long) for v in (client.train, client.val, client.test))
+    t0 = time.perf_counter()
+    res = fit(
+        model,
+        data.train_x[tr],
+        data.train_y[tr],
+        data.train_x[va],
+        data.train_y[va],
+        tcfg,
+        norm,
+        hflip=hflip,
+        device=device,
+        seed=seed,
+        desc=desc,
+        progress=progress,
+    )
+    return {
+        **res.history,
+        "best_epoch": res.best_epoch,
+        "best_val_acc": res.best_val_acc,
+        "local_test_acc": evaluate(model, data.test_x[te], data.test_y[te], norm, device),
+        "test_acc": evaluate(model, data.test_x, data.test_y, norm, device),
+        "num_train": len(client.train),
+        "train_class_counts": client.train_class_counts,
+        "train_time_s": time.perf_counter() - t0,
+    }
 
 
 def load_teachers(
