@@ -62,7 +62,9 @@ def _usage() -> str:
     lines = [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in STAGES.items()]
     lines.append(f"  {'data'.ljust(width)}  inspect or fetch a dataset (info NAME | fetch NAME)")
     lines.append(f"  {'models'.ljust(width)}  list the registered model architectures")
-    lines.append(f"  {'flower'.ljust(width)}  oneshot|fedmd on Flower (simulation or real processes)")
+    lines.append(
+        f"  {'flower'.ljust(width)}  oneshot|fedmd on Flower (simulation or real processes)"
+    )
     return USAGE.format(stages="\n".join(lines))
 
 

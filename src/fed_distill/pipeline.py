@@ -236,8 +236,8 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
         save_weights(model, wpath, metadata={"model": mcfg.name, "teacher": str(i)})
         save_json(metrics, mpath)
         print(
-            f"teacher {i}: {len(c.train)} train samples, best epoch {res.best_epoch + 1}, val"
-            f" {res.best_val_acc:.4f}, local test {metrics['local_test_acc']:.4f}, test {metrics['test_acc']:.4f}"
+            f"teacher {i}: {len(c.train)} train samples, best epoch {metrics['best_epoch'] + 1}, val"
+            f" {metrics['best_val_acc']:.4f}, local test {metrics['local_test_acc']:.4f}, test {metrics['test_acc']:.4f}"
             f" ({metrics['train_time_s']:.1f}s)"
         )
         summary.append(metrics)
@@ -275,7 +275,9 @@ def train_teacher(
 ) -> dict[str, Any]:
     """One client's local training (what a client computes in one-shot FL): fit ``model`` in
     place on the client's train part, select on its val part; return the teacher's metrics."""
-    tr, va, te = (torch.as_tensor(v, dtype=torch.long) for v in (client.train, client.val, client.test))
+    tr, va, te = (
+        torch.as_tensor(v, dtype=torch.long) for v in (client.train, client.val, client.test)
+    )
     t0 = time.perf_counter()
     res = fit(
         model,

@@ -37,6 +37,4 @@ def require_flower() -> None:
     try:
         import flwr  # noqa: F401
     except ImportError:
-        raise FlowerError(
-            "Flower is not installed; pip install fed-distill[flower]"
-        ) from None
+        raise FlowerError("Flower is not installed; pip install fed-distill[flower]") from None

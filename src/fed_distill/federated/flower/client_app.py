@@ -102,7 +102,9 @@ def _party_model(context: Context, party: int):
     from fed_distill.federated.fedmd import build_party_model, step_seed
 
     cfg, c, data, archs, device = _fedmd(str(context.state["run"]["cfg"]))
-    m = build_party_model(archs[party], data, c.width_scale, seed=step_seed(int(cfg.seed), party, 0))
+    m = build_party_model(
+        archs[party], data, c.width_scale, seed=step_seed(int(cfg.seed), party, 0)
+    )
     if "model" in context.state:
         m.load_state_dict(from_record(context.state["model"]))
     return m.to(device)
@@ -137,7 +139,9 @@ def fedmd_setup(msg: Message, context: Context) -> Message:
     cfg, c, data, archs, device = _fedmd(str(conf["cfg"]))
     seed = int(cfg.seed)
     t0 = time.perf_counter()
-    m = build_party_model(archs[party], data, c.width_scale, seed=step_seed(seed, party, 0)).to(device)
+    m = build_party_model(archs[party], data, c.width_scale, seed=step_seed(seed, party, 0)).to(
+        device
+    )
     tr = transfer_learning(m, data, party, c, device=device, seed=seed)
     out: dict[str, Any] = {
         "public_val_acc": tr["public_val_acc"],
@@ -173,7 +177,12 @@ def fedmd_scores(msg: Message, context: Context) -> Message:
     m = _party_model(context, party)
     scores = {
         "scores": class_scores(
-            m, data.public_x[idx], data.public_norm, kind=c.scores, temperature=c.temperature, device=device
+            m,
+            data.public_x[idx],
+            data.public_norm,
+            kind=c.scores,
+            temperature=c.temperature,
+            device=device,
         )
     }
     kind, sleep_s = _fault(msg)
@@ -194,8 +203,15 @@ def fedmd_round(msg: Message, context: Context) -> Message:
     arrays = from_record(msg.content["arrays"])
     m = _party_model(context, party)
     logits, times = local_round(
-        m, data, party, c, data.public_x[arrays["idx"]], arrays["consensus"], int(conf["round"]),
-        device=device, seed=int(cfg.seed),
+        m,
+        data,
+        party,
+        c,
+        data.public_x[arrays["idx"]],
+        arrays["consensus"],
+        int(conf["round"]),
+        device=device,
+        seed=int(cfg.seed),
     )
     context.state["model"] = to_record(m.state_dict())
     from fed_distill.federated.fedmd import restricted_accuracy
@@ -228,7 +244,9 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
     options = json.loads(str(conf["dataset_options"]))
     ds_cfg = as_object(cfg.dataset, DatasetConfig)
     ds_cfg.name = str(conf["dataset"])
-    data = _cached(json.dumps([ds_cfg.name, ds_cfg.data_dir, options]), lambda: load_data(ds_cfg, options))
+    data = _cached(
+        json.dumps([ds_cfg.name, ds_cfg.data_dir, options]), lambda: load_data(ds_cfg, options)
+    )
     arrays = from_record(msg.content["arrays"])
     part = ClientSplit(
         train=arrays.pop("idx_train").tolist(),
@@ -241,7 +259,9 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
     tcfg = as_object(cfg.train, TrainConfig)
     hflip = info.hflip if tcfg.hflip is None else tcfg.hflip
     device = resolve_device(str(cfg.device))
-    model = build_model(spec["model"], info.num_classes, info.channels, info.image_size, **spec["model_kwargs"])
+    model = build_model(
+        spec["model"], info.num_classes, info.channels, info.image_size, **spec["model_kwargs"]
+    )
     model.load_state_dict(arrays)
     metrics = train_teacher(
         model,
@@ -260,4 +280,3 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
     if kind:
         inject_fault(kind, weights, sleep_s)
     return _reply(msg, weights, metrics=metrics)
-

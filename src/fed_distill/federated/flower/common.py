@@ -27,7 +27,7 @@ def to_record(tensors: dict[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
     out = ArrayRecord()
     for k, v in tensors.items():
         a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-        out[k] = Array(np.ascontiguousarray(a))
+        out[k] = Array(np.array(a, order="C"))  # keeps 0-d arrays 0-d
     return out
 
 

@@ -251,7 +251,9 @@ def _env() -> dict[str, str]:
     env.update(QUIET_ENV)
     # the Flower processes import fed_distill from the same place this process does
     src = str(Path(__file__).resolve().parents[3])
-    env["PYTHONPATH"] = os.pathsep.join([src, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [src, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    )
     return env
 
 
@@ -269,7 +271,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def start_local_federation(n: int, log_dir: Path, env: dict[str, str]) -> tuple[str, list[subprocess.Popen]]:
+def start_local_federation(
+    n: int, log_dir: Path, env: dict[str, str]
+) -> tuple[str, list[subprocess.Popen]]:
     """A SuperLink and ``n`` SuperNodes (partition-id 0..n-1) on loopback, without TLS.
 
     Returns the SuperLink's Control API address and the processes (stop them with :func:`_stop`).
@@ -284,12 +288,19 @@ def start_local_federation(n: int, log_dir: Path, env: dict[str, str]) -> tuple[
                 [
                     _bin("flower-superlink"),
                     "--insecure",
-                    "--control-api-address", f"127.0.0.1:{control}",
-                    "--fleet-api-address", f"127.0.0.1:{fleet}",
-                    "--serverappio-api-address", f"127.0.0.1:{serverappio}",
-                    "--database", str(log_dir / "state.db"),
+                    "--control-api-address",
+                    f"127.0.0.1:{control}",
+                    "--fleet-api-address",
+                    f"127.0.0.1:{fleet}",
+                    "--serverappio-api-address",
+                    f"127.0.0.1:{serverappio}",
+                    "--database",
+                    str(log_dir / "state.db"),
                 ],
-                stdout=link_log, stderr=subprocess.STDOUT, env=env, cwd=log_dir,
+                stdout=link_log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=log_dir,
             )
         )
         _wait_port(control, procs[0], log_dir / "superlink.log")
@@ -301,11 +312,17 @@ def start_local_federation(n: int, log_dir: Path, env: dict[str, str]) -> tuple[
                     [
                         _bin("flower-supernode"),
                         "--insecure",
-                        "--superlink", f"127.0.0.1:{fleet}",
-                        "--node-config", f"partition-id={i} num-partitions={n}",
-                        "--port", str(free_port()),
+                        "--superlink",
+                        f"127.0.0.1:{fleet}",
+                        "--node-config",
+                        f"partition-id={i} num-partitions={n}",
+                        "--port",
+                        str(free_port()),
                     ],
-                    stdout=node_log, stderr=subprocess.STDOUT, env=env, cwd=log_dir,
+                    stdout=node_log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=log_dir,
                 )
             )
     except BaseException:
@@ -344,13 +361,23 @@ def run_deployment(protocol: str, cfg, opts: FlowerOptions, n: int) -> dict[str,
     flwr_home = run_dir / "flower_logs" / "flwr_home"
     flwr_home.mkdir(parents=True, exist_ok=True)
     env["FLWR_HOME"] = str(flwr_home)
-    cmd = [_bin("flwr"), "run", str(app_dir), superlink, "--stream", "--run-config", f'job="{job_path}"']
+    cmd = [
+        _bin("flwr"),
+        "run",
+        str(app_dir),
+        superlink,
+        "--stream",
+        "--run-config",
+        f'job="{job_path}"',
+    ]
     if opts.root_certificates:
         cmd += ["--federation-config", f'root-certificates="{opts.root_certificates}"']
     else:
         cmd += ["--federation-config", "insecure=true"]
     try:
-        proc = subprocess.run(cmd, env=env, cwd=run_dir, check=False, timeout=opts.train_timeout * 4)
+        proc = subprocess.run(
+            cmd, env=env, cwd=run_dir, check=False, timeout=opts.train_timeout * 4
+        )
     except subprocess.TimeoutExpired:
         raise FlowerError("the Flower run did not finish in time") from None
     finally:

@@ -80,7 +80,10 @@ class Exchange:
             if not waiting or time.monotonic() > end:
                 break
             time.sleep(0.05)
-        return {p: f"{self.names[p]}: still busy with an earlier message it never answered" for p in waiting}
+        return {
+            p: f"{self.names[p]}: still busy with an earlier message it never answered"
+            for p in waiting
+        }
 
     def ask(
         self, message_type: str, contents: dict[int, Any], timeout: float, group: str
@@ -112,13 +115,21 @@ class Exchange:
         ok: dict[int, Message] = {}
         for p, m in replies.items():
             if m.has_error():
-                left[p] = f"{self.names[p]}: the ClientApp failed: {m.error.reason}"
+                left[p] = f"{self.names[p]}: the ClientApp failed: {_one_line(m.error.reason)}"
             else:
                 ok[p] = m
-        for p, reason in sorted(left.items()):
-            log.warning("left out: %s", reason)
+        for _p, reason in sorted(left.items()):
             _say(f"left out: {reason}")
         return ok, left
+
+
+def _one_line(reason: str, limit: int = 300) -> str:
+    """The gist of a ClientApp's error report (Ray wraps it in a multi-line traceback)."""
+    text = str(reason)
+    if "Message:" in text:
+        text = text.rsplit("Message:", 1)[1]
+    text = " ".join(text.replace("'>", " ").split())
+    return text[:limit]
 
 
 def connect(grid: Grid, num: int, names: list[str], wait_s: float) -> Exchange:
@@ -139,7 +150,9 @@ def connect(grid: Grid, num: int, names: list[str], wait_s: float) -> Exchange:
     for i, m in replies.items():
         part = int(m.content["metrics"]["partition"])
         if part in mapping or not 0 <= part < num:
-            raise FlowerError(f"node {nodes[i]} has partition-id {part}; need 0..{num - 1}, each once")
+            raise FlowerError(
+                f"node {nodes[i]} has partition-id {part}; need 0..{num - 1}, each once"
+            )
         mapping[part] = nodes[i]
     if len(mapping) != num:
         raise FlowerError(
@@ -204,9 +217,7 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     extended_on = bool(c.extended_alone and c.rounds * c.revisit_epochs > 0)
     setup = {
-        i: content(
-            cfg=job["cfg"], party=i, pooled=bool(c.pooled), extended=extended_on, **common
-        )
+        i: content(cfg=job["cfg"], party=i, pooled=bool(c.pooled), extended=extended_on, **common)
         for i in range(n)
     }
     replies, left = ex.ask(FEDMD_SETUP, setup, train_timeout, "0")
@@ -268,7 +279,6 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
         used = [answered[k] for k in used_pos]
         for d in rejected:
             d["party"] = answered[d["party"]]
-            log.warning("left out: %s", d["reason"])
             _say(f"left out: {d['reason']}")
         left_out = sorted(left_out + rejected, key=lambda d: d["party"])
         if not valid:
@@ -307,7 +317,9 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
             else:
                 party_acc[i].append(None)
         ensemble.append(
-            restricted_accuracy(logit_sum / max(1, len(replies)), data.test_y, data.offset, data.num_private)
+            restricted_accuracy(
+                logit_sum / max(1, len(replies)), data.test_y, data.offset, data.num_private
+            )
             if replies
             else None
         )
@@ -379,7 +391,9 @@ def validate_weights(
     missing = sorted(set(reference) - set(state))
     extra = sorted(set(state) - set(reference))
     if missing or extra:
-        raise ProtocolError(f"{who}: weights have missing keys {missing[:3]} / unknown keys {extra[:3]}")
+        raise ProtocolError(
+            f"{who}: weights have missing keys {missing[:3]} / unknown keys {extra[:3]}"
+        )
     for k, ref in reference.items():
         t = state[k]
         if t.dtype != ref.dtype:
@@ -421,7 +435,9 @@ def serve_oneshot(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
         mcfg: ModelConfig = as_object(cfg.model, ModelConfig)
         # the shared initial weights, as run_train_teachers makes them
         seed_everything(cfg.seed)
-        init = build_model(mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs)
+        init = build_model(
+            mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs
+        )
         init_state = {k: v.clone() for k, v in init.state_dict().items()}
         n = split.num_teachers
         names = [f"client {i}" for i in range(n)]
@@ -473,18 +489,32 @@ def serve_oneshot(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
             extra["teacher_clients"] = list(kept)
         out = run_dir / "teachers"
         tspec = TeacherSpec(
-            mcfg.name, dict(mcfg.kwargs), info.num_classes, info.channels, info.image_size,
-            len(kept), info.name, int(cfg.seed),
+            mcfg.name,
+            dict(mcfg.kwargs),
+            info.num_classes,
+            info.channels,
+            info.image_size,
+            len(kept),
+            info.name,
+            int(cfg.seed),
         )
         save_json(asdict(tspec), out / "teachers.json")
         summary = []
         for j, (i, (w, metrics)) in enumerate(kept.items()):
-            model = build_model(mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs)
+            model = build_model(
+                mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs
+            )
             model.load_state_dict(w)
             metrics["client"] = i
-            save_weights(model, out / f"teacher_{j}.safetensors", metadata={"model": mcfg.name, "teacher": str(j)})
+            save_weights(
+                model,
+                out / f"teacher_{j}.safetensors",
+                metadata={"model": mcfg.name, "teacher": str(j)},
+            )
             save_json(metrics, out / f"metrics_teacher_{j}.json")
-            _say(f"teacher {j} (client {i}): val {metrics['best_val_acc']:.4f}, test {metrics['test_acc']:.4f}")
+            _say(
+                f"teacher {j} (client {i}): val {metrics['best_val_acc']:.4f}, test {metrics['test_acc']:.4f}"
+            )
             summary.append(metrics)
         return summary
 
