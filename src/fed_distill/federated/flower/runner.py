@@ -168,6 +168,9 @@ def run_simulation(protocol: str, cfg, opts: FlowerOptions, n: int) -> dict[str,
     }
     if str(cfg.device) == "cuda" or (str(cfg.device) == "auto" and torch.cuda.is_available()):
         backend_config["client_resources"]["num_gpus"] = 1.0 / max(1, n)
+    import ray
+
+    own_ray = not ray.is_initialized()  # shut Ray down afterwards only if this run started it
     try:
         flwr_run_simulation(
             server_app=make_server_app(job, results),
@@ -176,7 +179,8 @@ def run_simulation(protocol: str, cfg, opts: FlowerOptions, n: int) -> dict[str,
             backend_config=backend_config,
         )
     finally:
-        _ray_shutdown()
+        if own_ray:
+            _ray_shutdown()
     if not results:
         raise FlowerError("the Flower simulation ended without results; see the log above")
     return results[0]
@@ -251,6 +255,8 @@ def _env() -> dict[str, str]:
     env.update(QUIET_ENV)
     # the Flower processes import fed_distill from the same place this process does
     src = str(Path(__file__).resolve().parents[3])
+    # the SuperLink / SuperNode start flower-superexec, flwr-serverapp, ... by name
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(
         [src, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
     )
@@ -279,7 +285,7 @@ def start_local_federation(
     Returns the SuperLink's Control API address and the processes (stop them with :func:`_stop`).
     """
     log_dir.mkdir(parents=True, exist_ok=True)
-    control, fleet, serverappio = free_port(), free_port(), free_port()
+    port = free_port()  # the SuperLink's HTTP API: Fleet (SuperNodes) and Control (flwr run)
     procs: list[subprocess.Popen] = []
     try:
         link_log = open(log_dir / "superlink.log", "w")  # noqa: SIM115 - closed with the process
@@ -288,12 +294,10 @@ def start_local_federation(
                 [
                     _bin("flower-superlink"),
                     "--insecure",
-                    "--control-api-address",
-                    f"127.0.0.1:{control}",
-                    "--fleet-api-address",
-                    f"127.0.0.1:{fleet}",
-                    "--serverappio-api-address",
-                    f"127.0.0.1:{serverappio}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
                     "--database",
                     str(log_dir / "state.db"),
                 ],
@@ -303,8 +307,7 @@ def start_local_federation(
                 cwd=log_dir,
             )
         )
-        _wait_port(control, procs[0], log_dir / "superlink.log")
-        _wait_port(fleet, procs[0], log_dir / "superlink.log")
+        _wait_port(port, procs[0], log_dir / "superlink.log")
         for i in range(n):
             node_log = open(log_dir / f"supernode_{i}.log", "w")  # noqa: SIM115
             procs.append(
@@ -313,9 +316,11 @@ def start_local_federation(
                         _bin("flower-supernode"),
                         "--insecure",
                         "--superlink",
-                        f"127.0.0.1:{fleet}",
+                        f"127.0.0.1:{port}",
                         "--node-config",
                         f"partition-id={i} num-partitions={n}",
+                        "--host",
+                        "127.0.0.1",
                         "--port",
                         str(free_port()),
                     ],
@@ -328,7 +333,7 @@ def start_local_federation(
     except BaseException:
         _stop(procs)
         raise
-    return f"127.0.0.1:{control}", procs
+    return f"127.0.0.1:{port}", procs
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, wait_s: float = 60.0) -> None:
@@ -353,27 +358,34 @@ def run_deployment(protocol: str, cfg, opts: FlowerOptions, n: int) -> dict[str,
     if results_path.exists():
         results_path.unlink()  # the ServerApp writes it afresh; its presence means success
     env = _env()
+    # Flower's home (installed apps, CLI config) inside the run folder, not in ~/.flwr
+    flwr_home = run_dir / "flower_logs" / "flwr_home"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    env["FLWR_HOME"] = str(flwr_home)
     procs: list[subprocess.Popen] = []
     superlink = opts.superlink
     if superlink is None:
         superlink, procs = start_local_federation(n, run_dir / "flower_logs", env)
     app_dir = write_app(run_dir / "flower_app")
-    flwr_home = run_dir / "flower_logs" / "flwr_home"
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    env["FLWR_HOME"] = str(flwr_home)
+    # `flwr run APP CONNECTION`: the connection lives in $FLWR_HOME/config.toml
+    tls = (
+        f'root-certificates = "{Path(opts.root_certificates).resolve()}"'
+        if opts.root_certificates
+        else "insecure = true"
+    )
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fed-distill"\n\n[superlink.fed-distill]\n'
+        f'address = "{superlink}"\n{tls}\n'
+    )
     cmd = [
         _bin("flwr"),
         "run",
         str(app_dir),
-        superlink,
+        "fed-distill",
         "--stream",
         "--run-config",
         f'job="{job_path}"',
     ]
-    if opts.root_certificates:
-        cmd += ["--federation-config", f'root-certificates="{opts.root_certificates}"']
-    else:
-        cmd += ["--federation-config", "insecure=true"]
     try:
         proc = subprocess.run(
             cmd, env=env, cwd=run_dir, check=False, timeout=opts.train_timeout * 4
