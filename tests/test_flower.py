@@ -177,7 +177,7 @@ def test_fedmd_faulty_clients_are_left_out_with_reasons(tmp_path):
     assert set(reasons) == {(0, 1), (1, 1), (0, 2), (1, 2), (1, 3), (2, 3)}
     assert "1 NaN and 0 Inf" in reasons[(0, 1)]
     assert "0 NaN and 1 Inf" in reasons[(1, 1)]
-    assert "has shape (399, 10), expected (400, 10)" in reasons[(0, 2)]
+    assert "have shape (399, 10), expected (400, 10)" in reasons[(0, 2)]
     assert "must be floating point, got dtype torch.int64" in reasons[(1, 2)]
     assert "the ClientApp failed: injected fault: the client crashed" in reasons[(1, 3)]
     assert "no answer within 4s (timeout)" in reasons[(2, 3)]

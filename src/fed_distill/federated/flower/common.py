@@ -75,7 +75,7 @@ def inject_fault(kind: str, tensors: dict[str, torch.Tensor], sleep_s: float) ->
         if not torch.is_floating_point(t):
             continue
         if kind in ("nan", "inf"):
-            t = t.clone()
+            t = t.contiguous().clone()
             t.view(-1)[0] = float("nan") if kind == "nan" else float("inf")
         elif kind == "shape":
             t = t[:-1] if t.dim() else t.reshape(1, 1)
