@@ -186,7 +186,7 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
         summary_table,
     )
     from fed_distill.federated.fedmd_data import build_fedmd_data
-    from fed_distill.utils import seed_everything
+    from fed_distill.utils import resolve_device, seed_everything
 
     t_start = time.perf_counter()
     cfg = cfg_from_json(job["cfg"])
@@ -357,7 +357,7 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
         "round_times_s": round_times,
         "step_times_s": steps,
         "stage_times_s": stage_times,
-        "device": str(cfg.device),
+        "device": str(resolve_device(str(cfg.device))),
         "data": data.summary(),
         "preset": c.name,
         "runner": job["runner"],
