@@ -3,7 +3,8 @@
 * ``--mode simulation`` (default): Flower's simulation engine (Ray) on this machine, one virtual
   SuperNode per party / client.
 * ``--mode deployment``: real processes. With ``--superlink HOST:PORT`` the run is submitted to
-  a running SuperLink (its Control API, port 9093 by default) whose SuperNodes you started;
+  a running SuperLink (the address of its HTTP API: ``flower-superlink --host H --port P``)
+  whose SuperNodes you started;
   without it, a SuperLink and one SuperNode per party are started here on loopback, the run is
   submitted with ``flwr run``, and every process is stopped afterwards.
 """
@@ -35,7 +36,7 @@ class FlowerOptions:
     timeout: float = 300.0  # seconds to wait for class scores (and other quick replies)
     train_timeout: float = 3600.0  # seconds to wait for local training replies
     wait_nodes_s: float = 120.0  # seconds to wait for the SuperNodes to connect
-    superlink: str | None = None  # deployment: Control API address of a running SuperLink
+    superlink: str | None = None  # deployment: HTTP API address of a running SuperLink
     root_certificates: str | None = None  # deployment with TLS: CA certificate (PEM)
     faults: list[str] = field(default_factory=list)  # testing: PARTY:ROUND:KIND
     keep_logs: bool = True  # deployment: SuperLink/SuperNode logs under run_dir/flower_logs
