@@ -219,6 +219,7 @@ def test_oneshot_faulty_clients_are_left_out(tmp_path):
     assert r["teacher_clients"] == [0, 3] and len(r["teacher_acc"]) == 2
     assert r["student_acc"] is not None and r["fedavg_acc"] is not None
     assert len(json.loads((tmp_path / "split.json").read_text())["clients"]) == 2
+    assert len(json.loads((tmp_path / "split_all.json").read_text())["clients"]) == 4
 
 
 # ----------------------------------------------------------------------------- real processes

@@ -484,6 +484,7 @@ def serve_oneshot(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
         if left_out:
             # The later stages read the teachers and split.json: keep the clients that uploaded
             # (and any server clients), renumbered; results name the left-out originals.
+            save_split(split, run_dir / "split_all.json")  # every client, as split
             split.clients = [split.clients[i] for i in kept] + split.clients[n:]
             save_split(split, run_dir / "split.json")
             extra["teacher_clients"] = list(kept)
