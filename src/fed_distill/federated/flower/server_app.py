@@ -132,8 +132,13 @@ def _one_line(reason: str, limit: int = 300) -> str:
     return text[:limit]
 
 
-def connect(grid: Grid, num: int, names: list[str], wait_s: float) -> Exchange:
-    """Wait until ``num`` nodes are connected and map each party (partition id) to its node."""
+def connect(
+    grid: Grid, num: int, names: list[str], wait_s: float, answer_s: float | None = None
+) -> Exchange:
+    """Wait until ``num`` nodes are connected and map each party (partition id) to its node.
+
+    ``answer_s`` bounds the wait for each node's first answer (default ``wait_s``): a ClientApp
+    can take long to start on a busy machine (Ray actors import torch and build the data)."""
     end = time.monotonic() + wait_s
     nodes = list(grid.get_node_ids())
     while len(nodes) < num:
@@ -145,7 +150,9 @@ def connect(grid: Grid, num: int, names: list[str], wait_s: float) -> Exchange:
         time.sleep(0.5)
         nodes = list(grid.get_node_ids())
     ex = Exchange(grid, dict(enumerate(nodes)), [f"node {n}" for n in nodes])
-    replies, left = ex.ask(HELLO, {i: content() for i in range(len(nodes))}, wait_s, "hello")
+    replies, left = ex.ask(
+        HELLO, {i: content() for i in range(len(nodes))}, answer_s or wait_s, "hello"
+    )
     mapping: dict[int, int] = {}
     for i, m in replies.items():
         part = int(m.content["metrics"]["partition"])
@@ -209,7 +216,7 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = build_fedmd_data(c, n, seed)
     stage_times["data"] = time.perf_counter() - t0
-    ex = connect(grid, n, names, float(job["wait_nodes_s"]))
+    ex = connect(grid, n, names, float(job["wait_nodes_s"]), float(job["train_timeout"]))
     _say(f"fedmd '{c.name}' on Flower ({job['runner']}): {n} parties connected")
     common = {"num_threads": int(job["num_threads"])}
 
@@ -441,7 +448,7 @@ def serve_oneshot(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
         init_state = {k: v.clone() for k, v in init.state_dict().items()}
         n = split.num_teachers
         names = [f"client {i}" for i in range(n)]
-        ex = connect(grid, n, names, float(job["wait_nodes_s"]))
+        ex = connect(grid, n, names, float(job["wait_nodes_s"]), train_timeout)
         spec = {"model": mcfg.name, "model_kwargs": dict(mcfg.kwargs)}
         asks = {}
         for i, cl in enumerate(split.clients[:n]):
