@@ -16,6 +16,7 @@ USAGE = """usage: fed-distill STAGE [key=value ...] [--cfg] [--multirun]
        fed-distill data info|fetch NAME [data_dir=DIR]
        fed-distill report RUN_DIR
        fed-distill models
+       fed-distill flower oneshot|fedmd [--mode simulation|deployment] [key=value ...]
 
 Stages:
 {stages}
@@ -65,6 +66,9 @@ def _usage() -> str:
         f"  {'report'.ljust(width)}  report.md with figures for a run folder (report RUN_DIR)"
     )
     lines.append(f"  {'models'.ljust(width)}  list the registered model architectures")
+    lines.append(
+        f"  {'flower'.ljust(width)}  oneshot|fedmd on Flower (simulation or real processes)"
+    )
     return USAGE.format(stages="\n".join(lines))
 
 
@@ -174,6 +178,23 @@ def _data_command(args: list[str]) -> None:
         )
 
 
+def _flower_command(args: list[str]) -> None:
+    """``fed-distill flower oneshot|fedmd [flags] [overrides]`` (needs fed-distill[flower])."""
+    from fed_distill.federated.flower import require_flower
+
+    if any(a in ("-h", "--help") for a in args):
+        from fed_distill.federated.flower import runner
+
+        print(runner.__doc__)
+        print(runner.parse_args.__doc__)
+        return
+    require_flower()
+    from fed_distill.federated.flower.runner import parse_args, run_flower
+
+    protocol, opts, overrides = parse_args(args)
+    run_flower(protocol, overrides, opts)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
@@ -197,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
 
             run_report(rest)
             return 0
+        if stage == "flower":
+            _flower_command(rest)
+            return 0
         if stage == "models":
             from fed_distill.models import list_models
 
@@ -204,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if stage not in STAGES:
             print(
-                f"error: unknown stage '{stage}'; choose one of: {', '.join([*STAGES, 'data', 'report', 'models'])}",
+                f"error: unknown stage '{stage}'; choose one of: {', '.join([*STAGES, 'data', 'report', 'models', 'flower'])}",
                 file=sys.stderr,
             )
             return 2

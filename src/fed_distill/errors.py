@@ -27,3 +27,7 @@ class CheckpointError(FedDistillError):
 
 class ProtocolError(FedDistillError):
     """A federated message (class scores, weights) is malformed: wrong shape, dtype, NaN or Inf."""
+
+
+class FlowerError(FedDistillError):
+    """Flower is missing, or a Flower run could not start (SuperLink, SuperNodes, app)."""

@@ -237,45 +237,27 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
             mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs
         )
         model.load_state_dict(init_state)
-        tr, va, te = (torch.as_tensor(v, dtype=torch.long) for v in (c.train, c.val, c.test))
-        t0 = time.perf_counter()
-        # The teacher's own global-RNG stream (dropout): skipping or resuming teacher 0 must not
-        # change teacher 1.
-        with fork_seeded(cfg.seed * 1000 + i, device):
-            res = fit(
-                model,
-                data.train_x[tr],
-                data.train_y[tr],
-                data.train_x[va],
-                data.train_y[va],
-                tcfg,
-                norm,
-                hflip=hflip,
-                device=device,
-                seed=cfg.seed * 1000 + i,
-                desc=f"teacher {i + 1}/{split.num_teachers}",
-                progress=cfg.progress,
-                checkpoint_path=ckpt,
-                checkpoint_every=tcfg.checkpoint_every,
-                checkpoint_meta={"fingerprint": fp, "teacher": i},
-            )
-        metrics = {
-            **res.history,
-            "best_epoch": res.best_epoch,
-            "best_val_acc": res.best_val_acc,
-            "local_test_acc": evaluate(model, data.test_x[te], data.test_y[te], norm, device),
-            "test_acc": evaluate(model, data.test_x, data.test_y, norm, device),
-            "num_train": len(c.train),
-            "train_class_counts": c.train_class_counts,
-            "train_time_s": time.perf_counter() - t0,
-            "fingerprint": fp,
-        }
+        metrics = train_teacher(
+            model,
+            data,
+            c,
+            tcfg,
+            norm,
+            hflip=hflip,
+            device=device,
+            seed=cfg.seed * 1000 + i,
+            desc=f"teacher {i + 1}/{split.num_teachers}",
+            progress=cfg.progress,
+            checkpoint_path=ckpt,
+            checkpoint_meta={"fingerprint": fp, "teacher": i},
+        )
+        metrics["fingerprint"] = fp
         save_weights(model, wpath, metadata={"model": mcfg.name, "teacher": str(i)})
         save_json(metrics, mpath)
         remove_file(ckpt)  # the finished teacher is on disk: its checkpoint has done its job
         print(
-            f"teacher {i}: {len(c.train)} train samples, best epoch {res.best_epoch + 1}, val"
-            f" {res.best_val_acc:.4f}, local test {metrics['local_test_acc']:.4f}, test {metrics['test_acc']:.4f}"
+            f"teacher {i}: {len(c.train)} train samples, best epoch {metrics['best_epoch'] + 1}, val"
+            f" {metrics['best_val_acc']:.4f}, local test {metrics['local_test_acc']:.4f}, test {metrics['test_acc']:.4f}"
             f" ({metrics['train_time_s']:.1f}s)"
         )
         summary.append(metrics)
@@ -308,6 +290,60 @@ def _check_train_config(model: torch.nn.Module, tcfg: TrainConfig) -> None:
         make_schedule(make_optimizer(model, tcfg), 1, tcfg, 1)
     except ValueError as e:  # torch.optim's own checks (learning rate, momentum, weight decay)
         raise ConfigError(f"train: {e}") from None
+
+
+def train_teacher(
+    model: torch.nn.Module,
+    data: Dataset,
+    client: Any,
+    tcfg: TrainConfig,
+    norm: Normalizer,
+    *,
+    hflip: bool,
+    device: torch.device | str,
+    seed: int,
+    desc: str = "teacher",
+    progress: bool = False,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One client's local training (what a client computes in one-shot FL): fit ``model`` in
+    place on the client's train part, select on its val part; return the teacher's metrics.
+    Runs under its own global-RNG stream (``seed``; dropout), so skipping or resuming one
+    teacher never changes another, and a Flower client computes exactly what in-process does;
+    with ``checkpoint_path`` it checkpoints every ``tcfg.checkpoint_every`` epochs and resumes."""
+    tr, va, te = (
+        torch.as_tensor(v, dtype=torch.long) for v in (client.train, client.val, client.test)
+    )
+    t0 = time.perf_counter()
+    with fork_seeded(seed, device):
+        res = fit(
+            model,
+            data.train_x[tr],
+            data.train_y[tr],
+            data.train_x[va],
+            data.train_y[va],
+            tcfg,
+            norm,
+            hflip=hflip,
+            device=device,
+            seed=seed,
+            desc=desc,
+            progress=progress,
+            checkpoint_path=checkpoint_path,
+            checkpoint_every=tcfg.checkpoint_every,
+            checkpoint_meta=checkpoint_meta,
+        )
+    return {
+        **res.history,
+        "best_epoch": res.best_epoch,
+        "best_val_acc": res.best_val_acc,
+        "local_test_acc": evaluate(model, data.test_x[te], data.test_y[te], norm, device),
+        "test_acc": evaluate(model, data.test_x, data.test_y, norm, device),
+        "num_train": len(client.train),
+        "train_class_counts": client.train_class_counts,
+        "train_time_s": time.perf_counter() - t0,
+    }
 
 
 def load_teachers(

@@ -568,6 +568,91 @@ def pooled_baseline(
     )
 
 
+def alone_extended(
+    model: torch.nn.Module,
+    data: FedMDData,
+    party: int,
+    c: FedMDConfig,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> float | None:
+    """Control for one party: the alone model (changed in place) trained on its own private data
+    for as many epochs as the rounds' revisits add up to; private test accuracy."""
+    if not (c.extended_alone and c.rounds * c.revisit_epochs > 0):
+        return None
+    revisit(
+        model,
+        data.private_x[party],
+        data.private_y[party],
+        data.private_norm,
+        epochs=c.rounds * c.revisit_epochs,
+        batch_size=c.revisit_batch_size,
+        lr=c.lr,
+        head_l2=c.head_l2,
+        crop_padding=c.crop_padding,
+        hflip=bool(c.crop_padding) and data.private_hflip,
+        device=device,
+        seed=step_seed(seed, party, 4),
+    )
+    return private_accuracy(
+        model, data.test_x, data.test_y, data.private_norm, data.offset, data.num_private, device
+    )
+
+
+def local_round(
+    model: torch.nn.Module,
+    data: FedMDData,
+    party: int,
+    c: FedMDConfig,
+    subset_x: torch.Tensor,
+    consensus: torch.Tensor,
+    round_: int,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One party's side of round ``round_`` after the consensus arrives: digest, revisit, then
+    the logits on the private test task. Returns the logits and the seconds of each step.
+
+    The same seeds as :func:`run_fedmd`'s loop, so a distributed runner calling this reproduces it.
+    """
+    t0 = time.perf_counter()
+    digest(
+        model,
+        subset_x,
+        consensus,
+        data.public_norm,
+        epochs=c.digest_epochs,
+        batch_size=c.digest_batch_size,
+        lr=c.lr,
+        head_l2=c.head_l2,
+        loss=c.digest_loss,
+        scores=c.scores,
+        temperature=c.temperature,
+        device=device,
+        seed=step_seed(seed, party, 10, round_),
+    )
+    t1 = time.perf_counter()
+    revisit(
+        model,
+        data.private_x[party],
+        data.private_y[party],
+        data.private_norm,
+        epochs=c.revisit_epochs,
+        batch_size=c.revisit_batch_size,
+        lr=c.lr,
+        head_l2=c.head_l2,
+        crop_padding=c.crop_padding,
+        hflip=bool(c.crop_padding) and data.private_hflip,
+        device=device,
+        seed=step_seed(seed, party, 11, round_),
+    )
+    t2 = time.perf_counter()
+    logits = predict_logits(model, data.test_x, data.private_norm, device)
+    times = {"digest": t1 - t0, "revisit": t2 - t1, "evaluate": time.perf_counter() - t2}
+    return logits, times
+
+
 def draw_public_subset(public_y: torch.Tensor, size: int, seed: int, round_: int) -> np.ndarray:
     """Indices of this round's stratified public subset (the same for every party)."""
     if size > len(public_y):
@@ -782,31 +867,7 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
         for i in range(len(archs)):
             if i < done["extended"]:
                 continue
-            m = copy.deepcopy(models[i])
-            revisit(
-                m,
-                data.private_x[i],
-                data.private_y[i],
-                data.private_norm,
-                epochs=c.rounds * c.revisit_epochs,
-                batch_size=c.revisit_batch_size,
-                lr=c.lr,
-                head_l2=c.head_l2,
-                crop_padding=c.crop_padding,
-                hflip=bool(c.crop_padding) and data.private_hflip,
-                device=device,
-                seed=step_seed(seed, i, 4),
-            )
-            extended[i] = private_accuracy(
-                m,
-                data.test_x,
-                data.test_y,
-                data.private_norm,
-                data.offset,
-                data.num_private,
-                device,
-            )
-            del m
+            extended[i] = alone_extended(copy.deepcopy(models[i]), data, i, c, device, seed)
             done["extended"] = i + 1
             checkpoint()
     stage_times["alone_extended"] = (

@@ -8,6 +8,7 @@ teachers, their ensemble, one-shot FedAvg and the student on the official test s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -402,9 +403,16 @@ def evaluate_oneshot(
     return out
 
 
-def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
+def run_oneshot(
+    cfg: DictConfig,
+    train_teachers: Callable[[DictConfig], Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """``fed-distill oneshot``: split → teachers → synthesis → student, with the baselines; writes
-    ``run_dir/results.json`` and prints a summary table."""
+    ``run_dir/results.json`` and prints a summary table.
+
+    ``train_teachers`` replaces the in-process teacher stage (the Flower runner has the clients
+    train and upload them); ``extra`` keys are added to results.json."""
     t0 = time.perf_counter()
     times: dict[str, float] = {}
 
@@ -416,7 +424,7 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
         return r
 
     stage("split", run_split)
-    stage("train-teachers", run_train_teachers)
+    stage("train-teachers", train_teachers or run_train_teachers)
     stage("generate-initial", run_generate_initial)
     trained = stage("train-student", run_train_student)
     s = time.perf_counter()
@@ -440,6 +448,7 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
             "stage_times_s": times,
             "wall_time_s": time.perf_counter() - t0,
             "config": {k: v for k, v in to_container(cfg).items() if not str(k).startswith("_")},
+            **(extra or {}),
         }
     )
     save_json(res, Path(cfg.run_dir) / "results.json")

@@ -1,0 +1,282 @@
+"""The Flower ``ClientApp``: one party (FedMD) or one client (one-shot) of the federation.
+
+The node's partition (``node_config["partition-id"]``) says which party it is. Its model lives in
+the node's ``context.state`` between messages (an ArrayRecord of the state dict), so the app
+works whether Flower keeps it in one process (simulation) or starts a fresh ClientApp process
+per message (SuperNode, subprocess isolation). The data is rebuilt deterministically from the
+config the server sends, and cached per process.
+
+Every computation is a function of ``federated/`` (transfer learning, class scores, digest,
+revisit, local teacher training) called with the same per-party seeds as the in-process runner,
+so a Flower run reproduces an in-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fed_distill.federated.flower import quiet_flower_env
+from fed_distill.federated.flower.common import (
+    cfg_from_json,
+    from_record,
+    inject_fault,
+    to_record,
+)
+
+quiet_flower_env()
+app = ClientApp()
+
+_CACHE: dict[str, Any] = {}  # per process: built data, keyed by what determines it
+
+
+def _cached(key: str, build):
+    if key not in _CACHE:
+        _CACHE.clear()  # one run's data at a time
+        _CACHE[key] = build()
+    return _CACHE[key]
+
+
+def _partition(context: Context) -> int:
+    return int(context.node_config.get("partition-id", 0))
+
+
+def _threads(cfg_rec: ConfigRecord) -> None:
+    # The same intra-op thread count as the reference run: float reductions then match.
+    n = int(cfg_rec.get("num_threads", 0) or 0)
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _reply(msg: Message, arrays: dict[str, torch.Tensor] | None = None, **metrics: Any) -> Message:
+    rd = RecordDict()
+    if arrays:
+        rd["arrays"] = to_record(arrays)
+    rd["metrics"] = ConfigRecord(
+        {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in metrics.items()}
+    )
+    return Message(rd, reply_to=msg)
+
+
+def _fault(msg: Message) -> tuple[str, float]:
+    cfg = msg.content["config"]
+    return str(cfg.get("fault", "") or ""), float(cfg.get("fault_sleep", 0.0) or 0.0)
+
+
+@app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    """Which partition this node holds (the server maps nodes to parties with it)."""
+    return _reply(msg, partition=_partition(context))
+
+
+# ============================================================================ FedMD
+
+
+def _fedmd(cfg_json: str):
+    """(cfg, FedMDConfig, FedMDData, architectures, device) for this run, cached per process."""
+    from fed_distill.config import as_object
+    from fed_distill.federated.config import FedMDConfig, check_fedmd_config
+    from fed_distill.federated.fedmd import party_architectures
+    from fed_distill.federated.fedmd_data import build_fedmd_data
+    from fed_distill.utils import resolve_device
+
+    def build():
+        cfg = cfg_from_json(cfg_json)
+        c: FedMDConfig = as_object(cfg.fedmd, FedMDConfig)
+        check_fedmd_config(c)
+        if c.data_dir is None and cfg.get("dataset") is not None and cfg.dataset.get("data_dir"):
+            c.data_dir = str(cfg.dataset.data_dir)
+        archs = party_architectures(c)
+        data = build_fedmd_data(c, len(archs), int(cfg.seed))
+        return cfg, c, data, archs, resolve_device(str(cfg.device))
+
+    return _cached(cfg_json, build)
+
+
+def _party_model(context: Context, party: int):
+    from fed_distill.federated.fedmd import build_party_model, step_seed
+
+    cfg, c, data, archs, device = _fedmd(str(context.state["run"]["cfg"]))
+    m = build_party_model(
+        archs[party], data, c.width_scale, seed=step_seed(int(cfg.seed), party, 0)
+    )
+    if "model" in context.state:
+        m.load_state_dict(from_record(context.state["model"]))
+    return m.to(device)
+
+
+def _check_party(msg: Message, context: Context) -> int:
+    party = int(msg.content["config"]["party"])
+    if party != _partition(context):
+        raise RuntimeError(f"message for party {party} reached partition {_partition(context)}")
+    return party
+
+
+@app.train("fedmd_setup")
+def fedmd_setup(msg: Message, context: Context) -> Message:
+    """Transfer learning (public, then private data) -> alone accuracy; optionally the local
+    baselines: pooled (an oracle: needs every party's private data, simulation only) and
+    alone-extended. The model stays in this node's state."""
+    import copy
+
+    from fed_distill.federated.fedmd import (
+        alone_extended,
+        build_party_model,
+        pooled_baseline,
+        step_seed,
+        transfer_learning,
+    )
+
+    conf = msg.content["config"]
+    _threads(conf)
+    context.state["run"] = ConfigRecord({"cfg": str(conf["cfg"])})
+    party = _check_party(msg, context)
+    cfg, c, data, archs, device = _fedmd(str(conf["cfg"]))
+    seed = int(cfg.seed)
+    t0 = time.perf_counter()
+    m = build_party_model(archs[party], data, c.width_scale, seed=step_seed(seed, party, 0)).to(
+        device
+    )
+    tr = transfer_learning(m, data, party, c, device=device, seed=seed)
+    out: dict[str, Any] = {
+        "public_val_acc": tr["public_val_acc"],
+        "public_epochs_run": tr["public_epochs_run"],
+        "private_acc_after_public": tr["private_acc_after_public"],
+        "alone_acc": tr["alone_acc"],
+        "transfer_s": time.perf_counter() - t0,
+    }
+    if bool(conf.get("pooled", False)):
+        t0 = time.perf_counter()
+        p = build_party_model(archs[party], data, c.width_scale, seed=step_seed(seed, party, 0))
+        p.load_state_dict(tr["public_state"])
+        out["pooled_acc"] = pooled_baseline(p.to(device), data, party, c, device=device, seed=seed)
+        out["pooled_s"] = time.perf_counter() - t0
+    if bool(conf.get("extended", False)):
+        t0 = time.perf_counter()
+        out["alone_extended_acc"] = alone_extended(copy.deepcopy(m), data, party, c, device, seed)
+        out["alone_extended_s"] = time.perf_counter() - t0
+    context.state["model"] = to_record(m.state_dict())
+    return _reply(msg, {"test_logits": tr["test_logits"]}, **out)
+
+
+@app.query("fedmd_scores")
+def fedmd_scores(msg: Message, context: Context) -> Message:
+    """Communicate: class scores of the party's model on the public samples the server names."""
+    from fed_distill.federated.fedmd import class_scores
+
+    conf = msg.content["config"]
+    _threads(conf)
+    party = _check_party(msg, context)
+    _, c, data, _, device = _fedmd(str(context.state["run"]["cfg"]))
+    idx = from_record(msg.content["arrays"])["idx"]
+    m = _party_model(context, party)
+    scores = {
+        "scores": class_scores(
+            m,
+            data.public_x[idx],
+            data.public_norm,
+            kind=c.scores,
+            temperature=c.temperature,
+            device=device,
+        )
+    }
+    kind, sleep_s = _fault(msg)
+    if kind:
+        inject_fault(kind, scores, sleep_s)
+    return _reply(msg, scores)
+
+
+@app.train("fedmd_round")
+def fedmd_round(msg: Message, context: Context) -> Message:
+    """Digest the consensus on the round's public subset, revisit the private data, evaluate."""
+    from fed_distill.federated.fedmd import local_round
+
+    conf = msg.content["config"]
+    _threads(conf)
+    party = _check_party(msg, context)
+    cfg, c, data, _, device = _fedmd(str(context.state["run"]["cfg"]))
+    arrays = from_record(msg.content["arrays"])
+    m = _party_model(context, party)
+    logits, times = local_round(
+        m,
+        data,
+        party,
+        c,
+        data.public_x[arrays["idx"]],
+        arrays["consensus"],
+        int(conf["round"]),
+        device=device,
+        seed=int(cfg.seed),
+    )
+    context.state["model"] = to_record(m.state_dict())
+    from fed_distill.federated.fedmd import restricted_accuracy
+
+    acc = restricted_accuracy(logits, data.test_y, data.offset, data.num_private)
+    return _reply(msg, {"test_logits": logits}, acc=acc, **{f"{k}_s": v for k, v in times.items()})
+
+
+# ============================================================================ one-shot
+
+
+@app.train("oneshot_teacher")
+def oneshot_teacher(msg: Message, context: Context) -> Message:
+    """Train this client's teacher once from the server's initial weights on its partition,
+    and upload the weights with the training metrics."""
+    from fed_distill.config import DatasetConfig, as_object
+    from fed_distill.data.partition import ClientSplit
+    from fed_distill.data.transforms import Normalizer
+    from fed_distill.models import build_model
+    from fed_distill.pipeline import load_data, train_teacher
+    from fed_distill.train.fit import TrainConfig
+    from fed_distill.utils import resolve_device
+
+    conf = msg.content["config"]
+    _threads(conf)
+    client = int(conf["client"])
+    if client != _partition(context):
+        raise RuntimeError(f"message for client {client} reached partition {_partition(context)}")
+    cfg = cfg_from_json(str(conf["cfg"]))
+    options = json.loads(str(conf["dataset_options"]))
+    ds_cfg = as_object(cfg.dataset, DatasetConfig)
+    ds_cfg.name = str(conf["dataset"])
+    data = _cached(
+        json.dumps([ds_cfg.name, ds_cfg.data_dir, options]), lambda: load_data(ds_cfg, options)
+    )
+    arrays = from_record(msg.content["arrays"])
+    part = ClientSplit(
+        train=arrays.pop("idx_train").tolist(),
+        val=arrays.pop("idx_val").tolist(),
+        test=arrays.pop("idx_test").tolist(),
+        train_class_counts=json.loads(str(conf["train_class_counts"])),
+    )
+    spec = json.loads(str(conf["spec"]))
+    info = data.info
+    tcfg = as_object(cfg.train, TrainConfig)
+    hflip = info.hflip if tcfg.hflip is None else tcfg.hflip
+    device = resolve_device(str(cfg.device))
+    model = build_model(
+        spec["model"], info.num_classes, info.channels, info.image_size, **spec["model_kwargs"]
+    )
+    model.load_state_dict(arrays)
+    metrics = train_teacher(
+        model,
+        data,
+        part,
+        tcfg,
+        Normalizer(info.mean, info.std),
+        hflip=hflip,
+        device=device,
+        seed=int(cfg.seed) * 1000 + client,
+        desc=f"teacher {client}",
+        progress=False,
+    )
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    kind, sleep_s = _fault(msg)
+    if kind:
+        inject_fault(kind, weights, sleep_s)
+    return _reply(msg, weights, metrics=metrics)

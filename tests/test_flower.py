@@ -1,0 +1,237 @@
+"""Both protocols on real Flower: simulation engine and real processes (SuperLink + SuperNodes
+on loopback), equal to the in-process runs; faulty clients left out with reasons."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+from fed_distill.cli import main  # noqa: E402
+from fed_distill.errors import ProtocolError  # noqa: E402
+from fed_distill.federated.flower.runner import FlowerOptions, run_flower  # noqa: E402
+from fed_distill.federated.flower.server_app import validate_weights  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One intra-op thread in this process and (sent by the server) on every client."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("FED_DISTILL_NO_PROGRESS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+FEDMD = [
+    "fedmd=quick",
+    "fedmd.parties=[fedmd_1,fedmd_6,fedmd_4]",
+    "fedmd.rounds=2",
+    "fedmd.public_epochs=1",
+    "fedmd.private_epochs=3",
+    "fedmd.pooled_epochs=2",
+    "progress=false",
+    "seed=3",
+]
+ONESHOT = [
+    "dataset=digits",
+    "split=iid",
+    "seed=1",
+    "device=cpu",
+    "train.epochs=2",
+    "train.min_steps=60",
+    "synthesis.iterations=10",
+    "synthesis.batch_size=32",
+    "student.epochs=2",
+    "student.initial_batches=1",
+    "student.steps_per_epoch=5",
+    "student.batch_size=32",
+    "progress=false",
+]
+
+
+def _close(a, b, path="results"):
+    """Equal within float tolerance, recursively (None and lists included)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6), path
+    else:
+        assert a == b, path
+
+
+def _results(run_dir):
+    return json.loads((run_dir / "results.json").read_text())
+
+
+# ----------------------------------------------------------------------------- no Flower needed
+def test_core_does_not_import_flower():
+    code = (
+        "import sys, fed_distill.cli, fed_distill.federated.fedmd, fed_distill.federated.oneshot;"
+        "sys.exit(1 if 'flwr' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], env=os.environ).returncode == 0
+
+
+def test_missing_flower_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "flwr", None)  # makes `import flwr` fail
+    assert main(["flower", "fedmd"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: Flower is not installed; pip install fed-distill[flower]"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["flower"], "usage: fed-distill flower oneshot|fedmd"),
+        (["flower", "fedavg"], "usage: fed-distill flower oneshot|fedmd"),
+        (["flower", "fedmd", "--mode", "cloud"], "--mode must be simulation or deployment"),
+        (["flower", "fedmd", "--timeout", "soon"], "--timeout must be a number of seconds"),
+        (["flower", "fedmd", "--fault", "1:nan"], "--fault must be PARTY:ROUND:KIND"),
+        (["flower", "fedmd", "--fault", "1:1:melt"], "--fault kind must be one of"),
+        (["flower", "fedmd", "--colour"], "unknown option '--colour'"),
+        (["flower", "fedmd", "fedmd.rounds=-1"], "fedmd.rounds must be >= 0"),
+    ],
+)
+def test_bad_flower_arguments_give_one_line(args, message, capsys, tmp_path):
+    assert main([*args, f"run_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_uploaded_weights_are_validated():
+    ref = {"w": torch.zeros(3, 2), "n": torch.tensor(0)}
+    validate_weights({"w": torch.ones(3, 2), "n": torch.tensor(5)}, ref, "client 0")
+    bad = [
+        ({"w": torch.ones(2, 2), "n": torch.tensor(0)}, "has shape (2, 2), expected (3, 2)"),
+        ({"w": torch.ones(3, 2, dtype=torch.float64), "n": torch.tensor(0)}, "dtype torch.float64"),
+        ({"w": torch.full((3, 2), float("nan")), "n": torch.tensor(0)}, "6 NaN and 0 Inf"),
+        ({"w": torch.full((3, 2), float("inf")), "n": torch.tensor(0)}, "0 NaN and 6 Inf"),
+        ({"w": torch.ones(3, 2)}, "missing keys ['n']"),
+    ]
+    for state, message in bad:
+        with pytest.raises(ProtocolError, match="client 0") as e:
+            validate_weights(state, ref, "client 0")
+        assert message in str(e.value)
+
+
+# ----------------------------------------------------------------------------- simulation
+def test_fedmd_on_flower_simulation_equals_in_process(tmp_path):
+    assert main(["fedmd", *FEDMD, f"run_dir={tmp_path / 'local'}"]) == 0
+    flower = run_flower("fedmd", [*FEDMD, f"run_dir={tmp_path / 'sim'}"], FlowerOptions())
+    local = _results(tmp_path / "local")
+    assert _results(tmp_path / "sim") == flower
+    assert flower["runner"] == "flower-simulation"
+    assert flower["left_out"] == [[], []]
+    for key in (
+        "rounds",
+        "parties",
+        "party_acc",
+        "alone_acc",
+        "pooled_acc",
+        "alone_extended_acc",
+        "final_acc",
+        "mean_acc",
+        "mean_gain",
+        "ensemble_acc",
+        "public_val_acc",
+        "private_acc_after_public",
+        "consensus_distance",
+        "left_out",
+        "device",
+        "data",
+        "preset",
+    ):
+        _close(local[key], flower[key], key)
+    assert len(flower["party_acc"][0]) == 3 and flower["pooled_acc"][0] is not None
+
+
+def test_fedmd_faulty_clients_are_left_out_with_reasons(tmp_path):
+    """Every kind of fault, each round leaving at least one healthy party."""
+    opts = FlowerOptions(
+        timeout=4.0,
+        faults=["0:1:nan", "1:1:inf", "0:2:shape", "1:2:dtype", "1:3:error", "2:3:timeout"],
+    )
+    overrides = [
+        *FEDMD,
+        "fedmd.rounds=3",
+        "fedmd.pooled=false",
+        "fedmd.extended_alone=false",
+        f"run_dir={tmp_path}",
+    ]
+    r = run_flower("fedmd", overrides, opts)
+    assert _results(tmp_path) == r
+    reasons = {
+        (d["party"], rnd): d["reason"] for rnd, ds in enumerate(r["left_out"], 1) for d in ds
+    }
+    assert set(reasons) == {(0, 1), (1, 1), (0, 2), (1, 2), (1, 3), (2, 3)}
+    assert "1 NaN and 0 Inf" in reasons[(0, 1)]
+    assert "0 NaN and 1 Inf" in reasons[(1, 1)]
+    assert "have shape (399, 10), expected (400, 10)" in reasons[(0, 2)]
+    assert "must be floating point, got dtype torch.int64" in reasons[(1, 2)]
+    assert "the ClientApp failed: injected fault: the client crashed" in reasons[(1, 3)]
+    assert "no answer within 4s (timeout)" in reasons[(2, 3)]
+    # the left-out parties are not in the consensus; the others carry on every round
+    dist = r["consensus_distance"]
+    assert dist[0][:2] == [None, None] and dist[0][2] is not None
+    assert dist[1][:2] == [None, None] and dist[1][2] is not None
+    assert dist[2][0] is not None and dist[2][1:] == [None, None]
+    assert all(isinstance(a, float) for a in r["party_acc"][0])
+    # rejected scores still digest (as in-process); parties that never answered skip the round
+    assert isinstance(r["party_acc"][1][2], float) and r["party_acc"][1][3] is None
+    assert r["party_acc"][2][3] is None and len(r["party_acc"][2]) == 4
+
+
+def test_oneshot_on_flower_simulation_equals_in_process(tmp_path):
+    args = [*ONESHOT, "split.num_clients=3"]
+    assert main(["oneshot", *args, f"run_dir={tmp_path / 'local'}"]) == 0
+    flower = run_flower("oneshot", [*args, f"run_dir={tmp_path / 'sim'}"], FlowerOptions())
+    local = _results(tmp_path / "local")
+    assert flower["runner"] == "flower-simulation" and flower["left_out"] == []
+    for key in ("teacher_acc", "teacher_local_acc", "ensemble_acc_by_method", "fedavg_acc"):
+        _close(local[key], flower[key], key)
+    _close(local["student_acc"], flower["student_acc"], "student_acc")
+    for i in range(3):
+        m = json.loads((tmp_path / "sim" / "teachers" / f"metrics_teacher_{i}.json").read_text())
+        assert m["client"] == i and "train_loss" in m and "local_test_acc" in m
+
+
+def test_oneshot_faulty_clients_are_left_out(tmp_path):
+    opts = FlowerOptions(faults=["1:0:nan", "2:0:dtype"])
+    r = run_flower("oneshot", [*ONESHOT, "split.num_clients=4", f"run_dir={tmp_path}"], opts)
+    assert [d["party"] for d in r["left_out"]] == [1, 2]
+    assert "NaN" in r["left_out"][0]["reason"] and "client 1" in r["left_out"][0]["reason"]
+    assert "dtype torch.int64" in r["left_out"][1]["reason"]
+    # the run carried on with clients 0 and 3: two teachers, a student, the baselines
+    assert r["teacher_clients"] == [0, 3] and len(r["teacher_acc"]) == 2
+    assert r["student_acc"] is not None and r["fedavg_acc"] is not None
+    assert len(json.loads((tmp_path / "split.json").read_text())["clients"]) == 2
+    assert len(json.loads((tmp_path / "split_all.json").read_text())["clients"]) == 4
+
+
+# ----------------------------------------------------------------------------- real processes
+def test_oneshot_on_real_superlink_and_supernodes_equals_in_process(tmp_path):
+    """A SuperLink and 2 SuperNodes as separate processes on loopback ports, stopped by PID."""
+    args = [*ONESHOT, "split.num_clients=2"]
+    assert main(["oneshot", *args, f"run_dir={tmp_path / 'local'}"]) == 0
+    opts = FlowerOptions(mode="deployment", wait_nodes_s=120, train_timeout=300)
+    flower = run_flower("oneshot", [*args, f"run_dir={tmp_path / 'dep'}"], opts)
+    local = _results(tmp_path / "local")
+    assert flower["runner"] == "flower-deployment" and flower["left_out"] == []
+    for key in ("teacher_acc", "ensemble_acc_by_method", "fedavg_acc", "student_acc"):
+        _close(local[key], flower[key], key)
+    logs = tmp_path / "dep" / "flower_logs"
+    assert (logs / "superlink.log").is_file() and (logs / "supernode_1.log").is_file()
