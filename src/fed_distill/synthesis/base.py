@@ -4,6 +4,8 @@ current student) into one labelled batch of synthetic images, :class:`SyntheticB
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,24 @@ class SyntheticBatch:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+@contextmanager
+def frozen_student(student: nn.Module | None) -> Iterator[None]:
+    """``student`` in eval mode with frozen weights for the duration (adaptive terms send
+    gradients to the pixels or the generator through it, never into it); its mode and
+    ``requires_grad`` flags are restored afterwards, also on exceptions. None: nothing to do."""
+    if student is None:
+        yield
+        return
+    mode, flags = student.training, [p.requires_grad for p in student.parameters()]
+    student.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        student.train(mode)
+        for p, rg in zip(student.parameters(), flags, strict=True):
+            p.requires_grad_(rg)
 
 
 class Synthesizer(ABC):

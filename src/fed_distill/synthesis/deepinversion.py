@@ -53,7 +53,7 @@ from torch import nn
 
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError
-from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
+from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
 from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.losses import (
@@ -64,7 +64,7 @@ from fed_distill.synthesis.losses import (
     masked_logits,
     total_variation,
 )
-from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack
+from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack, use_grouped
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,34 @@ def teacher_class_weights(class_counts: np.ndarray | torch.Tensor) -> torch.Tens
         empty = [i for i, v in enumerate(totals.flatten().tolist()) if v <= 0]
         raise ConfigError(f"teacher(s) {empty} have no training data (all class counts are 0)")
     return (counts / totals).float()
+
+
+def synthesis_inputs(
+    teachers: list[nn.Module], class_counts: np.ndarray, image_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The checks every synthesizer makes on its inputs: at least one teacher, class counts
+    (T, C) non-negative with one non-empty row per teacher, an image shape (C, H, W). Returns
+    the counts as float64 and the shape as ints; raises ConfigError (one line) otherwise."""
+    if not teachers:
+        raise ConfigError("synthesis needs at least one teacher")
+    counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64)
+    teacher_class_weights(counts)  # 2-D, non-negative, no empty teacher
+    if counts.shape[0] != len(teachers):
+        raise ConfigError(
+            f"class_counts has {counts.shape[0]} rows but there are {len(teachers)} teachers"
+        )
+    if len(image_shape) != 3:
+        raise ConfigError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+    c, h, w = (int(v) for v in image_shape)
+    return counts, (c, h, w)
+
+
+def label_probs(counts: torch.Tensor, label_mode: str) -> torch.Tensor:
+    """Label distribution for teachers with these (T, C) class counts: ``uniform`` over the
+    classes any of them owns, or ``weighted`` by their summed counts."""
+    total = counts.sum(dim=0)
+    p = (total > 0).double() if label_mode == "uniform" else total
+    return (p / p.sum()).float()
 
 
 def balanced_labels(probs: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -163,15 +191,8 @@ class DeepInversion(Synthesizer):
         cfg.validate(num_available=len(teachers))
         self.cfg = cfg
         self.device = torch.device(device)
-        counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64)
-        self.class_weights = teacher_class_weights(counts)  # also validates the counts
-        if counts.shape[0] != len(teachers):
-            raise ConfigError(
-                f"class_counts has {counts.shape[0]} rows but there are {len(teachers)} teachers"
-            )
-        if len(image_shape) != 3:
-            raise ConfigError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-        self.image_shape = tuple(int(s) for s in image_shape)
+        counts, self.image_shape = synthesis_inputs(teachers, class_counts, image_shape)
+        self.class_weights = teacher_class_weights(counts)
         self.num_classes = int(counts.shape[1])
         self.counts = counts
         self.owned = counts > 0  # (T, C) bool, CPU
@@ -188,10 +209,7 @@ class DeepInversion(Synthesizer):
             fmt = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
             notes = []
             group = cfg.mode == "ensemble" or (cfg.mode == "cycling" and cfg.parallel)
-            grouped = cfg.grouped
-            if grouped is None:  # auto: see SynthesisConfig.grouped
-                grouped = self.device.type != "cpu" or torch.get_num_threads() > 1
-            if group and grouped and len(self.teachers) > 1:
+            if group and use_grouped(cfg.grouped, self.device) and len(self.teachers) > 1:
                 self.stacked, why = try_stack(self.teachers, self.image_shape, fmt)
                 notes.append("grouped" if self.stacked is not None else f"not grouped: {why}")
                 if self.stacked is None:
@@ -232,9 +250,7 @@ class DeepInversion(Synthesizer):
     # ------------------------------------------------------------------ helpers
 
     def _label_probs(self, ids: list[int]) -> torch.Tensor:
-        counts = self.counts[ids].sum(dim=0)
-        p = (counts > 0).double() if self.cfg.label_mode == "uniform" else counts
-        return (p / p.sum()).float()
+        return label_probs(self.counts[ids], self.cfg.label_mode)
 
     def _make_optimizer(self, x: torch.Tensor) -> torch.optim.Optimizer:
         # A fresh Adam per batch: moment estimates must never leak from one batch to the next.
@@ -312,125 +328,100 @@ class DeepInversion(Synthesizer):
         best_x = x.detach().clone()
         terms: dict[str, torch.Tensor] = {}
 
-        restore = None
-        if adaptive:
-            assert student is not None
-            # Student frozen for the duration (eval BN, no weight grads), restored afterwards.
-            restore = (student.training, [p.requires_grad for p in student.parameters()])
-            student.eval().requires_grad_(False)
         t0 = time.perf_counter()
-        try:
-            with ExitStack() as stack:
-                hooks: dict = {}
-                stacked = self.stacked if cfg.mode == "ensemble" else None
-                if use_bn and stacked is not None:
-                    # one hook set on the grouped net: a (T,) vector of per-teacher terms
-                    hooks = {-1: stack.enter_context(StackedBNHooks(stacked))}
-                elif use_bn:
-                    hooks = {t: stack.enter_context(self._bn_hooks(t)) for t in active}
-                for i in range(iters):
-                    if lrs is not None:
-                        opt.param_groups[0]["lr"] = lrs[i]
-                    xj = x
-                    if offsets is not None:
-                        dx, dy = offsets[i]
-                        if dx or dy:
-                            xj = torch.roll(xj, shifts=(dx, dy), dims=(2, 3))
-                    if flips is not None and flips[i]:
-                        xj = xj.flip(3)
-                    s_logits = student(xj) if adaptive else None  # type: ignore[misc]
+        with frozen_student(student if adaptive else None), ExitStack() as stack:
+            hooks: dict = {}
+            stacked = self.stacked if cfg.mode == "ensemble" else None
+            if use_bn and stacked is not None:
+                # one hook set on the grouped net: a (T,) vector of per-teacher terms
+                hooks = {-1: stack.enter_context(StackedBNHooks(stacked))}
+            elif use_bn:
+                hooks = {t: stack.enter_context(self._bn_hooks(t)) for t in active}
+            for i in range(iters):
+                if lrs is not None:
+                    opt.param_groups[0]["lr"] = lrs[i]
+                xj = x
+                if offsets is not None:
+                    dx, dy = offsets[i]
+                    if dx or dy:
+                        xj = torch.roll(xj, shifts=(dx, dy), dims=(2, 3))
+                if flips is not None and flips[i]:
+                    xj = xj.flip(3)
+                s_logits = student(xj) if adaptive else None  # type: ignore[misc]
 
-                    if cfg.mode == "sampling":
-                        ces, bns, comps = [], [], []
-                        for t in draws[i]:
-                            logits = self._teacher_logits(t, xj)
-                            ces.append(self._ce(t, logits, y))
-                            if use_bn:
-                                bns.append(hooks[t].loss(cfg.first_bn_multiplier).reshape(()))
-                            if adaptive:
-                                comps.append(competition_loss(logits, s_logits, cfg.temperature))
-                        k = len(draws[i])
-                        ce = torch.stack(ces).sum() / k
-                        bn = torch.stack(bns).sum() / k if use_bn else zero
-                        comp = torch.stack(comps).sum() / k if adaptive else zero
-                    elif cfg.mode == "ensemble":
-                        if stacked is not None:
-                            logits = stacked(xj).mean(dim=0)  # one grouped forward
-                        else:
-                            logits = torch.stack([self._forward(t, xj) for t in active])
-                            logits = logits.mean(dim=0)
-                        if cfg.class_mask:
-                            logits = masked_logits(logits, self._union_dev)
-                        ce = self._ce(None, logits, y)
-                        if not use_bn:
-                            bn = zero
-                        elif stacked is not None:
-                            bn = hooks[-1].loss(cfg.first_bn_multiplier).mean()
-                        else:
-                            bn = torch.stack(
-                                [hooks[t].loss(cfg.first_bn_multiplier).reshape(()) for t in active]
-                            ).mean()
-                        comp = (
-                            competition_loss(logits, s_logits, cfg.temperature)
-                            if adaptive
-                            else zero
-                        )
-                    else:
-                        logits = self._teacher_logits(t_cur, xj)  # type: ignore[arg-type]
-                        ce = self._ce(t_cur, logits, y)
-                        bn = (
-                            hooks[t_cur].loss(cfg.first_bn_multiplier).reshape(())
-                            if use_bn
-                            else zero
-                        )
-                        comp = (
-                            competition_loss(logits, s_logits, cfg.temperature)
-                            if adaptive
-                            else zero
-                        )
-
-                    # Image priors on the un-jittered pixels, once per step.
-                    tv = total_variation(x)
-                    l2 = l2_prior(x)
-                    loss = ce + cfg.bn_scale * bn + cfg.var_scale * tv + cfg.l2_scale * l2
-                    if adaptive:
-                        loss = loss + cfg.comp_scale * comp
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-
-                    with torch.no_grad():
-                        # Keep the lowest-loss pixels (those the loss was computed on, i.e.
-                        # before this step) as a copy: torch.where allocates, never aliases x.
-                        ld = loss.detach()
-                        curve[i] = ld
-                        better = ld < best_loss
-                        best_loss = torch.where(better, ld, best_loss)
-                        best_x = torch.where(better, x.detach(), best_x)
-                    opt.step()
-                    with torch.no_grad():
-                        x.clamp_(min=self.low, max=self.high)  # stay valid pixel values
-                terms = {"ce": ce, "bn": bn, "tv": tv, "l2": l2, "comp": comp}
-                final_loss = ld
-
-                # Final check, no BN terms needed: how often do the producing teachers agree
-                # with the labels on the kept batch?
-                for h in hooks.values():
-                    h.enabled = False
-                with torch.inference_mode():
+                if cfg.mode == "sampling":
+                    ces, bns, comps = [], [], []
+                    for t in draws[i]:
+                        logits = self._teacher_logits(t, xj)
+                        ces.append(self._ce(t, logits, y))
+                        if use_bn:
+                            bns.append(hooks[t].loss(cfg.first_bn_multiplier).reshape(()))
+                        if adaptive:
+                            comps.append(competition_loss(logits, s_logits, cfg.temperature))
+                    k = len(draws[i])
+                    ce = torch.stack(ces).sum() / k
+                    bn = torch.stack(bns).sum() / k if use_bn else zero
+                    comp = torch.stack(comps).sum() / k if adaptive else zero
+                elif cfg.mode == "ensemble":
                     if stacked is not None:
-                        logits = stacked(best_x).mean(dim=0)
+                        logits = stacked(xj).mean(dim=0)  # one grouped forward
                     else:
-                        logits = torch.stack([self.teachers[t](best_x) for t in active])
+                        logits = torch.stack([self._forward(t, xj) for t in active])
                         logits = logits.mean(dim=0)
                     if cfg.class_mask:
-                        logits = masked_logits(logits, self._owned_dev[active].any(dim=0))
-                    acc = (logits.argmax(dim=1) == y).float().mean()
-        finally:
-            if restore is not None:
-                assert student is not None
-                student.train(restore[0])
-                for p, rg in zip(student.parameters(), restore[1], strict=True):
-                    p.requires_grad_(rg)
+                        logits = masked_logits(logits, self._union_dev)
+                    ce = self._ce(None, logits, y)
+                    if not use_bn:
+                        bn = zero
+                    elif stacked is not None:
+                        bn = hooks[-1].loss(cfg.first_bn_multiplier).mean()
+                    else:
+                        bn = torch.stack(
+                            [hooks[t].loss(cfg.first_bn_multiplier).reshape(()) for t in active]
+                        ).mean()
+                    comp = competition_loss(logits, s_logits, cfg.temperature) if adaptive else zero
+                else:
+                    logits = self._teacher_logits(t_cur, xj)  # type: ignore[arg-type]
+                    ce = self._ce(t_cur, logits, y)
+                    bn = hooks[t_cur].loss(cfg.first_bn_multiplier).reshape(()) if use_bn else zero
+                    comp = competition_loss(logits, s_logits, cfg.temperature) if adaptive else zero
+
+                # Image priors on the un-jittered pixels, once per step.
+                tv = total_variation(x)
+                l2 = l2_prior(x)
+                loss = ce + cfg.bn_scale * bn + cfg.var_scale * tv + cfg.l2_scale * l2
+                if adaptive:
+                    loss = loss + cfg.comp_scale * comp
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+
+                with torch.no_grad():
+                    # Keep the lowest-loss pixels (those the loss was computed on, i.e.
+                    # before this step) as a copy: torch.where allocates, never aliases x.
+                    ld = loss.detach()
+                    curve[i] = ld
+                    better = ld < best_loss
+                    best_loss = torch.where(better, ld, best_loss)
+                    best_x = torch.where(better, x.detach(), best_x)
+                opt.step()
+                with torch.no_grad():
+                    x.clamp_(min=self.low, max=self.high)  # stay valid pixel values
+            terms = {"ce": ce, "bn": bn, "tv": tv, "l2": l2, "comp": comp}
+            final_loss = ld
+
+            # Final check, no BN terms needed: how often do the producing teachers agree
+            # with the labels on the kept batch?
+            for h in hooks.values():
+                h.enabled = False
+            with torch.inference_mode():
+                if stacked is not None:
+                    logits = stacked(best_x).mean(dim=0)
+                else:
+                    logits = torch.stack([self.teachers[t](best_x) for t in active])
+                    logits = logits.mean(dim=0)
+                if cfg.class_mask:
+                    logits = masked_logits(logits, self._owned_dev[active].any(dim=0))
+                acc = (logits.argmax(dim=1) == y).float().mean()
 
         # One host sync for everything the loop produced.
         values = torch.stack(
@@ -529,76 +520,64 @@ class DeepInversion(Synthesizer):
             w_sum = w.sum(dim=1).clamp_min(1e-12)
         not_owned = ~self._owned_dev[:, None, :]  # (T, 1, K)
 
-        restore = None
-        if adaptive:
-            assert student is not None
-            restore = (student.training, [p.requires_grad for p in student.parameters()])
-            student.eval().requires_grad_(False)
         t0 = time.perf_counter()
-        try:
-            with ExitStack() as stack:
-                hooks = stack.enter_context(StackedBNHooks(stacked)) if use_bn else None
-                for i in range(iters):
-                    if lrs is not None:
-                        opt.param_groups[0]["lr"] = lrs[i]
-                    xj = x
-                    if offsets is not None:
-                        dx, dy = offsets[i]
-                        if dx or dy:
-                            xj = torch.roll(xj, shifts=(dx, dy), dims=(3, 4))
-                    if flips is not None and flips[i]:
-                        xj = xj.flip(4)
-                    logits = stacked(xj)  # (T, N, K), one grouped forward
-                    if cfg.class_mask:
-                        logits = logits.masked_fill(not_owned, MASKED_LOGIT)
-                    k = logits.shape[-1]
-                    ce_el = F.cross_entropy(logits.reshape(-1, k), y_flat, reduction="none")
-                    ce_el = ce_el.view(n_t, n)
-                    ce = (w * ce_el).sum(dim=1) / w_sum if cfg.class_weighted_ce else ce_el.mean(1)
-                    bn = hooks.loss(cfg.first_bn_multiplier) if hooks is not None else zero
-                    tv = total_variation_per_batch(x)
-                    l2 = l2_prior_per_batch(x)
-                    per_batch = ce + cfg.bn_scale * bn + cfg.var_scale * tv + cfg.l2_scale * l2
-                    if adaptive:
-                        # The student in eval mode treats every image on its own, so one
-                        # forward over the T·N images is T separate ones.
-                        s_logits = student(xj.reshape(n_t * n, *xj.shape[2:]))  # type: ignore[misc]
-                        s_logits = s_logits.view(n_t, n, -1)
-                        comp = torch.stack(
-                            [
-                                competition_loss(logits[t], s_logits[t], cfg.temperature)
-                                for t in range(n_t)
-                            ]
-                        )
-                        per_batch = per_batch + cfg.comp_scale * comp
-                    else:
-                        comp = zero
-                    opt.zero_grad(set_to_none=True)
-                    per_batch.sum().backward()  # batch t's pixels only reach loss t
+        with frozen_student(student if adaptive else None), ExitStack() as stack:
+            hooks = stack.enter_context(StackedBNHooks(stacked)) if use_bn else None
+            for i in range(iters):
+                if lrs is not None:
+                    opt.param_groups[0]["lr"] = lrs[i]
+                xj = x
+                if offsets is not None:
+                    dx, dy = offsets[i]
+                    if dx or dy:
+                        xj = torch.roll(xj, shifts=(dx, dy), dims=(3, 4))
+                if flips is not None and flips[i]:
+                    xj = xj.flip(4)
+                logits = stacked(xj)  # (T, N, K), one grouped forward
+                if cfg.class_mask:
+                    logits = logits.masked_fill(not_owned, MASKED_LOGIT)
+                k = logits.shape[-1]
+                ce_el = F.cross_entropy(logits.reshape(-1, k), y_flat, reduction="none")
+                ce_el = ce_el.view(n_t, n)
+                ce = (w * ce_el).sum(dim=1) / w_sum if cfg.class_weighted_ce else ce_el.mean(1)
+                bn = hooks.loss(cfg.first_bn_multiplier) if hooks is not None else zero
+                tv = total_variation_per_batch(x)
+                l2 = l2_prior_per_batch(x)
+                per_batch = ce + cfg.bn_scale * bn + cfg.var_scale * tv + cfg.l2_scale * l2
+                if adaptive:
+                    # The student in eval mode treats every image on its own, so one
+                    # forward over the T·N images is T separate ones.
+                    s_logits = student(xj.reshape(n_t * n, *xj.shape[2:]))  # type: ignore[misc]
+                    s_logits = s_logits.view(n_t, n, -1)
+                    comp = torch.stack(
+                        [
+                            competition_loss(logits[t], s_logits[t], cfg.temperature)
+                            for t in range(n_t)
+                        ]
+                    )
+                    per_batch = per_batch + cfg.comp_scale * comp
+                else:
+                    comp = zero
+                opt.zero_grad(set_to_none=True)
+                per_batch.sum().backward()  # batch t's pixels only reach loss t
 
-                    with torch.no_grad():
-                        ld = per_batch.detach()
-                        curve[i] = ld
-                        better = ld < best_loss
-                        best_loss = torch.where(better, ld, best_loss)
-                        best_x = torch.where(better.view(-1, 1, 1, 1, 1), x.detach(), best_x)
-                    opt.step()
-                    with torch.no_grad():
-                        x.clamp_(min=self.low, max=self.high)
-                terms = [ce, bn, tv, l2, comp]
-                if hooks is not None:
-                    hooks.enabled = False
-                with torch.inference_mode():
-                    logits = stacked(best_x)
-                    if cfg.class_mask:
-                        logits = logits.masked_fill(not_owned, MASKED_LOGIT)
-                    acc = (logits.argmax(dim=2) == y).float().mean(dim=1)
-        finally:
-            if restore is not None:
-                assert student is not None
-                student.train(restore[0])
-                for p, rg in zip(student.parameters(), restore[1], strict=True):
-                    p.requires_grad_(rg)
+                with torch.no_grad():
+                    ld = per_batch.detach()
+                    curve[i] = ld
+                    better = ld < best_loss
+                    best_loss = torch.where(better, ld, best_loss)
+                    best_x = torch.where(better.view(-1, 1, 1, 1, 1), x.detach(), best_x)
+                opt.step()
+                with torch.no_grad():
+                    x.clamp_(min=self.low, max=self.high)
+            terms = [ce, bn, tv, l2, comp]
+            if hooks is not None:
+                hooks.enabled = False
+            with torch.inference_mode():
+                logits = stacked(best_x)
+                if cfg.class_mask:
+                    logits = logits.masked_fill(not_owned, MASKED_LOGIT)
+                acc = (logits.argmax(dim=2) == y).float().mean(dim=1)
 
         # One host sync for the whole group.
         rows = torch.stack([ld, curve[0], best_loss, acc] + [v.detach().float() for v in terms])

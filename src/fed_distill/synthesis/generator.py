@@ -40,13 +40,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from fed_distill.data.transforms import Normalizer
-from fed_distill.errors import ConfigError
 from fed_distill.federated.baselines import class_shares, ensemble_probs
-from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
+from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
 from fed_distill.synthesis.config import SynthesisConfig
-from fed_distill.synthesis.deepinversion import balanced_labels, frozen_copies
-from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack
+from fed_distill.synthesis.deepinversion import (
+    balanced_labels,
+    frozen_copies,
+    label_probs,
+    synthesis_inputs,
+)
+from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack, use_grouped
 
 
 class ImageGenerator(nn.Module):
@@ -111,19 +115,12 @@ class GeneratorSynthesizer(Synthesizer):
         seed: int = 0,
         meta: bool = False,
     ) -> None:
-        if not teachers:
-            raise ConfigError("synthesis needs at least one teacher")
+        counts, self.image_shape = synthesis_inputs(teachers, class_counts, image_shape)
         cfg.validate(num_available=len(teachers))
         self.cfg, self.meta = cfg, meta
         self.device = torch.device(device)
-        counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64)
-        if counts.ndim != 2 or counts.shape[0] != len(teachers):
-            raise ConfigError(
-                f"class_counts must be ({len(teachers)}, num_classes), got {tuple(counts.shape)}"
-            )
         self.counts = counts
         self.num_classes = int(counts.shape[1])
-        self.image_shape = tuple(int(s) for s in image_shape)
         self.teachers = frozen_copies(teachers, self.device, need_bn=cfg.bn_scale > 0)
         # Speed (same math): every step runs all teachers on the same images, so with
         # `synthesis.stacked` they run as one grouped network (auto: >1 thread or CUDA) or each
@@ -133,10 +130,7 @@ class GeneratorSynthesizer(Synthesizer):
         self.fused: list[StackedTeachers | None] = [None] * len(self.teachers)
         if cfg.stacked and not (meta and cfg.bn_momentum > 0):
             fmt = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
-            grouped = cfg.grouped
-            if grouped is None:
-                grouped = self.device.type != "cpu" or torch.get_num_threads() > 1
-            if grouped and len(self.teachers) > 1:
+            if use_grouped(cfg.grouped, self.device) and len(self.teachers) > 1:
                 self.grouped, _ = try_stack(self.teachers, self.image_shape, fmt)
             if self.grouped is None:
                 self.fused = [try_stack([t], self.image_shape, fmt)[0] for t in self.teachers]
@@ -158,11 +152,6 @@ class GeneratorSynthesizer(Synthesizer):
             self.teachers
         )
         self.batches = 0
-
-    def _label_probs(self) -> torch.Tensor:
-        owned = self.counts.sum(dim=0)
-        p = (owned > 0).double() if self.cfg.label_mode == "uniform" else owned
-        return (p / p.sum()).float()
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """(T, N, K) logits of all teachers on ``x``."""
@@ -191,7 +180,7 @@ class GeneratorSynthesizer(Synthesizer):
     def synthesize(self, student: nn.Module | None = None) -> SyntheticBatch:
         cfg, dev, gen = self.cfg, self.device, self.generator
         n, iters = cfg.batch_size, cfg.iterations
-        y = balanced_labels(self._label_probs(), n, gen).to(dev)
+        y = balanced_labels(label_probs(self.counts, cfg.label_mode), n, gen).to(dev)
         z = torch.randn((n, cfg.nz), generator=gen).to(dev).requires_grad_(True)
         j = cfg.jitter
         offsets = torch.randint(-j, j + 1, (iters, 2), generator=gen).tolist() if j else None
@@ -206,64 +195,48 @@ class GeneratorSynthesizer(Synthesizer):
         )
         adaptive = student is not None and cfg.adv_scale > 0
         momentum = cfg.bn_momentum if self.meta else 0.0
-        restore = None
-        if adaptive:
-            assert student is not None
-            restore = (student.training, [p.requires_grad for p in student.parameters()])
-            student.eval().requires_grad_(False)
         zero = torch.zeros((), device=dev)
         best_loss = torch.full((), math.inf, device=dev)
         best_x = None
         t0 = time.perf_counter()
-        try:
-            with ExitStack() as stack:
-                hooks = self._enter_hooks(stack, momentum) if cfg.bn_scale > 0 else []
-                for i in range(iters):
-                    x = self.normalizer(net(z))
-                    xa = self._augment(x, offsets[i] if offsets else None, flips[i])
-                    logits = self._logits(xa)
-                    probs = ensemble_probs(logits, cfg.ensemble, self.shares)
-                    ce = F.nll_loss(probs.clamp_min(1e-8).log(), y)
-                    bn = (
-                        torch.cat(
-                            [h.loss(cfg.first_bn_multiplier).reshape(-1) for h in hooks]
-                        ).mean()
-                        if hooks
-                        else zero
+        with frozen_student(student if adaptive else None), ExitStack() as stack:
+            hooks = self._enter_hooks(stack, momentum) if cfg.bn_scale > 0 else []
+            for i in range(iters):
+                x = self.normalizer(net(z))
+                xa = self._augment(x, offsets[i] if offsets else None, flips[i])
+                logits = self._logits(xa)
+                probs = ensemble_probs(logits, cfg.ensemble, self.shares)
+                ce = F.nll_loss(probs.clamp_min(1e-8).log(), y)
+                bn = (
+                    torch.cat([h.loss(cfg.first_bn_multiplier).reshape(-1) for h in hooks]).mean()
+                    if hooks
+                    else zero
+                )
+                adv = adversarial_loss(probs, student(xa)) if adaptive else zero  # type: ignore[misc]
+                loss = cfg.oh_scale * ce + cfg.bn_scale * bn + cfg.adv_scale * adv
+                with torch.no_grad():
+                    ld = loss.detach()
+                    better = ld < best_loss
+                    best_loss = torch.where(better, ld, best_loss)
+                    best_x = (
+                        x.detach() if best_x is None else torch.where(better, x.detach(), best_x)
                     )
-                    adv = adversarial_loss(probs, student(xa)) if adaptive else zero  # type: ignore[misc]
-                    loss = cfg.oh_scale * ce + cfg.bn_scale * bn + cfg.adv_scale * adv
-                    with torch.no_grad():
-                        ld = loss.detach()
-                        better = ld < best_loss
-                        best_loss = torch.where(better, ld, best_loss)
-                        best_x = (
-                            x.detach()
-                            if best_x is None
-                            else torch.where(better, x.detach(), best_x)
-                        )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.meta and i == 0 and cfg.meta_update == "maml":
-                        # First-order MAML: the meta-gradient is the copy's first-step gradient.
-                        for p, q in zip(self.net.parameters(), net.parameters(), strict=True):
-                            p.grad = None if q.grad is None else q.grad.detach().clone()
-                    opt.step()
-                if momentum > 0:
-                    self.tracked = [h.update_momentum() for h in hooks] or self.tracked  # type: ignore[union-attr]
-                terms = {"ce": ce.detach(), "bn": bn.detach(), "adv": adv.detach()}
-                for h in hooks:
-                    h.enabled = False
-                with torch.inference_mode():
-                    assert best_x is not None
-                    probs = ensemble_probs(self._logits(best_x), cfg.ensemble, self.shares)
-                    acc = (probs.argmax(dim=1) == y).float().mean()
-        finally:
-            if restore is not None:
-                assert student is not None
-                student.train(restore[0])
-                for p, rg in zip(student.parameters(), restore[1], strict=True):
-                    p.requires_grad_(rg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.meta and i == 0 and cfg.meta_update == "maml":
+                    # First-order MAML: the meta-gradient is the copy's first-step gradient.
+                    for p, q in zip(self.net.parameters(), net.parameters(), strict=True):
+                        p.grad = None if q.grad is None else q.grad.detach().clone()
+                opt.step()
+            if momentum > 0:
+                self.tracked = [h.update_momentum() for h in hooks] or self.tracked  # type: ignore[union-attr]
+            terms = {"ce": ce.detach(), "bn": bn.detach(), "adv": adv.detach()}
+            for h in hooks:
+                h.enabled = False
+            with torch.inference_mode():
+                assert best_x is not None
+                probs = ensemble_probs(self._logits(best_x), cfg.ensemble, self.shares)
+                acc = (probs.argmax(dim=1) == y).float().mean()
         if self.meta:
             if cfg.meta_update == "reptile":
                 for p, q in zip(self.net.parameters(), net.parameters(), strict=True):

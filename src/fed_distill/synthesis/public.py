@@ -23,7 +23,7 @@ from fed_distill.errors import ConfigError
 from fed_distill.federated.baselines import class_shares, ensemble_probs
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
 from fed_distill.synthesis.config import SynthesisConfig
-from fed_distill.synthesis.deepinversion import frozen_copies
+from fed_distill.synthesis.deepinversion import frozen_copies, synthesis_inputs
 
 
 def load_unlabeled_images(
@@ -90,6 +90,7 @@ class PublicDataSynthesizer(Synthesizer):
         images: torch.Tensor | None = None,
         data_dir: str | None = None,
     ) -> None:
+        counts, _ = synthesis_inputs(teachers, class_counts, image_shape)
         cfg.validate(num_available=len(teachers))
         self.cfg = cfg
         self.device = torch.device(device)
@@ -107,7 +108,7 @@ class PublicDataSynthesizer(Synthesizer):
             raise ConfigError(f"public dataset '{cfg.public_dataset}' holds no images")
         self.images = images
         self.teachers = frozen_copies(teachers, self.device)
-        self.shares = class_shares(np.asarray(class_counts)).to(self.device)
+        self.shares = class_shares(counts).to(self.device)
         self.normalizer = normalizer
         self.generator = torch.Generator().manual_seed(int(seed))
         self._order = torch.empty(0, dtype=torch.long)

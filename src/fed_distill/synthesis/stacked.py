@@ -429,6 +429,14 @@ class StackedBNHooks:
         return total
 
 
+def use_grouped(grouped: bool | None, device: torch.device) -> bool:
+    """``synthesis.grouped`` resolved: None = auto, grouped on CUDA or with more than one CPU
+    thread (at one thread a grouped network only makes every tensor T times larger)."""
+    if grouped is None:
+        return device.type != "cpu" or torch.get_num_threads() > 1
+    return bool(grouped)
+
+
 def try_stack(
     teachers: list[nn.Module],
     input_shape: tuple[int, int, int],
