@@ -49,6 +49,26 @@ def test_ensemble_rules_on_hand_made_logits():
         ensemble_probs(logits, "weighted")
 
 
+def test_ensemble_temperature_softens_the_combined_distribution():
+    # Two teachers that disagree: softening each before combining would flip the decision
+    # (the confident teacher's lead shrinks); softening the combination keeps it.
+    logits = torch.tensor([[[4.0, 0.0, 0.0]], [[-6.0, 1.0, 0.0]]])
+    shares = class_shares([[10, 10, 10], [10, 10, 10]])
+    for method in ("probs", "weighted"):
+        q1 = ensemble_probs(logits, method, shares)
+        q2 = ensemble_probs(logits, method, shares, temperature=2.0)
+        by_hand = q1.sqrt() / q1.sqrt().sum(dim=-1, keepdim=True)  # p^(1/T), T = 2
+        assert torch.allclose(q2, by_hand, atol=1e-6)
+        assert q2.argmax().item() == q1.argmax().item() == 0
+        per_teacher_first = (logits / 4.0).softmax(-1).mean(0)  # the old order, at T = 4
+        assert per_teacher_first.argmax().item() == 1  # ... which would have flipped it
+        assert ensemble_probs(logits, method, shares, temperature=4.0).argmax().item() == 0
+    # mean logits: softening the combination is dividing the mean logits by T
+    assert torch.allclose(
+        ensemble_probs(logits, "logits", temperature=3.0), (logits.mean(0) / 3.0).softmax(-1)
+    )
+
+
 def test_fedavg_state_weights_floats_and_keeps_int_buffers():
     a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
     b = {"w": torch.tensor([4.0, 6.0]), "n": torch.tensor(5)}

@@ -186,8 +186,11 @@ def distill(
     gen = torch.Generator().manual_seed(seed)
     # The layout evaluate() would switch it to anyway; from the start, so that a student
     # restored from a checkpoint computes with the very same kernels.
-    student.to(device, memory_format=preferred_format(device))
-    teachers = [t.to(device).eval() for t in teachers]
+    fmt = preferred_format(device)
+    student.to(device, memory_format=fmt)
+    # The teachers' forward passes (soft labels for every step) cost more than the student's
+    # step; in the same layout as the student they run ~2x faster on CPU.
+    teachers = [t.to(device, memory_format=fmt).eval() for t in teachers]
     num_classes = num_classes or int(test[1].max()) + 1
     cw = None
     if cfg.class_weights is not None:
@@ -215,7 +218,7 @@ def distill(
         real_x, real_y = server_data[0].to(device), server_data[1].to(device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, memory_format=fmt), y.to(device)
         student.train()
         s_logits = student(x)
         w = cw[y] if cw is not None else None
