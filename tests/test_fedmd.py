@@ -204,6 +204,34 @@ def test_quick_data_has_joint_labels_and_disjoint_balanced_parties():
         build_fedmd_data(FedMDConfig(**{**c.__dict__, "samples_per_class": 200}), 4, 0)
 
 
+def test_unlabelled_public_images_join_alignment_only_and_exclude_party_images():
+    c = FedMDConfig(
+        public="digits",
+        public_classes=[0, 1, 2, 3, 4],
+        public_val_size=50,
+        private="digits",
+        private_classes=[5, 6, 7, 8, 9],
+        samples_per_class=3,
+        public_unlabelled_classes=[5, 6, 7, 8, 9],
+        public_unlabelled_size=200,
+        public_subset_size=300,
+    )
+    data = build_fedmd_data(c, num_parties=4, seed=0)
+    plain = build_fedmd_data(FedMDConfig(**{**c.__dict__, "public_unlabelled_classes": []}), 4, 0)
+    unlabelled = data.public_y < 0
+    assert int(unlabelled.sum()) == 200 and data.summary()["public_unlabelled"] == 200
+    # the labelled part, the parties and the test task are those of the run without them
+    x_lab, y_lab = data.public_labelled()
+    assert torch.equal(x_lab, plain.public_x) and torch.equal(y_lab, plain.public_y)
+    for a, b in zip(data.private_x, plain.private_x, strict=True):
+        assert torch.equal(a, b)
+    # no unlabelled image is one a party owns
+    owned = {bytes(x.numpy().tobytes()) for x in torch.cat(data.private_x)}
+    assert not any(bytes(x.numpy().tobytes()) in owned for x in data.public_x[unlabelled])
+    with pytest.raises(ConfigError, match="also in public_classes"):
+        check_fedmd_config(FedMDConfig(**{**c.__dict__, "public_unlabelled_classes": [4, 5]}))
+
+
 def test_partitions_by_writer_and_by_subclass():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), 40)
@@ -288,6 +316,10 @@ def test_config_values_are_checked():
         check_fedmd_config(FedMDConfig(aggregate="max"))
     with pytest.raises(ConfigError, match="aggregate_weights has 2 entries for 10 parties"):
         check_fedmd_config(FedMDConfig(aggregate_weights=[1.0, 2.0]))
+    with pytest.raises(ConfigError, match="fedmd.round_lr must be > 0 or null"):
+        check_fedmd_config(FedMDConfig(round_lr=0.0))
+    with pytest.raises(ConfigError, match="public_unlabelled_classes needs public_classes"):
+        check_fedmd_config(FedMDConfig(public_classes=None, public_unlabelled_classes=[5]))
 
 
 # ----------------------------------------------------------------------------- end to end (CLI)

@@ -42,6 +42,12 @@ class FedMDConfig:
     public_classes: list[int] | None = None  # None = every class of the public dataset
     public_size: int | None = None  # cap on the public training pool (stratified); None = all
     public_val_size: int = 500  # held out of the public pool for early stopping
+    # Classes of the public dataset whose training images join the public pool *without* their
+    # labels: drawn into the alignment subsets (communicate / digest) only, never used for
+    # transfer learning or validation; images a party owns are excluded. E.g. a held-out pool of
+    # Fashion-MNIST images of the private classes that nobody labelled. [] = none (the paper).
+    public_unlabelled_classes: list[int] = field(default_factory=list)
+    public_unlabelled_size: int | None = None  # cap on those images (uniform draw); None = all
     private: str = "fashion_mnist"
     private_options: dict[str, Any] = field(default_factory=dict)
     private_classes: list[int] | None = None  # None = all; subclass: coarse (super)class ids
@@ -58,6 +64,10 @@ class FedMDConfig:
 
     # --- transfer learning (public, then private) -----------------------------------------
     lr: float = 1e-3  # Adam everywhere, as in the paper
+    # Adam's lr in the rounds' digest and revisit steps and in the alone-extended control (which
+    # stands for the rounds' revisits); None = lr. Lower it when small private sets make the
+    # parties' accuracy swing from round to round.
+    round_lr: float | None = None
     head_l2: float = 1e-3  # L2 on the output layer's weights in every loss (the authors' Keras)
     public_epochs: int = 20
     public_batch_size: int = 128
@@ -138,9 +148,21 @@ def check_fedmd_config(c: FedMDConfig) -> None:
         f"public_size must be >= 1, got {c.public_size}",
     )
     need(
+        c.public_unlabelled_size is None or c.public_unlabelled_size >= 1,
+        f"public_unlabelled_size must be >= 1 or null, got {c.public_unlabelled_size}",
+    )
+    unl = list(c.public_unlabelled_classes)
+    need(len(set(unl)) == len(unl), f"public_unlabelled_classes lists a class twice: {unl}")
+    if c.public_classes is not None:
+        both = sorted(set(unl) & set(c.public_classes))
+        need(not both, f"public_unlabelled_classes {both} are also in public_classes (labelled)")
+    else:
+        need(not unl, "public_unlabelled_classes needs public_classes (the labelled ones) set")
+    need(
         c.public_patience is None or c.public_patience >= 1, "public_patience must be >= 1 or null"
     )
     need(c.lr > 0, f"lr must be > 0, got {c.lr}")
+    need(c.round_lr is None or c.round_lr > 0, f"round_lr must be > 0 or null, got {c.round_lr}")
     need(c.head_l2 >= 0, f"head_l2 must be >= 0, got {c.head_l2}")
     need(c.temperature > 0, f"temperature must be > 0, got {c.temperature}")
     need(c.width_scale > 0, f"width_scale must be > 0, got {c.width_scale}")

@@ -100,6 +100,11 @@ def adam_config(
     )
 
 
+def round_lr(c: FedMDConfig) -> float:
+    """Adam's learning rate in the rounds' digest and revisit (and the alone-extended control)."""
+    return c.lr if c.round_lr is None else c.round_lr
+
+
 def head_weight(model: torch.nn.Module) -> torch.Tensor:
     """The weight of the model's last linear layer (its classifier head)."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -484,10 +489,11 @@ def transfer_learning(
     starting point of the pooled baseline) and ``test_logits`` on the private test task.
     """
     crop = c.crop_padding
+    public_x, public_y = data.public_labelled()  # unlabelled public images: alignment only
     res = pretrain_public(
         model,
-        data.public_x,
-        data.public_y,
+        public_x,
+        public_y,
         data.public_val_x if len(data.public_val_y) else None,
         data.public_val_y if len(data.public_val_y) else None,
         data.public_norm,
@@ -587,7 +593,7 @@ def alone_extended(
         data.private_norm,
         epochs=c.rounds * c.revisit_epochs,
         batch_size=c.revisit_batch_size,
-        lr=c.lr,
+        lr=round_lr(c),
         head_l2=c.head_l2,
         crop_padding=c.crop_padding,
         hflip=bool(c.crop_padding) and data.private_hflip,
@@ -624,7 +630,7 @@ def local_round(
         data.public_norm,
         epochs=c.digest_epochs,
         batch_size=c.digest_batch_size,
-        lr=c.lr,
+        lr=round_lr(c),
         head_l2=c.head_l2,
         loss=c.digest_loss,
         scores=c.scores,
@@ -640,7 +646,7 @@ def local_round(
         data.private_norm,
         epochs=c.revisit_epochs,
         batch_size=c.revisit_batch_size,
-        lr=c.lr,
+        lr=round_lr(c),
         head_l2=c.head_l2,
         crop_padding=c.crop_padding,
         hflip=bool(c.crop_padding) and data.private_hflip,
@@ -654,7 +660,11 @@ def local_round(
 
 
 def draw_public_subset(public_y: torch.Tensor, size: int, seed: int, round_: int) -> np.ndarray:
-    """Indices of this round's stratified public subset (the same for every party)."""
+    """Indices of this round's stratified public subset (the same for every party).
+
+    Strata are the public labels; the unlabelled public images (label -1) form one stratum, so
+    no label of theirs is ever used.
+    """
     if size > len(public_y):
         raise ConfigError(
             f"fedmd.public_subset_size={size} is larger than the public set ({len(public_y)})"
@@ -924,7 +934,7 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
                 data.public_norm,
                 epochs=c.digest_epochs,
                 batch_size=c.digest_batch_size,
-                lr=c.lr,
+                lr=round_lr(c),
                 head_l2=c.head_l2,
                 loss=c.digest_loss,
                 scores=c.scores,
@@ -940,7 +950,7 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
                 data.private_norm,
                 epochs=c.revisit_epochs,
                 batch_size=c.revisit_batch_size,
-                lr=c.lr,
+                lr=round_lr(c),
                 head_l2=c.head_l2,
                 crop_padding=crop,
                 hflip=bool(crop) and data.private_hflip,

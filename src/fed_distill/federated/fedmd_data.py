@@ -40,7 +40,10 @@ from fed_distill.federated.config import FedMDConfig
 class FedMDData:
     """Everything the parties see: uint8 images (N, C, H, W) and joint int64 labels."""
 
-    public_x: torch.Tensor  # public training pool (transfer learning, alignment subsets)
+    # Public pool: the alignment subsets are drawn from all of it; transfer learning uses only
+    # the labelled part (label >= 0, :meth:`public_labelled`). Label -1 marks an image of
+    # ``public_unlabelled_classes``, whose label nobody uses.
+    public_x: torch.Tensor
     public_y: torch.Tensor
     public_val_x: torch.Tensor  # held out of the public pool: early stopping only
     public_val_y: torch.Tensor
@@ -68,6 +71,13 @@ class FedMDData:
     def num_private(self) -> int:
         return len(self.private_names)
 
+    def public_labelled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The labelled part of the public pool (transfer learning trains on it)."""
+        keep = self.public_y >= 0
+        if bool(keep.all()):
+            return self.public_x, self.public_y
+        return self.public_x[keep], self.public_y[keep]
+
     def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The union of every party's private data (the pooled upper bound trains on it)."""
         return torch.cat(self.private_x), torch.cat(self.private_y)
@@ -75,7 +85,8 @@ class FedMDData:
     def summary(self) -> dict[str, Any]:
         """JSON-friendly description (sizes, classes, label offsets, what each party owns)."""
         return {
-            "public_train": len(self.public_y),
+            "public_train": int((self.public_y >= 0).sum()),
+            "public_unlabelled": int((self.public_y < 0).sum()),
             "public_val": len(self.public_val_y),
             "public_classes": self.public_names,
             "private_classes": self.private_names,
@@ -324,16 +335,30 @@ def build_fedmd_data(c: FedMDConfig, num_parties: int, seed: int) -> FedMDData:
     is_val = np.zeros(len(pool), dtype=bool)
     is_val[val_pos] = True
     train_ix, val_ix = pool[~is_val], pool[is_val]
+    pub_offset_labels = 0  # public classes always start at output 0
+    public_y = joint_labels(pub.train_y.numpy()[train_ix], pub_classes, pub_offset_labels)
+
+    # --- unlabelled public images (alignment only): their labels are replaced by -1 here
+    unl_ix = np.array([], dtype=np.int64)
+    if c.public_unlabelled_classes:
+        unl_classes = _check_classes("public_unlabelled_classes", c.public_unlabelled_classes, pub)
+        unl_keep = np.isin(pub.train_y.numpy(), unl_classes)
+        if same_files:
+            unl_keep[np.concatenate(parts)] = False
+        unl_ix = np.flatnonzero(unl_keep)
+        if c.public_unlabelled_size is not None and c.public_unlabelled_size < len(unl_ix):
+            unl_ix = np.sort(rng.choice(unl_ix, size=c.public_unlabelled_size, replace=False))
+        train_ix = np.concatenate([train_ix, unl_ix])
+        public_y = torch.cat([public_y, torch.full((len(unl_ix),), -1, dtype=torch.int64)])
     if c.public_subset_size > len(train_ix):
         raise ConfigError(
             f"fedmd.public_subset_size={c.public_subset_size} is larger than the public set "
-            f"({len(train_ix)} training images of {c.public} after holding out "
-            f"{len(val_ix)} for validation); lower it"
+            f"({len(train_ix)} images of {c.public} after holding out {len(val_ix)} for "
+            "validation); lower it"
         )
-    pub_offset_labels = 0  # public classes always start at output 0
     return FedMDData(
         public_x=pub.train_x[torch.as_tensor(train_ix)],
-        public_y=joint_labels(pub.train_y.numpy()[train_ix], pub_classes, pub_offset_labels),
+        public_y=public_y,
         public_val_x=pub.train_x[torch.as_tensor(val_ix, dtype=torch.int64)],
         public_val_y=joint_labels(pub.train_y.numpy()[val_ix], pub_classes, pub_offset_labels)
         if len(val_ix)
