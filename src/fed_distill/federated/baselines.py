@@ -36,29 +36,27 @@ def ensemble_probs(
     teacher speaks for the classes it has seen. On label-skewed clients ``logits`` is by far the
     worst: over-confident teachers outvote the ones that know the class.
 
-    ``temperature`` softens the *combined* distribution, p_T ∝ p^(1/T) (the ensemble's log
-    probabilities act as its logits), so the soft labels keep the ensemble's decision at every
-    temperature. Softening each teacher before combining does not: on Fashion-MNIST at Dirichlet
-    0.5 the argmax of the ``weighted`` rule fell from 88.8 % (T = 1) to 83.0 % (T = 4), a ceiling
-    for any student distilled at T = 4. For ``logits`` the two orders are the same.
+    ``temperature`` softens each teacher's softmax *before* they are combined. That can move the
+    ensemble's decision (on Fashion-MNIST at Dirichlet 0.5 the ``weighted`` rule's test argmax
+    is 88.8 % at T = 1 and 83.0 % at T = 4), and softening the combined distribution instead
+    (p^(1/T)) keeps it; but distilled at T = 4, students learnt less from the latter (Adaptive DI
+    at Dirichlet 0.1: 66.2 against 69.4 %, 20 epochs on the same teachers), so this order stays. At
+    T = 1 the two are the same.
     """
+    z = logits / temperature
     if method == "logits":
-        return (logits.mean(dim=0) / temperature).softmax(dim=-1)
-    p = logits.softmax(dim=-1)
+        return z.mean(dim=0).softmax(dim=-1)
+    p = z.softmax(dim=-1)
     if method == "probs":
-        q = p.mean(dim=0)
-    elif method == "weighted":
+        return p.mean(dim=0)
+    if method == "weighted":
         if shares is None:
             raise ValueError("ensemble method 'weighted' needs the teachers' class shares")
         q = (p * shares.to(p.device, p.dtype)[:, None, :]).sum(dim=0)
-        q = q / q.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    else:
-        raise ValueError(
-            f"ensemble method must be one of {', '.join(ENSEMBLE_METHODS)}, got '{method}'"
-        )
-    if temperature == 1.0:
-        return q
-    return (q.clamp_min(1e-30).log() / temperature).softmax(dim=-1)
+        return q / q.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    raise ValueError(
+        f"ensemble method must be one of {', '.join(ENSEMBLE_METHODS)}, got '{method}'"
+    )
 
 
 def ensemble_accuracy(
