@@ -49,6 +49,13 @@ def main() -> int:
     args = ap.parse_args()
 
     run = Path(args.run_dir)
+    if not (run / "split.json").is_file() or not (run / "teachers" / "teachers.json").is_file():
+        print(
+            f"error: {run} has no split.json and teachers/; run `fed-distill split` and"
+            " `fed-distill train-teachers` there first (or benchmarks/oneshot.py)",
+            file=sys.stderr,
+        )
+        return 2
     split = json.loads((run / "split.json").read_text())
     teachers, spec = load_teachers(run, "cpu")
     data = load_dataset(split["dataset"])

@@ -339,7 +339,6 @@ def build_fedmd_data(c: FedMDConfig, num_parties: int, seed: int) -> FedMDData:
     public_y = joint_labels(pub.train_y.numpy()[train_ix], pub_classes, pub_offset_labels)
 
     # --- unlabelled public images (alignment only): their labels are replaced by -1 here
-    unl_ix = np.array([], dtype=np.int64)
     if c.public_unlabelled_classes:
         unl_classes = _check_classes("public_unlabelled_classes", c.public_unlabelled_classes, pub)
         unl_keep = np.isin(pub.train_y.numpy(), unl_classes)
