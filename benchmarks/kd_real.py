@@ -10,6 +10,10 @@ what the synthetic images cost.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kd_real.py runs/bench_oneshot/alpha0.5 \\
         --temperatures 1 4 --lrs 0.1 0.05 --steps 1200
 
+With ``--pool`` the transfer set is instead the run's final synthetic pool
+(``student/dataset.pt``), the first ``--images`` of it: a fresh student on the same number of
+real and synthetic images tells whether the synthetic images lack in number or in kind.
+
 The teachers' soft labels are computed once on the images (no augmentation); SGD with Nesterov
 momentum 0.9, weight decay 1e-4 and a cosine schedule, as ``student.optimizer=sgd``; the soft
 labels are those of ``student.ensemble=weighted``.
@@ -40,7 +44,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("run_dir", help="a run folder with split.json and teachers/")
-    ap.add_argument("--images", type=int, default=20000, help="real training images used")
+    ap.add_argument("--images", type=int, default=20000, help="transfer images used")
+    ap.add_argument(
+        "--pool",
+        action="store_true",
+        help="distil on the run's synthetic pool (student/dataset.pt) instead of real images",
+    )
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.1])
     ap.add_argument("--steps", type=int, default=1200)
@@ -62,8 +71,21 @@ def main() -> int:
     norm = Normalizer(data.info.mean, data.info.std)
     shares = class_shares([c["train_class_counts"] for c in split["clients"][: len(teachers)]])
     gen = torch.Generator().manual_seed(args.seed)
-    pick = torch.randperm(len(data.train_y), generator=gen)[: args.images]
-    x = norm(data.train_x[pick]).contiguous(memory_format=torch.channels_last)
+    if args.pool:
+        pool_file = run / "student" / "dataset.pt"
+        if not pool_file.is_file():
+            print(
+                f"error: {pool_file} not found; run `fed-distill train-student` there first",
+                file=sys.stderr,
+            )
+            return 2
+        # the pool's images are already normalised (as the student loop stores them)
+        pool = torch.load(pool_file, map_location="cpu", weights_only=True)
+        x = pool["images"][: args.images].float().contiguous(memory_format=torch.channels_last)
+    else:
+        pick = torch.randperm(len(data.train_y), generator=gen)[: args.images]
+        x = norm(data.train_x[pick]).contiguous(memory_format=torch.channels_last)
+    print(f"transfer set: {len(x)} {'synthetic' if args.pool else 'real'} images", flush=True)
     logits = torch.stack([predict_logits(t, x, None, "cpu") for t in teachers])
     checkpoints = [round(args.steps * k / 4) for k in (1, 2, 3, 4)]
     rows = []

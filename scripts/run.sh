@@ -5,7 +5,8 @@
 # Synthesis is the DENSE-style generator (synthesis=generator student=generator): in
 # benchmarks/synthesis.py it gave a better student than Adaptive DeepInversion (78.2 vs 75.8 %)
 # with a quarter of the synthesis time; with the student's current settings (student=generator:
-# KL at T=1, 150 pool steps per epoch) this job's student reached 79.5 % (benchmarks/oneshot.py).
+# KL at T=1, 150 pool steps per epoch) its student reached 79.5 % in benchmarks/oneshot.py (one
+# thread) and 77.7 % as this script runs it (two threads, ~9.5 min on an idle machine).
 # Pass synthesis=cpu student=default for Adaptive DI.
 # Extra arguments are passed as overrides, e.g. `scripts/run.sh run_dir=runs/try student.epochs=5`.
 set -euo pipefail

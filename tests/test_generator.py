@@ -120,6 +120,19 @@ def test_generator_synthesizer_batches(method):
     assert torch.equal(b2.labels, batch.labels)
 
 
+@pytest.mark.parametrize("method", ["generator", "fast"])
+def test_generator_cycling_target_uses_one_teacher_per_batch(method):
+    cfg = SynthesisConfig(method=method, batch_size=8, iterations=2, nz=8, ngf=4, target="cycling")
+    synth = build_synthesizer(cfg, _teachers(), COUNTS, (1, 8, 8), NORM, False, "cpu", seed=0)
+    batches = [synth.synthesize(build_model("cnn_small", 4, 1, 8, width=4)) for _ in range(3)]
+    assert [b.teacher_ids for b in batches] == [[0], [1], [0]]
+    # labels only from the classes of the batch's teacher (COUNTS: teacher 0 owns 0-1, 1 owns 1-3)
+    assert set(batches[0].labels.tolist()) <= {0, 1} and set(batches[2].labels.tolist()) <= {0, 1}
+    assert set(batches[1].labels.tolist()) <= {1, 2, 3}
+    with pytest.raises(ConfigError, match="target"):
+        SynthesisConfig(method=method, target="mean").validate()
+
+
 def test_generator_reduces_its_loss_over_batches():
     cfg = SynthesisConfig(
         method="generator", batch_size=32, iterations=15, lr=0.01, nz=8, ngf=8, jitter=0
@@ -193,7 +206,7 @@ def test_missing_public_dataset_is_one_line_error(cli, tmp_path):
     [
         ("generator", ["synthesis.iterations=10", "synthesis.lr=0.01"]),
         ("fast", ["synthesis.iterations=8", "synthesis.lr=0.01"]),
-        ("public", ["synthesis.public_dataset=mnist5k", "student.steps_per_epoch=40"]),
+        ("public", ["synthesis.public_dataset=mnist5k", "student.steps_per_epoch=80"]),
     ],
 )
 def test_oneshot_end_to_end_per_synthesizer(cli, tmp_path, method, extra):

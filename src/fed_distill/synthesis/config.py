@@ -15,6 +15,7 @@ from fed_distill.errors import ConfigError
 SYNTHESIS_METHODS = ("deepinversion", "generator", "fast", "public")
 META_UPDATES = ("maml", "reptile")
 ENSEMBLES = ("weighted", "probs", "logits")
+GENERATOR_TARGETS = ("ensemble", "cycling")
 SYNTHESIS_MODES = ("cycling", "ensemble", "sampling")
 LABEL_MODES = ("uniform", "weighted")
 LR_SCHEDULES = ("cosine", "none")
@@ -73,6 +74,10 @@ class SynthesisConfig:
     nz: int = 100  # latent size
     ngf: int = 16  # generator width (channels of its last hidden layer)
     lr_z: float = 0.01  # learning rate of the per-batch latent codes
+    # generator/fast: what the CE, BN and adversarial terms aim at: `ensemble` = all teachers
+    # combined (by `ensemble`); `cycling` = one teacher per batch, round-robin, labels drawn
+    # from its classes (as DeepInversion's cycling)
+    target: str = "ensemble"
     oh_scale: float = 1.0  # weight of the CE ("one-hot") term on the teachers' ensemble
     adv_scale: float = 1.0  # weight of the adversarial term (student-ensemble disagreement)
     bn_momentum: float = 0.9  # fast: momentum of the tracked BN statistics (0 = off)
@@ -102,6 +107,7 @@ class SynthesisConfig:
         one_of("init", self.init, INITS)
         one_of("meta_update", self.meta_update, META_UPDATES)
         one_of("ensemble", self.ensemble, ENSEMBLES)
+        one_of("target", self.target, GENERATOR_TARGETS)
         for key in ("batch_size", "iterations", "num_teachers", "nz", "ngf"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

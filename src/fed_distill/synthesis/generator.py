@@ -21,7 +21,9 @@ Loss on the (jittered/flipped) generated images x with labels y, teachers t = 1.
     push the generator towards samples the student still gets right but does not yet match)
 
 ``ensemble`` combines the teachers' softmax outputs (``weighted`` by class shares by default, see
-:func:`fed_distill.federated.baselines.ensemble_probs`). The adversarial term needs the current
+:func:`fed_distill.federated.baselines.ensemble_probs`). With ``target=cycling`` each batch uses
+one teacher instead, round-robin: its softmax replaces the ensemble in the CE and adversarial
+terms, the BN term is its own, and the labels are drawn from the classes it owns. The adversarial term needs the current
 student (``synthesize(student)``); without one it is off. The generator's output is a sigmoid in
 [0, 1] that is then normalised, so every image is a valid picture.
 """
@@ -130,7 +132,11 @@ class GeneratorSynthesizer(Synthesizer):
         self.fused: list[StackedTeachers | None] = [None] * len(self.teachers)
         if cfg.stacked and not (meta and cfg.bn_momentum > 0):
             fmt = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
-            if use_grouped(cfg.grouped, self.device) and len(self.teachers) > 1:
+            if (
+                use_grouped(cfg.grouped, self.device)
+                and len(self.teachers) > 1
+                and cfg.target == "ensemble"
+            ):
                 self.grouped, _ = try_stack(self.teachers, self.image_shape, fmt)
             if self.grouped is None:
                 self.fused = [try_stack([t], self.image_shape, fmt)[0] for t in self.teachers]
@@ -153,24 +159,34 @@ class GeneratorSynthesizer(Synthesizer):
         )
         self.batches = 0
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, N, K) logits of all teachers on ``x``."""
-        if self.grouped is not None:
+    def _logits(self, x: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """(len(ids), N, K) logits of the teachers ``ids`` on ``x``."""
+        if self.grouped is not None:  # only built when every batch uses all teachers
             return self.grouped(x)
         return torch.stack(
-            [t(x) if f is None else f(x)[0] for t, f in zip(self.teachers, self.fused, strict=True)]
+            [self.teachers[i](x) if self.fused[i] is None else self.fused[i](x)[0] for i in ids]
         )
 
-    def _enter_hooks(self, stack: ExitStack, momentum: float) -> list:
-        """BN-statistics hooks on every teacher (on the converted networks where there are)."""
+    def _enter_hooks(self, stack: ExitStack, momentum: float, ids: list[int]) -> list:
+        """BN-statistics hooks on the teachers ``ids`` (on the converted networks where there
+        are)."""
         if self.grouped is not None:
             return [stack.enter_context(StackedBNHooks(self.grouped))]
         return [
             stack.enter_context(
-                StackedBNHooks(f) if f is not None else BNFeatureHooks(t, momentum, self.tracked[i])
+                StackedBNHooks(self.fused[i])
+                if self.fused[i] is not None
+                else BNFeatureHooks(self.teachers[i], momentum, self.tracked[i])
             )
-            for i, (t, f) in enumerate(zip(self.teachers, self.fused, strict=True))
+            for i in ids
         ]
+
+    def _target(self, logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """The probabilities the CE and adversarial terms aim at: the ensemble of all teachers,
+        or the softmax of the batch's one teacher (``target=cycling``)."""
+        if self.cfg.target == "cycling":
+            return F.softmax(logits[0], dim=1)
+        return ensemble_probs(logits, self.cfg.ensemble, self.shares)
 
     def _augment(self, x: torch.Tensor, offset: list[int] | None, flip: bool) -> torch.Tensor:
         if offset is not None and (offset[0] or offset[1]):
@@ -180,7 +196,13 @@ class GeneratorSynthesizer(Synthesizer):
     def synthesize(self, student: nn.Module | None = None) -> SyntheticBatch:
         cfg, dev, gen = self.cfg, self.device, self.generator
         n, iters = cfg.batch_size, cfg.iterations
-        y = balanced_labels(label_probs(self.counts, cfg.label_mode), n, gen).to(dev)
+        if cfg.target == "cycling":
+            # one teacher per batch, round-robin; labels from the classes it owns
+            ids = [self.batches % len(self.teachers)]
+            counts = self.counts[ids]
+        else:
+            ids, counts = list(range(len(self.teachers))), self.counts
+        y = balanced_labels(label_probs(counts, cfg.label_mode), n, gen).to(dev)
         z = torch.randn((n, cfg.nz), generator=gen).to(dev).requires_grad_(True)
         j = cfg.jitter
         offsets = torch.randint(-j, j + 1, (iters, 2), generator=gen).tolist() if j else None
@@ -200,12 +222,11 @@ class GeneratorSynthesizer(Synthesizer):
         best_x = None
         t0 = time.perf_counter()
         with frozen_student(student if adaptive else None), ExitStack() as stack:
-            hooks = self._enter_hooks(stack, momentum) if cfg.bn_scale > 0 else []
+            hooks = self._enter_hooks(stack, momentum, ids) if cfg.bn_scale > 0 else []
             for i in range(iters):
                 x = self.normalizer(net(z))
                 xa = self._augment(x, offsets[i] if offsets else None, flips[i])
-                logits = self._logits(xa)
-                probs = ensemble_probs(logits, cfg.ensemble, self.shares)
+                probs = self._target(self._logits(xa, ids), ids)
                 ce = F.nll_loss(probs.clamp_min(1e-8).log(), y)
                 bn = (
                     torch.cat([h.loss(cfg.first_bn_multiplier).reshape(-1) for h in hooks]).mean()
@@ -228,14 +249,15 @@ class GeneratorSynthesizer(Synthesizer):
                     for p, q in zip(self.net.parameters(), net.parameters(), strict=True):
                         p.grad = None if q.grad is None else q.grad.detach().clone()
                 opt.step()
-            if momentum > 0:
-                self.tracked = [h.update_momentum() for h in hooks] or self.tracked  # type: ignore[union-attr]
+            if momentum > 0 and hooks:
+                for i, h in zip(ids, hooks, strict=True):
+                    self.tracked[i] = h.update_momentum()  # type: ignore[union-attr]
             terms = {"ce": ce.detach(), "bn": bn.detach(), "adv": adv.detach()}
             for h in hooks:
                 h.enabled = False
             with torch.inference_mode():
                 assert best_x is not None
-                probs = ensemble_probs(self._logits(best_x), cfg.ensemble, self.shares)
+                probs = self._target(self._logits(best_x, ids), ids)
                 acc = (probs.argmax(dim=1) == y).float().mean()
         if self.meta:
             if cfg.meta_update == "reptile":
@@ -261,7 +283,7 @@ class GeneratorSynthesizer(Synthesizer):
         return SyntheticBatch(
             images=best_x.to("cpu", copy=True),
             labels=y.detach().to("cpu", copy=True),
-            teacher_ids=list(range(len(self.teachers))),
+            teacher_ids=ids,
             stats=stats,
         )
 
