@@ -23,9 +23,10 @@ Loss on the (jittered/flipped) generated images x with labels y, teachers t = 1.
 ``ensemble`` combines the teachers' softmax outputs (``weighted`` by class shares by default, see
 :func:`fed_distill.federated.baselines.ensemble_probs`). With ``target=cycling`` each batch uses
 one teacher instead, round-robin: its softmax replaces the ensemble in the CE and adversarial
-terms, the BN term is its own, and the labels are drawn from the classes it owns. The adversarial term needs the current
-student (``synthesize(student)``); without one it is off. The generator's output is a sigmoid in
-[0, 1] that is then normalised, so every image is a valid picture.
+terms, the BN term is its own, and the labels are drawn from the classes it owns. The
+adversarial term needs the current student (``synthesize(student)``); without one it is off.
+The generator's output is a sigmoid in [0, 1] that is then normalised, so every image is a
+valid picture.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ class GeneratorSynthesizer(Synthesizer):
             for i in ids
         ]
 
-    def _target(self, logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    def _target(self, logits: torch.Tensor) -> torch.Tensor:
         """The probabilities the CE and adversarial terms aim at: the ensemble of all teachers,
         or the softmax of the batch's one teacher (``target=cycling``)."""
         if self.cfg.target == "cycling":
@@ -226,7 +227,7 @@ class GeneratorSynthesizer(Synthesizer):
             for i in range(iters):
                 x = self.normalizer(net(z))
                 xa = self._augment(x, offsets[i] if offsets else None, flips[i])
-                probs = self._target(self._logits(xa, ids), ids)
+                probs = self._target(self._logits(xa, ids))
                 ce = F.nll_loss(probs.clamp_min(1e-8).log(), y)
                 bn = (
                     torch.cat([h.loss(cfg.first_bn_multiplier).reshape(-1) for h in hooks]).mean()
@@ -257,7 +258,7 @@ class GeneratorSynthesizer(Synthesizer):
                 h.enabled = False
             with torch.inference_mode():
                 assert best_x is not None
-                probs = self._target(self._logits(best_x, ids), ids)
+                probs = self._target(self._logits(best_x, ids))
                 acc = (probs.argmax(dim=1) == y).float().mean()
         if self.meta:
             if cfg.meta_update == "reptile":
