@@ -30,13 +30,15 @@ from pathlib import Path
 
 import torch
 
+from fed_distill.artifacts import load_tensors
 from fed_distill.data.sources import load_dataset
 from fed_distill.data.transforms import Normalizer
+from fed_distill.errors import FedDistillError
 from fed_distill.federated.baselines import class_shares, ensemble_probs
 from fed_distill.models import build_model
 from fed_distill.pipeline import format_table, load_teachers
 from fed_distill.train.fit import evaluate, predict_logits
-from fed_distill.train.student import weighted_kd_loss
+from fed_distill.train.student import SyntheticPool, weighted_kd_loss
 
 
 def main() -> int:
@@ -72,16 +74,16 @@ def main() -> int:
     shares = class_shares([c["train_class_counts"] for c in split["clients"][: len(teachers)]])
     gen = torch.Generator().manual_seed(args.seed)
     if args.pool:
-        pool_file = run / "student" / "dataset.pt"
-        if not pool_file.is_file():
-            print(
-                f"error: {pool_file} not found; run `fed-distill train-student` there first",
-                file=sys.stderr,
-            )
+        # Read and checked as train-student reads a pool (shapes, labels, NaN); the images are
+        # already normalised, as the student loop stores them.
+        shape = (spec.in_channels, spec.image_size, spec.image_size)
+        try:
+            state = load_tensors(run / "student" / "dataset.pt", "synthetic dataset")
+            images, _ = SyntheticPool.from_state(state, shape, spec.num_classes).tensors()
+        except FedDistillError as e:
+            print(f"error: {e}; run `fed-distill train-student` there first", file=sys.stderr)
             return 2
-        # the pool's images are already normalised (as the student loop stores them)
-        pool = torch.load(pool_file, map_location="cpu", weights_only=True)
-        x = pool["images"][: args.images].float().contiguous(memory_format=torch.channels_last)
+        x = images[: args.images].contiguous(memory_format=torch.channels_last)
     else:
         pick = torch.randperm(len(data.train_y), generator=gen)[: args.images]
         x = norm(data.train_x[pick]).contiguous(memory_format=torch.channels_last)
