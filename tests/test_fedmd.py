@@ -370,3 +370,19 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path, capsys, override, message
     assert rc == 1
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "results.json").exists()
+
+
+def test_default_preset_is_the_benchmarked_one():
+    # `fed-distill fedmd` without fedmd=... runs the preset the README and benchmarks/fedmd.py
+    # report as the default; the smoke preset stays available by name.
+    import importlib.util
+    from pathlib import Path
+
+    from fed_distill.config import compose_config
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fedmd.py"
+    spec = importlib.util.spec_from_file_location("bench_fedmd", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert compose_config([]).fedmd.name == bench.DEFAULT_PRESET == "fashion_unlabelled_pool"
+    assert compose_config(["fedmd=quick"]).fedmd.name == "quick"
