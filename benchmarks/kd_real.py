@@ -41,6 +41,15 @@ from fed_distill.train.fit import evaluate, predict_logits
 from fed_distill.train.student import SyntheticPool, weighted_kd_loss
 
 
+def sharpen(q: torch.Tensor, s: float) -> torch.Tensor:
+    """q^(1/s) per row, renormalised; s = 1 leaves q as it is, s = 0 gives the argmax one-hot."""
+    if s == 0:
+        return torch.nn.functional.one_hot(q.argmax(dim=1), q.shape[1]).to(q.dtype)
+    if s == 1:
+        return q
+    return q.clamp_min(1e-12).log().div(s).softmax(dim=1)  # q^(1/s) / sum, without overflow
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,10 +63,20 @@ def main() -> int:
     )
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.1])
+    ap.add_argument(
+        "--sharpen",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="targets q^(1/s), renormalised, of the ensemble's soft labels q; 1 = as they are,"
+        " 0 = the ensemble's argmax as a one-hot label",
+    )
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if any(s < 0 for s in args.sharpen):
+        ap.error("--sharpen values must be >= 0 (1 = soft labels as they are, 0 = one-hot argmax)")
 
     run = Path(args.run_dir)
     if not (run / "split.json").is_file() or not (run / "teachers" / "teachers.json").is_file():
@@ -91,37 +110,37 @@ def main() -> int:
     logits = torch.stack([predict_logits(t, x, None, "cpu") for t in teachers])
     checkpoints = [round(args.steps * k / 4) for k in (1, 2, 3, 4)]
     rows = []
-    for lr in args.lrs:
-        for temp in args.temperatures:
-            targets = ensemble_probs(logits, "weighted", shares, temp)
-            torch.manual_seed(args.seed)
-            student = build_model(
-                spec.model, spec.num_classes, spec.in_channels, spec.image_size, **spec.model_kwargs
-            ).to(memory_format=torch.channels_last)
-            opt = torch.optim.SGD(
-                student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4
-            )
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.steps))
-            )
-            accs, t0 = [], time.perf_counter()
-            for step in range(1, args.steps + 1):
-                b = torch.randint(0, len(x), (args.batch_size,), generator=gen)
-                student.train()
-                loss = weighted_kd_loss(student(x[b]), targets[b], temp)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if step in checkpoints:
-                    accs.append(evaluate(student, data.test_x, data.test_y, norm, "cpu"))
-            rows.append(
-                [temp, lr, *(f"{100 * a:.2f}" for a in accs), f"{time.perf_counter() - t0:.0f}"]
-            )
-            print(f"T={temp} lr={lr}: {', '.join(rows[-1][2:-1])} %", flush=True)
+    grid = [(a, b, c) for a in args.lrs for b in args.temperatures for c in args.sharpen]
+    for lr, temp, sharp in grid:
+        targets = sharpen(ensemble_probs(logits, "weighted", shares, temp), sharp)
+        torch.manual_seed(args.seed)
+        student = build_model(
+            spec.model, spec.num_classes, spec.in_channels, spec.image_size, **spec.model_kwargs
+        ).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(
+            student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.steps))
+        )
+        accs, t0 = [], time.perf_counter()
+        for step in range(1, args.steps + 1):
+            b = torch.randint(0, len(x), (args.batch_size,), generator=gen)
+            student.train()
+            loss = weighted_kd_loss(student(x[b]), targets[b], temp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step in checkpoints:
+                accs.append(evaluate(student, data.test_x, data.test_y, norm, "cpu"))
+        rows.append(
+            [temp, lr, sharp, *(f"{100 * a:.2f}" for a in accs), f"{time.perf_counter() - t0:.0f}"]
+        )
+        print(f"T={temp} lr={lr} sharpen={sharp}: {', '.join(rows[-1][3:-1])} %", flush=True)
     print(
         format_table(
-            ["T", "lr", *(f"test % @{s}" for s in checkpoints), "seconds"],
+            ["T", "lr", "sharpen", *(f"test % @{s}" for s in checkpoints), "seconds"],
             rows,
         )
     )
