@@ -14,9 +14,10 @@ With ``--pool`` the transfer set is instead the run's final synthetic pool
 (``student/dataset.pt``), the first ``--images`` of it: a fresh student on the same number of
 real and synthetic images tells whether the synthetic images lack in number or in kind.
 
-The teachers' soft labels are computed once on the images (no augmentation); SGD with Nesterov
-momentum 0.9, weight decay 1e-4 and a cosine schedule, as ``student.optimizer=sgd``; the soft
-labels are those of ``student.ensemble=weighted``.
+The teachers' soft labels are computed once on the images (no augmentation; with
+``--jitter J`` every batch is rolled by up to J pixels, as in the student loop, and labelled
+afresh); SGD with Nesterov momentum 0.9, weight decay 1e-4 and a cosine schedule, as
+``student.optimizer=sgd``; the soft labels are those of ``student.ensemble=weighted``.
 """
 
 from __future__ import annotations
@@ -71,10 +72,19 @@ def main() -> int:
         help="targets q^(1/s), renormalised, of the ensemble's soft labels q; 1 = as they are,"
         " 0 = the ensemble's argmax as a one-hot label",
     )
+    ap.add_argument(
+        "--jitter",
+        type=int,
+        default=0,
+        help="augment every batch as the student loop does (a random roll of up to this many"
+        " pixels) and recompute the soft labels on it; 0 = no augmentation, labels computed once",
+    )
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.jitter < 0:
+        ap.error(f"--jitter must be >= 0, got {args.jitter}")
     if any(s < 0 for s in args.sharpen):
         ap.error("--sharpen values must be >= 0 (1 = soft labels as they are, 0 = one-hot argmax)")
 
@@ -107,12 +117,14 @@ def main() -> int:
         pick = torch.randperm(len(data.train_y), generator=gen)[: args.images]
         x = norm(data.train_x[pick]).contiguous(memory_format=torch.channels_last)
     print(f"transfer set: {len(x)} {'synthetic' if args.pool else 'real'} images", flush=True)
-    logits = torch.stack([predict_logits(t, x, None, "cpu") for t in teachers])
+    if not args.jitter:
+        logits = torch.stack([predict_logits(t, x, None, "cpu") for t in teachers])
     checkpoints = [round(args.steps * k / 4) for k in (1, 2, 3, 4)]
     rows = []
     grid = [(a, b, c) for a in args.lrs for b in args.temperatures for c in args.sharpen]
     for lr, temp, sharp in grid:
-        targets = sharpen(ensemble_probs(logits, "weighted", shares, temp), sharp)
+        if not args.jitter:
+            targets = sharpen(ensemble_probs(logits, "weighted", shares, temp), sharp)
         torch.manual_seed(args.seed)
         student = build_model(
             spec.model, spec.num_classes, spec.in_channels, spec.image_size, **spec.model_kwargs
@@ -126,8 +138,18 @@ def main() -> int:
         accs, t0 = [], time.perf_counter()
         for step in range(1, args.steps + 1):
             b = torch.randint(0, len(x), (args.batch_size,), generator=gen)
+            if args.jitter:
+                j = args.jitter
+                dx, dy = torch.randint(-j, j + 1, (2,), generator=gen).tolist()
+                xb = torch.roll(x[b], shifts=(dx, dy), dims=(2, 3))
+                xb = xb.contiguous(memory_format=torch.channels_last)
+                with torch.no_grad():  # the targets enter the loss: no inference tensors
+                    tb = torch.stack([t(xb) for t in teachers])
+                    tb = sharpen(ensemble_probs(tb, "weighted", shares, temp), sharp)
+            else:
+                xb, tb = x[b], targets[b]
             student.train()
-            loss = weighted_kd_loss(student(x[b]), targets[b], temp)
+            loss = weighted_kd_loss(student(xb), tb, temp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
