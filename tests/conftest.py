@@ -22,3 +22,19 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def benchmark_module():
+    """Import ``benchmarks/NAME.py`` (a script, not a package) as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -372,17 +372,11 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path, capsys, override, message
     assert not (tmp_path / "results.json").exists()
 
 
-def test_default_preset_is_the_benchmarked_one():
+def test_default_preset_is_the_benchmarked_one(benchmark_module):
     # `fed-distill fedmd` without fedmd=... runs the preset the README and benchmarks/fedmd.py
     # report as the default; the smoke preset stays available by name.
-    import importlib.util
-    from pathlib import Path
-
     from fed_distill.config import compose_config
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fedmd.py"
-    spec = importlib.util.spec_from_file_location("bench_fedmd", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_module("fedmd")
     assert compose_config([]).fedmd.name == bench.DEFAULT_PRESET == "fashion_unlabelled_pool"
     assert compose_config(["fedmd=quick"]).fedmd.name == "quick"

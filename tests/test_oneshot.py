@@ -189,16 +189,10 @@ def test_train_student_without_initial_batches(cli, tmp_path):
     assert code == 1 and "generate-initial" in err and len(err.strip().splitlines()) == 1
 
 
-def test_kd_real_sharpen_targets():
+def test_kd_real_sharpen_targets(benchmark_module):
     # benchmarks/kd_real.py --sharpen: 1 keeps the soft labels, 0 takes the argmax, s in (0, 1)
     # raises them to 1/s and renormalises (sharper, same argmax).
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kd_real.py"
-    spec = importlib.util.spec_from_file_location("bench_kd_real", path)
-    kd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kd)
+    kd = benchmark_module("kd_real")
     q = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
     assert torch.equal(kd.sharpen(q, 1.0), q)
     assert torch.equal(kd.sharpen(q, 0.0), torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]))
