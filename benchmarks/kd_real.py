@@ -39,7 +39,7 @@ from fed_distill.federated.baselines import class_shares, ensemble_probs
 from fed_distill.models import build_model
 from fed_distill.pipeline import format_table, load_teachers
 from fed_distill.train.fit import evaluate, predict_logits
-from fed_distill.train.student import SyntheticPool, weighted_kd_loss
+from fed_distill.train.student import SyntheticPool, teacher_targets, weighted_kd_loss
 
 
 def sharpen(q: torch.Tensor, s: float) -> torch.Tensor:
@@ -143,9 +143,7 @@ def main() -> int:
                 dx, dy = torch.randint(-j, j + 1, (2,), generator=gen).tolist()
                 xb = torch.roll(x[b], shifts=(dx, dy), dims=(2, 3))
                 xb = xb.contiguous(memory_format=torch.channels_last)
-                with torch.no_grad():  # the targets enter the loss: no inference tensors
-                    tb = torch.stack([t(xb) for t in teachers])
-                    tb = sharpen(ensemble_probs(tb, "weighted", shares, temp), sharp)
+                tb = sharpen(teacher_targets(teachers, xb, temp, "weighted", shares), sharp)
             else:
                 xb, tb = x[b], targets[b]
             student.train()
