@@ -120,6 +120,83 @@ def test_generator_synthesizer_batches(method):
     assert torch.equal(b2.labels, batch.labels)
 
 
+def test_generator_samples_fresh_images_without_touching_its_state():
+    cfg = SynthesisConfig(method="generator", batch_size=12, iterations=3, lr=1e-3, nz=8, ngf=4)
+    synth = build_synthesizer(cfg, _teachers(), COUNTS, (1, 8, 8), NORM, False, "cpu", seed=3)
+    synth.synthesize()
+    before = {k: v.clone() for k, v in synth.net.state_dict().items() if "num_batches" not in k}
+    rng = synth.generator.get_state()
+    x = synth.sample(20, torch.Generator().manual_seed(0))
+    assert synth.can_sample and x.shape == (20, 1, 8, 8) and not x.requires_grad
+    lo, hi = NORM.bounds()
+    assert (x >= lo - 1e-5).all() and (x <= hi + 1e-5).all()
+    # weights, BN running statistics and the batch stream are as they were
+    after = synth.net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert torch.equal(synth.generator.get_state(), rng)
+    # the codes come from the given generator: same seed, same images; another, others
+    assert torch.equal(x, synth.sample(20, torch.Generator().manual_seed(0)))
+    assert not torch.equal(x, synth.sample(20, torch.Generator().manual_seed(1)))
+    # a meta-generator and pixel optimisation have nothing to sample
+    fast = build_synthesizer(
+        SynthesisConfig(method="fast", batch_size=8, iterations=2, nz=8, ngf=4),
+        _teachers(),
+        COUNTS,
+        (1, 8, 8),
+        NORM,
+        False,
+        "cpu",
+        seed=0,
+    )
+    di = build_synthesizer(
+        SynthesisConfig(batch_size=8, iterations=2),
+        _teachers(),
+        COUNTS,
+        (1, 8, 8),
+        NORM,
+        False,
+        "cpu",
+        seed=0,
+    )
+    assert not fast.can_sample and fast.sample(4, torch.Generator()) is None
+    assert not di.can_sample and di.sample(4, torch.Generator()) is None
+
+
+def test_student_fresh_needs_a_generator_and_a_fraction():
+    from fed_distill.synthesis.config import StudentConfig
+    from fed_distill.train.student import SyntheticPool, distill
+
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ConfigError, match="student.fresh"):
+            StudentConfig(fresh=bad).validate()
+    teachers = _teachers()
+    di = build_synthesizer(
+        SynthesisConfig(batch_size=8, iterations=2),
+        teachers,
+        COUNTS,
+        (1, 8, 8),
+        NORM,
+        False,
+        "cpu",
+        seed=0,
+    )
+    x = torch.rand(16, 1, 8, 8)
+    with pytest.raises(ConfigError, match="student.fresh=0.5 needs a synthesizer"):
+        distill(
+            build_model("cnn_small", 4, 1, 8, width=4),
+            teachers,
+            di,
+            SyntheticPool(),
+            StudentConfig(epochs=1, initial_batches=0, steps_per_epoch=1, fresh=0.5),
+            normalizer=NORM,
+            hflip=False,
+            device="cpu",
+            seed=0,
+            test=(x, torch.zeros(16, dtype=torch.long)),
+            progress=False,
+        )
+
+
 @pytest.mark.parametrize("method", ["generator", "fast"])
 def test_generator_cycling_target_uses_one_teacher_per_batch(method):
     cfg = SynthesisConfig(method=method, batch_size=8, iterations=2, nz=8, ngf=4, target="cycling")

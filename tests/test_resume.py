@@ -149,7 +149,7 @@ def test_fit_resumed_from_a_checkpoint_is_bit_identical(tmp_path):
     assert len(res2.history["train_loss"]) == 5
 
 
-def _distill_setup(seed: int = 0, method: str = "deepinversion"):
+def _distill_setup(seed: int = 0, method: str = "deepinversion", fresh: float = 0.0):
     from fed_distill.synthesis import build_synthesizer
     from fed_distill.synthesis.config import StudentConfig, SynthesisConfig
     from fed_distill.train.student import SyntheticPool
@@ -168,18 +168,32 @@ def _distill_setup(seed: int = 0, method: str = "deepinversion"):
         synth = build_synthesizer(scfg, teachers, counts, (1, 8, 8), NORM, False, "cpu", seed=7)
     student = build_model("cnn_small", 10, 1, 8, width=8, dropout=0.2)
     cfg = StudentConfig(
-        epochs=4, initial_batches=0, steps_per_epoch=3, batch_size=16, ensemble="probs"
+        epochs=4,
+        initial_batches=0,
+        steps_per_epoch=3,
+        batch_size=16,
+        ensemble="probs",
+        fresh=fresh,
     )
     return student, teachers, synth, SyntheticPool(), cfg
 
 
-@pytest.mark.parametrize("method", ["deepinversion", "generator", "fast", "public"])
-def test_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path, method):
+@pytest.mark.parametrize(
+    "method,fresh",
+    [
+        ("deepinversion", 0.0),
+        ("generator", 0.0),
+        ("generator", 0.5),
+        ("fast", 0.0),
+        ("public", 0.0),
+    ],
+)
+def test_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path, method, fresh):
     from fed_distill.train.student import distill
 
     x, y, vx, vy = _digits(100)
     kw = dict(normalizer=NORM, hflip=True, device="cpu", seed=3, test=(vx, vy), progress=False)
-    student, teachers, synth, pool, cfg = _distill_setup(method=method)
+    student, teachers, synth, pool, cfg = _distill_setup(method=method, fresh=fresh)
     ref = distill(student, teachers, synth, pool, cfg, **kw)
     ref_state = {k: v.clone() for k, v in student.state_dict().items()}
     ref_images = pool.tensors()[0].clone()
@@ -190,11 +204,11 @@ def test_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path, method):
         if epoch == 2:
             raise Stop
 
-    student, teachers, synth, pool, cfg = _distill_setup(method=method)
+    student, teachers, synth, pool, cfg = _distill_setup(method=method, fresh=fresh)
     with pytest.raises(Stop):
         distill(student, teachers, synth, pool, cfg, checkpoint_path=ckpt, on_epoch=stop_at_2, **kw)
     assert load_checkpoint(ckpt)["epoch"] == 1
-    student, teachers, synth, pool, cfg = _distill_setup(method=method)
+    student, teachers, synth, pool, cfg = _distill_setup(method=method, fresh=fresh)
     torch.manual_seed(1234)  # restored from the checkpoint
     res = distill(student, teachers, synth, pool, cfg, checkpoint_path=ckpt, **kw)
     assert res.metrics["test_acc"] == ref.metrics["test_acc"]

@@ -62,6 +62,16 @@ class Synthesizer(ABC):
         """One batch. With ``student`` given the synthesis is adaptive (Adaptive DeepInversion):
         images are pushed towards where teacher and student disagree."""
 
+    #: Whether :meth:`sample` gives images (a trained generator does; pixel optimisation not).
+    can_sample: bool = False
+
+    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor | None:
+        """``n`` further normalised images (N, C, H, W) on the synthesizer's device, drawn
+        cheaply from what it has learnt so far (no optimisation, no labels), with ``gen`` as
+        the source of randomness; None where the method has nothing to sample from (pixel
+        optimisation). ``student.fresh`` mixes such images into the student's pool steps."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Everything that decides the *next* batches (RNG states, cursors, trained generator
         networks and their optimisers), as tensors and plain values, so that a resumed run

@@ -184,6 +184,10 @@ class StudentConfig:
     # How the teachers' outputs combine into soft labels: weighted (each teacher's softmax
     # weighted by its share of each class) | probs (mean softmax) | logits (mean logits).
     ensemble: str = "weighted"
+    # Fraction of every pool step's batch drawn fresh from the synthesizer's current generator
+    # (synthesis=generator only): new images at the cost of one generator forward, labelled by
+    # the teachers like the rest; 0 = every image from the pool.
+    fresh: float = 0.0
     augment: bool = True  # random roll (jitter) and flip of pool batches
     jitter: int = 2
     server_data: bool = False  # train also on the real data of split clients without a teacher
@@ -226,6 +230,10 @@ class StudentConfig:
             raise ConfigError(f"student.schedule must be cosine or none, got '{self.schedule}'")
         if not (self.lr > 0 and self.temperature > 0):
             raise ConfigError("student.lr and student.temperature must be > 0")
+        if isinstance(self.fresh, bool) or not (
+            isinstance(self.fresh, (int, float)) and 0 <= self.fresh <= 1
+        ):
+            raise ConfigError(f"student.fresh must be a fraction in [0, 1], got {self.fresh!r}")
         if self.class_weights is not None and not all(w >= 0 for w in self.class_weights):
             raise ConfigError("student.class_weights must be non-negative")
         return self

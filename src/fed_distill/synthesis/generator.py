@@ -159,6 +159,7 @@ class GeneratorSynthesizer(Synthesizer):
             self.teachers
         )
         self.batches = 0
+        self.can_sample = not meta
 
     def _logits(self, x: torch.Tensor, ids: list[int]) -> torch.Tensor:
         """(len(ids), N, K) logits of the teachers ``ids`` on ``x``."""
@@ -287,6 +288,27 @@ class GeneratorSynthesizer(Synthesizer):
             teacher_ids=ids,
             stats=stats,
         )
+
+    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor | None:
+        """``n`` images from the current generator and fresh latent codes drawn with ``gen``,
+        normalised, without gradients. The generator's BN layers normalise with the batch's own
+        statistics, as when the pool's batches were made, and leave their running statistics
+        as they were. ``fast``: its meta-generator is only a starting point for adaptation, so
+        there is nothing to sample (None)."""
+        if self.meta:
+            return None
+        z = torch.randn((n, self.cfg.nz), generator=gen).to(self.device)
+        bns = [m for m in self.net.modules() if isinstance(m, nn.BatchNorm2d)]
+        saved = [m.momentum for m in bns]
+        self.net.train()
+        try:
+            for m in bns:
+                m.momentum = 0.0  # batch statistics, running statistics untouched
+            with torch.no_grad():
+                return self.normalizer(self.net(z))
+        finally:
+            for m, mom in zip(bns, saved, strict=True):
+                m.momentum = mom
 
     def state_dict(self) -> dict[str, Any]:
         """RNG stream, the (meta-)generator and its optimiser, the tracked BN statistics: all

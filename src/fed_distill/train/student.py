@@ -24,7 +24,7 @@ from torch import nn
 
 from fed_distill.artifacts import save_checkpoint
 from fed_distill.data.transforms import Normalizer, augment
-from fed_distill.errors import FedDistillError
+from fed_distill.errors import ConfigError, FedDistillError
 from fed_distill.federated.baselines import ensemble_probs
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
 from fed_distill.synthesis.config import StudentConfig
@@ -218,12 +218,18 @@ def distill(
         real_x, real_y = server_data[0].to(device), server_data[1].to(device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """One student step on ``x``; the images beyond ``len(y)`` (fresh generator samples)
+        take the ensemble's top class as their label."""
         x, y = x.to(device, memory_format=fmt), y.to(device)
         student.train()
         s_logits = student(x)
+        targets = None
+        if cfg.loss == "kl" or len(y) < len(x):
+            t = cfg.temperature if cfg.loss == "kl" else 1.0
+            targets = teacher_targets(teachers, x, t, cfg.ensemble, shares)
+            y = torch.cat([y, targets[len(y) :].argmax(1)])
         w = cw[y] if cw is not None else None
         if cfg.loss == "kl":
-            targets = teacher_targets(teachers, x, cfg.temperature, cfg.ensemble, shares)
             loss = weighted_kd_loss(s_logits, targets, cfg.temperature, w)
         else:
             ce = F.cross_entropy(s_logits, y, reduction="none")
@@ -271,6 +277,14 @@ def distill(
             )
         }
     )
+    n_fresh = round(cfg.fresh * cfg.batch_size)
+    if n_fresh and not synthesizer.can_sample:
+        raise ConfigError(
+            f"student.fresh={cfg.fresh} needs a synthesizer with a generator to sample from"
+            f" ({type(synthesizer).__name__} has none); use synthesis=generator or student.fresh=0"
+        )
+    # Latent codes of the fresh samples: a stream of their own, checkpointed with the others.
+    fresh_gen = torch.Generator().manual_seed(seed + 7919)
     t_start = time.perf_counter()
     start = 0
     meta = {**(checkpoint_meta or {}), "distill": [cfg.epochs, int(seed), len(pool)]}
@@ -287,6 +301,7 @@ def distill(
         align_optimizer_state(opt)
         sched.load_state_dict(ckpt["schedule"])
         gen.set_state(ckpt["generator"])
+        fresh_gen.set_state(ckpt["fresh_generator"])
         set_rng_state(ckpt["rng"], device)
         synthesizer.load_state_dict(ckpt["synthesizer"])
         shape = tuple(ckpt["pool"]["images"].shape[1:])
@@ -316,9 +331,14 @@ def distill(
             pool.append(batch)
         x_all, y_all = pool.tensors()
         for _ in range(cfg.steps_per_epoch):
-            idx = torch.randint(0, len(y_all), (min(cfg.batch_size, len(y_all)),), generator=gen)
-            xb = roll_flip(x_all[idx]) if cfg.augment else x_all[idx]
-            loss, acc = step(xb, y_all[idx])
+            n_pool = min(cfg.batch_size - n_fresh, len(y_all))
+            idx = torch.randint(0, len(y_all), (n_pool,), generator=gen)
+            xb, yb = x_all[idx], y_all[idx]
+            if n_fresh:
+                fresh = synthesizer.sample(n_fresh, fresh_gen)
+                xb = torch.cat([xb, fresh.to(xb.device, xb.dtype)])
+            xb = roll_flip(xb) if cfg.augment else xb
+            loss, acc = step(xb, yb)
             losses.append(loss)
             accs.append(acc)
         row = {
@@ -357,6 +377,7 @@ def distill(
                     "optimizer": opt.state_dict(),
                     "schedule": sched.state_dict(),
                     "generator": gen.get_state(),
+                    "fresh_generator": fresh_gen.get_state(),
                     "rng": rng_state(device),
                     "synthesizer": synthesizer.state_dict(),
                     "pool": pool.state(),
