@@ -227,6 +227,7 @@ def distill(
         if cfg.loss == "kl" or len(y) < len(x):
             t = cfg.temperature if cfg.loss == "kl" else 1.0
             targets = teacher_targets(teachers, x, t, cfg.ensemble, shares)
+        if len(y) < len(x):
             y = torch.cat([y, targets[len(y) :].argmax(1)])
         w = cw[y] if cw is not None else None
         if cfg.loss == "kl":
@@ -301,7 +302,8 @@ def distill(
         align_optimizer_state(opt)
         sched.load_state_dict(ckpt["schedule"])
         gen.set_state(ckpt["generator"])
-        fresh_gen.set_state(ckpt["fresh_generator"])
+        if "fresh_generator" in ckpt:  # absent from checkpoints of earlier versions
+            fresh_gen.set_state(ckpt["fresh_generator"])
         set_rng_state(ckpt["rng"], device)
         synthesizer.load_state_dict(ckpt["synthesizer"])
         shape = tuple(ckpt["pool"]["images"].shape[1:])
