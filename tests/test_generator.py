@@ -120,9 +120,15 @@ def test_generator_synthesizer_batches(method):
     assert torch.equal(b2.labels, batch.labels)
 
 
+def _small_synth(cfg, teachers=None, seed=0):
+    """A synthesizer of ``cfg`` for the small test teachers (8×8 images, COUNTS)."""
+    teachers = _teachers() if teachers is None else teachers
+    return build_synthesizer(cfg, teachers, COUNTS, (1, 8, 8), NORM, False, "cpu", seed=seed)
+
+
 def test_generator_samples_fresh_images_without_touching_its_state():
     cfg = SynthesisConfig(method="generator", batch_size=12, iterations=3, lr=1e-3, nz=8, ngf=4)
-    synth = build_synthesizer(cfg, _teachers(), COUNTS, (1, 8, 8), NORM, False, "cpu", seed=3)
+    synth = _small_synth(cfg, seed=3)
     synth.synthesize()
     before = {k: v.clone() for k, v in synth.net.state_dict().items() if "num_batches" not in k}
     rng = synth.generator.get_state()
@@ -138,26 +144,8 @@ def test_generator_samples_fresh_images_without_touching_its_state():
     assert torch.equal(x, synth.sample(20, torch.Generator().manual_seed(0)))
     assert not torch.equal(x, synth.sample(20, torch.Generator().manual_seed(1)))
     # a meta-generator and pixel optimisation have nothing to sample
-    fast = build_synthesizer(
-        SynthesisConfig(method="fast", batch_size=8, iterations=2, nz=8, ngf=4),
-        _teachers(),
-        COUNTS,
-        (1, 8, 8),
-        NORM,
-        False,
-        "cpu",
-        seed=0,
-    )
-    di = build_synthesizer(
-        SynthesisConfig(batch_size=8, iterations=2),
-        _teachers(),
-        COUNTS,
-        (1, 8, 8),
-        NORM,
-        False,
-        "cpu",
-        seed=0,
-    )
+    fast = _small_synth(SynthesisConfig(method="fast", batch_size=8, iterations=2, nz=8, ngf=4))
+    di = _small_synth(SynthesisConfig(batch_size=8, iterations=2))
     assert not fast.can_sample and fast.sample(4, torch.Generator()) is None
     assert not di.can_sample and di.sample(4, torch.Generator()) is None
 
@@ -170,16 +158,7 @@ def test_student_fresh_needs_a_generator_and_a_fraction():
         with pytest.raises(ConfigError, match="student.fresh"):
             StudentConfig(fresh=bad).validate()
     teachers = _teachers()
-    di = build_synthesizer(
-        SynthesisConfig(batch_size=8, iterations=2),
-        teachers,
-        COUNTS,
-        (1, 8, 8),
-        NORM,
-        False,
-        "cpu",
-        seed=0,
-    )
+    di = _small_synth(SynthesisConfig(batch_size=8, iterations=2), teachers)
     x = torch.rand(16, 1, 8, 8)
     with pytest.raises(ConfigError, match="student.fresh=0.5 needs a synthesizer"):
         distill(
