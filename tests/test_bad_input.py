@@ -12,6 +12,8 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -671,3 +673,112 @@ def test_malicious_resume_checkpoint_is_ignored_and_never_runs(cli, base_run, tm
     assert "ignoring unreadable checkpoint" in out and "refusing to unpickle" in out
     assert not marker.exists(), "the pickle's payload ran"
     assert read_weights(run / "teachers" / "teacher_0.safetensors")
+
+
+# ----------------------------------------------------------------------------- before any work
+# A config error in a group that a stage reads late (synthesis, student) is reported before the
+# first group's work (split, teacher training) starts: one line, in seconds, nothing written.
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("synthesis.batch_size=0", "synthesis.batch_size must be a positive integer"),
+        ("synthesis.mode=sampling", "num_teachers=3 but only 2 teachers"),
+        ("student.epochs=0", "student.epochs"),
+        ("student.model=resnet9000", "unknown model 'resnet9000'"),
+        ("student.fresh=2", "student.fresh"),
+        ("train.lr=-1", "learning rate"),
+        ("train.patience=0", "train.patience"),
+        ("split.server_clients=2", "server_clients"),
+        ("model.kwargs={width:-4}", "width"),
+    ],
+)
+def test_oneshot_config_error_before_any_work(cli, tmp_path, override, expected):
+    import time
+
+    from fed_distill.data.sources import dataset_info
+
+    dataset_info("digits")  # import torch and scikit-learn first: time the check, not imports
+    run = tmp_path / "run"
+    t0 = time.perf_counter()
+    code, out, err = cli(
+        "oneshot", "dataset=digits", "split=iid", "split.num_clients=2", f"run_dir={run}", override
+    )
+    line = one_line_error(code, err)
+    assert expected in line, line
+    assert time.perf_counter() - t0 < 10
+    assert "==" not in out  # no stage started
+    assert not run.exists() or not any(run.iterdir()), "a failed config check wrote files"
+
+
+def test_every_stage_checks_its_config_before_work(cli, base_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    before = snapshot(run)
+    for args, expected in [
+        (["train-teachers", "train.batch_size=0", "force=true"], "train.batch_size"),
+        (["generate-initial", "synthesis.iterations=-2", "force=true"], "synthesis.iterations"),
+        (["train-student", "synthesis.lr=0", "force=true"], "synthesis.lr"),
+        (["train-student", "student.model=cnn_small", "student.model_kwargs={depth:3}"], "depth"),
+        (["split", "split=shards", "split.classes_per_client=11"], "classes_per_client"),
+    ]:
+        code, _, err = cli(*args, f"run_dir={run}", "device=cpu")
+        assert expected in one_line_error(code, err), (args, err)
+    assert snapshot(run) == before
+
+
+# ----------------------------------------------------------------------------- run folders
+def _unusable_run_dirs(tmp_path: Path) -> list[tuple[str, str]]:
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("keep me")
+    cases = [
+        (str(a_file), "is a file, not a folder"),
+        (str(a_file / "run"), "cannot be created: Not a directory"),
+        ("/proc/fed-distill-forbidden/run", "cannot be created: No such file or directory"),
+    ]
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        ro = tmp_path / "read-only"
+        ro.mkdir()
+        ro.chmod(0o555)
+        cases += [(str(ro / "run"), "Permission denied"), (str(ro), "not writable")]
+    return cases
+
+
+def test_unusable_run_dir_is_one_line_naming_path_and_reason(cli, tmp_path):
+    for run_dir, reason in _unusable_run_dirs(tmp_path):
+        for stage in ("split", "oneshot"):
+            code, out, err = cli(stage, "dataset=digits", "split=iid", f"run_dir={run_dir}")
+            line = one_line_error(code, err)
+            assert f"run_dir {run_dir} " in line and reason in line, line
+            assert "==" not in out
+    assert (tmp_path / "results.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------- sweeps
+def _sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("fed-distill")
+    env = {**os.environ, "FED_DISTILL_NO_PROGRESS": "1"}
+    return subprocess.run(
+        [str(exe), "split", "--multirun", "dataset=digits", "split=iid", *args,
+         f"run_dir={tmp_path}/n${{split.num_clients}}", f"hydra.sweep.dir={tmp_path}/multirun"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def test_multirun_with_one_bad_value_runs_the_good_ones(tmp_path):
+    r = _sweep(tmp_path, "split.num_clients=2,0,3")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: job split.num_clients=0:"), r.stderr
+    assert "num_clients must be >= 1" in lines[0]
+    for n in (2, 3):  # the good jobs, before and after the bad one, finished
+        assert len(json.loads((tmp_path / f"n{n}" / "split.json").read_text())["clients"]) == n
+    assert not (tmp_path / "n0").exists()
+
+
+def test_multirun_with_a_value_of_the_wrong_type_runs_nothing(tmp_path):
+    r = _sweep(tmp_path, "split.num_clients=2,abc")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "split.num_clients=abc" in lines[0] and "Integer" in lines[0]
+    assert not (tmp_path / "n2").exists()

@@ -93,8 +93,10 @@ def run_stage(stage: str, overrides: list[str]) -> None:
     """Compose the config and run one stage in this process."""
     from fed_distill.config import compose_config
     from fed_distill.utils import configure_threads
+    from fed_distill.validate import validate_config
 
     cfg = compose_config(overrides)
+    validate_config(stage, cfg)  # every group the stage reads, and run_dir, before any work
     configure_threads()
     if not cfg.progress:
         os.environ["FED_DISTILL_NO_PROGRESS"] = "1"
@@ -106,26 +108,35 @@ def run_stage(stage: str, overrides: list[str]) -> None:
         print(summary)
 
 
-def _multirun(stage: str, overrides: list[str]) -> None:
-    """Hydra's own sweeper: ``key=a,b`` runs the stage once per value."""
+def _multirun(stage: str, overrides: list[str]) -> int:
+    """Hydra's own sweeper: ``key=a,b`` runs the stage once per value. A job whose config or
+    inputs are bad prints one ``error:`` line naming its overrides; the other jobs still run,
+    and the exit status is 1 if any job failed."""
     import hydra
 
     from fed_distill.config import register_configs
     from fed_distill.errors import FedDistillError
+    from fed_distill.utils import configure_threads
+    from fed_distill.validate import validate_config
 
     register_configs()
     fn = _stage_fn(stage)
+    failed: list[str] = []
+    swept = _check_sweep(overrides)
 
     @hydra.main(config_path="conf", config_name="config", version_base="1.3")
     def task(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         job_overrides = list(HydraConfig.get().overrides.task)
+        label = _job_label(job_overrides, swept)
         try:
+            validate_config(stage, cfg)
+            configure_threads()
             fn(_prepare(cfg, job_overrides))
         except FedDistillError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
+            print(f"error: job {label}: {e}", file=sys.stderr)
+            failed.append(label)
 
     sys.argv = [
         "fed-distill",
@@ -136,6 +147,36 @@ def _multirun(stage: str, overrides: list[str]) -> None:
         "hydra/hydra_logging=disabled",
     ]
     task()
+    return 1 if failed else 0
+
+
+def _check_sweep(overrides: list[str]) -> set[str]:
+    """Compose every job's config of a sweep before any job runs: a value that is not even a
+    config (wrong type, unknown key) stops the sweep with one line. Returns the swept keys."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fed_distill.config import compose_config, describe_config_error
+    from fed_distill.errors import ConfigError
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception as e:  # noqa: BLE001 - Hydra's parser errors: all are config errors
+        raise ConfigError(describe_config_error(e)) from None
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    for job in jobs:
+        try:
+            compose_config([o for o in job if not o.lstrip("+~").startswith("hydra")])
+        except ConfigError as e:
+            raise ConfigError(f"job {_job_label(job, swept)}: {e}; no job was run") from None
+    return swept
+
+
+def _job_label(job: list[str], swept: set[str]) -> str:
+    """The swept ``key=value`` pairs that tell one job of a sweep from the others."""
+    picked = [o for o in job if o.split("=", 1)[0].lstrip("+~") in swept]
+    return " ".join(picked or job)
 
 
 def _data_command(args: list[str]) -> None:
@@ -245,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(compose_config([a for a in rest if a != "--cfg"])))
             return 0
         if "--multirun" in rest or "-m" in rest:
-            _multirun(stage, [a for a in rest if a not in ("--multirun", "-m")])
-            return 0
+            return _multirun(stage, [a for a in rest if a not in ("--multirun", "-m")])
         run_stage(stage, rest)
         return 0
     except FedDistillError as e:

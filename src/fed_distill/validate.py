@@ -1,0 +1,222 @@
+"""Check the whole resolved config a stage will use, and its run folder, before any work starts.
+
+A typo in ``synthesis.batch_size`` must not cost the minutes of teacher training that come before
+synthesis: :func:`validate_config` checks every group the stage reads (dataset, split, model,
+train, synthesis, student, fedmd, device) and then that ``run_dir`` can be created and written.
+It loads no dataset files (``dataset_info`` reads metadata only), so it takes well under a
+second; every problem is one :class:`ConfigError` line.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from fed_distill.errors import ConfigError, FedDistillError
+
+# What each stage reads besides the device and the run folder.
+STAGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "split": ("dataset", "split"),
+    "train-teachers": ("model", "train"),
+    "generate-initial": ("synthesis", "student"),
+    "train-student": ("synthesis", "student"),
+    "oneshot": ("dataset", "split", "model", "train", "synthesis", "student"),
+    "fedmd": ("fedmd",),
+}
+
+
+def validate_config(stage: str, cfg: DictConfig) -> None:
+    """Raise one ConfigError line if ``cfg`` cannot run ``stage``; creates ``run_dir`` if needed
+    (every stage would) but writes nothing in it."""
+    from fed_distill.utils import resolve_device
+
+    groups = STAGE_GROUPS.get(stage, ())
+    resolve_device(str(cfg.device))
+    info = _dataset_info(cfg, stage) if {"dataset", "model"} & set(groups) else None
+    if "split" in groups:
+        check_split_config(cfg.split, info.num_classes if info is not None else None)
+    if "model" in groups and info is not None:
+        _check_model(str(cfg.model.name), _kwargs(cfg.model.get("kwargs")), info, "model")
+    if "train" in groups:
+        check_train_config(cfg)
+    if "synthesis" in groups:
+        from fed_distill.config import as_object
+        from fed_distill.synthesis.config import StudentConfig, SynthesisConfig
+
+        as_object(cfg.synthesis, SynthesisConfig).validate(_num_teachers(cfg, stage))
+        scfg = as_object(cfg.student, StudentConfig).validate()
+        if scfg.model and info is not None:
+            _check_model(scfg.model, dict(scfg.model_kwargs), info, "student.model")
+    if "fedmd" in groups:
+        from fed_distill.config import as_object
+        from fed_distill.federated.config import FedMDConfig, check_fedmd_config
+
+        check_fedmd_config(as_object(cfg.fedmd, FedMDConfig))
+    check_run_dir(cfg.run_dir)
+
+
+# ----------------------------------------------------------------------------- run folder
+def check_run_dir(path: Any) -> Path:
+    """``run_dir`` exists (created if missing) and accepts a new file; else one line naming the
+    path and the reason. Nothing already in the folder is touched."""
+    run_dir = Path(str(path)).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} is a file, not a folder; choose another run_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a parent is a file
+        raise ConfigError(f"run_dir {run_dir} cannot be created: a parent path is a file") from None
+    except OSError as e:
+        raise ConfigError(f"run_dir {run_dir} cannot be created: {_reason(e)}") from None
+    probe = run_dir / f".fed-distill-write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run_dir {run_dir} is not writable: {_reason(e)}") from None
+    return run_dir
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or (errno.errorcode.get(e.errno or 0) if e.errno else None) or str(e)
+
+
+# ----------------------------------------------------------------------------- groups
+def _dataset_info(cfg: DictConfig, stage: str):
+    """The dataset's metadata (classes, channels, size): from run_dir/split.json for the stages
+    that read an earlier split, else from ``dataset``. None when the split is not readable yet
+    (the stage itself reports that)."""
+    from fed_distill.data.sources import dataset_info
+    from fed_distill.pipeline import dataset_options
+
+    name, options = None, None
+    if stage != "oneshot" and stage != "split":
+        try:
+            split = json.loads((Path(str(cfg.run_dir)) / "split.json").read_text())
+            name, options = split["dataset"], dict(split.get("dataset_options") or {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+    else:
+        from fed_distill.config import DatasetConfig, as_object
+
+        ds = as_object(cfg.dataset, DatasetConfig)
+        name, options = ds.name, dataset_options(ds)
+    try:
+        return dataset_info(str(name), **options)
+    except FedDistillError:
+        if stage in ("oneshot", "split"):
+            raise
+        return None  # a malformed split.json: the stage reports it with its own message
+
+
+def _kwargs(node: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    if node is None:
+        return {}
+    return dict(
+        OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    )
+
+
+def _check_model(name: str, kwargs: dict[str, Any], info: Any, key: str):
+    from fed_distill.models import build_model
+
+    try:
+        return build_model(name, info.num_classes, info.channels, info.image_size, **kwargs)
+    except FedDistillError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _is_int(v: Any, minimum: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def check_split_config(sp: DictConfig, num_classes: int | None = None) -> None:
+    """The split's parameters, with the same messages ``data.partition`` gives."""
+    from fed_distill.data.partition import STRATEGIES
+
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"split.{msg}")
+
+    if sp.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"unknown split strategy '{sp.strategy}'; choose one of {', '.join(STRATEGIES)}"
+        )
+    n = len(sp.classes) if sp.strategy == "classes" and sp.classes else sp.num_clients
+    if not _is_int(n, 1):
+        raise bad(f"num_clients must be >= 1, got {n}")
+    if sp.strategy == "classes" and not sp.classes:
+        raise ConfigError("split=classes needs split.classes, e.g. split.classes=[[0,1,2],[3,4]]")
+    if sp.strategy == "dirichlet":
+        if not sp.alpha > 0:
+            raise bad(f"alpha must be > 0 for a Dirichlet split, got {sp.alpha}")
+        if not _is_int(sp.min_size, 0):
+            raise bad(f"min_size must be an integer >= 0, got {sp.min_size}")
+    if sp.strategy == "shards" and not (
+        _is_int(sp.classes_per_client, 1)
+        and (num_classes is None or sp.classes_per_client <= num_classes)
+    ):
+        top = num_classes if num_classes is not None else "num_classes"
+        raise bad(f"classes_per_client must be in 1..{top}, got {sp.classes_per_client}")
+    if sp.strategy == "heter" and not 0 <= sp.unif_percentage <= 1:
+        raise bad(f"unif_percentage must be in [0, 1], got {sp.unif_percentage}")
+    if not 0 <= sp.val_fraction < 1:
+        raise bad(f"val_fraction must be in [0, 1), got {sp.val_fraction}")
+    if not (_is_int(sp.server_clients, 0) and sp.server_clients < n):
+        raise bad(
+            f"server_clients must be in 0..{n - 1} (at least one teacher), got {sp.server_clients}"
+        )
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """``train.*``: counts are positive integers, rates finite, optimiser and schedule build."""
+    import torch
+
+    from fed_distill.config import as_object
+    from fed_distill.train.fit import TrainConfig, make_optimizer, make_schedule
+
+    t: TrainConfig = as_object(cfg.train, TrainConfig)
+    for key in ("epochs", "batch_size", "eval_every"):
+        if not _is_int(getattr(t, key), 1):
+            raise ConfigError(f"train.{key} must be a positive integer, got {getattr(t, key)!r}")
+    for key in ("min_steps", "crop_padding", "checkpoint_every", "step_size"):
+        if not _is_int(getattr(t, key), 0):
+            raise ConfigError(f"train.{key} must be an integer >= 0, got {getattr(t, key)!r}")
+    for key in ("max_steps", "patience"):
+        v = getattr(t, key)
+        if v is not None and not _is_int(v, 1):
+            raise ConfigError(f"train.{key} must be a positive integer or null, got {v!r}")
+    # lr, momentum and weight_decay: torch.optim's own checks below ("Invalid learning rate")
+    for key in ("gamma", "label_smoothing"):
+        v = getattr(t, key)
+        if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+            raise ConfigError(f"train.{key} must be a finite number >= 0, got {v!r}")
+    if not t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    try:  # torch.optim's own checks, on a one-parameter stand-in for the model
+        make_schedule(make_optimizer(torch.nn.Linear(1, 1), t), 1, t, 1)
+    except ValueError as e:
+        raise ConfigError(f"train: {e}") from None
+
+
+def _num_teachers(cfg: DictConfig, stage: str) -> int | None:
+    """Teachers the synthesizer will have: from the split this stage makes (oneshot), else from
+    run_dir/teachers/teachers.json when readable."""
+    if stage == "oneshot":
+        sp = cfg.split
+        n = len(sp.classes) if sp.strategy == "classes" and sp.classes else int(sp.num_clients)
+        return n - int(sp.server_clients)
+    try:
+        spec = json.loads((Path(str(cfg.run_dir)) / "teachers" / "teachers.json").read_text())
+        n = spec["num_teachers"]
+        return n if _is_int(n, 1) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
