@@ -59,6 +59,17 @@ class ModelConfig:
 
 
 @dataclass
+class UploadConfig:
+    """What a one-shot client uploads besides its teacher's weights and label counts."""
+
+    # per-class BN input statistics (teachers/class_stats_{i}.safetensors), for the per-class
+    # BN term of synthesis (synthesis.class_stats); false = weights and label counts only
+    class_stats: bool = True
+    # with class_stats: also the per-class mean and variance of the penultimate features
+    features: bool = True
+
+
+@dataclass
 class Config:
     seed: int = 0
     run_dir: str = "runs/default"
@@ -72,6 +83,7 @@ class Config:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     fedmd: FedMDConfig = field(default_factory=FedMDConfig)
+    upload: UploadConfig = field(default_factory=UploadConfig)
     experiment: str | None = None  # name of the preset applied (set by experiment=NAME)
 
 

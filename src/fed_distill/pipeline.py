@@ -25,7 +25,13 @@ from fed_distill.artifacts import (
     save_json,
     save_weights,
 )
-from fed_distill.config import DatasetConfig, ModelConfig, as_object, to_container
+from fed_distill.class_stats import (
+    STATS_FILE,
+    compute_class_stats,
+    load_class_stats,
+    save_class_stats,
+)
+from fed_distill.config import DatasetConfig, ModelConfig, UploadConfig, as_object, to_container
 from fed_distill.data.partition import Split, check_split, load_split, make_split, save_split
 from fed_distill.data.sources import Dataset, load_dataset
 from fed_distill.data.transforms import Normalizer
@@ -188,6 +194,7 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
     mcfg: ModelConfig = as_object(cfg.model, ModelConfig)
     hflip = info.hflip if tcfg.hflip is None else tcfg.hflip
     norm = Normalizer(info.mean, info.std)
+    upload: UploadConfig = as_object(cfg.upload, UploadConfig)
 
     seed_everything(cfg.seed)
     init = build_model(mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs)
@@ -216,6 +223,9 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
         }
     )
     save_json(asdict(spec), out / "teachers.json")
+    if not upload.class_stats:  # the server must not find statistics of an earlier run
+        for i in range(split.num_teachers):
+            remove_file(out / STATS_FILE.format(i))
 
     summary = []
     t_start = time.perf_counter()
@@ -231,6 +241,12 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
                     f"teacher {i}: already trained (val {old['best_val_acc']:.4f}, test {old['test_acc']:.4f});"
                     " force=true retrains"
                 )
+                if upload.class_stats and not (out / STATS_FILE.format(i)).is_file():
+                    model = build_model(
+                        mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs
+                    )
+                    load_weights(model, wpath)
+                    _write_class_stats(model.to(device), data, c, norm, device, out, i, upload)
                 summary.append(old)
                 continue
         model = build_model(
@@ -252,6 +268,10 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
             checkpoint_meta={"fingerprint": fp, "teacher": i},
         )
         metrics["fingerprint"] = fp
+        if upload.class_stats:
+            metrics["class_stats_s"] = _write_class_stats(
+                model, data, c, norm, device, out, i, upload
+            )
         save_weights(model, wpath, metadata={"model": mcfg.name, "teacher": str(i)})
         save_json(metrics, mpath)
         remove_file(ckpt)  # the finished teacher is on disk: its checkpoint has done its job
@@ -278,6 +298,55 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
     )
     print(f"{split.num_teachers} teachers in {out} ({time.perf_counter() - t_start:.1f}s)")
     return summary
+
+
+def _write_class_stats(
+    model: torch.nn.Module,
+    data: Dataset,
+    client: Any,
+    norm: Normalizer,
+    device: torch.device,
+    out: Path,
+    i: int,
+    upload: UploadConfig,
+) -> float:
+    """The client's side of the upload: per-class statistics of its teacher on all its labelled
+    images (train and val parts, those its label counts describe) →
+    ``out/class_stats_{i}.safetensors``; returns the seconds it took."""
+    t0 = time.perf_counter()
+    idx = torch.as_tensor(client.train + client.val, dtype=torch.long)
+    stats = compute_class_stats(
+        model,
+        data.train_x[idx],
+        data.train_y[idx],
+        norm,
+        data.info.num_classes,
+        device,
+        features=upload.features,
+    )
+    save_class_stats(stats, out / STATS_FILE.format(i))
+    return time.perf_counter() - t0
+
+
+def load_teacher_class_stats(
+    run_dir: str | Path, teachers: list[torch.nn.Module], num_classes: int
+) -> list[dict[str, torch.Tensor]] | None:
+    """The class statistics uploaded with the teachers of ``run_dir`` (checked against each
+    teacher), or None with a one-line note where some teacher has none (a run folder from
+    before they existed, or upload.class_stats=false): synthesis then uses global statistics."""
+    tdir = Path(run_dir) / "teachers"
+    stats = [
+        load_class_stats(tdir / STATS_FILE.format(i), t, num_classes)
+        for i, t in enumerate(teachers)
+    ]
+    if any(s is None for s in stats):
+        missing = [i for i, s in enumerate(stats) if s is None]
+        print(
+            f"note: no class statistics for teacher(s) {missing} in {tdir}; synthesis matches"
+            " each client's global BN statistics (retrain with upload.class_stats=true for them)"
+        )
+        return None
+    return stats  # type: ignore[return-value]
 
 
 def _check_train_config(model: torch.nn.Module, tcfg: TrainConfig) -> None:

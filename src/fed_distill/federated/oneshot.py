@@ -43,6 +43,7 @@ from fed_distill.pipeline import (
     checkpoint_dir,
     format_table,
     load_split_and_data,
+    load_teacher_class_stats,
     load_teachers,
     run_split,
     run_train_teachers,
@@ -68,13 +69,17 @@ class ServerContext:
     normalizer: Normalizer
     hflip: bool
     device: torch.device
+    # per teacher, the class statistics its client uploaded; None where some have none
+    class_stats: list[dict[str, torch.Tensor]] | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.spec.in_channels, self.spec.image_size, self.spec.image_size)
 
 
-def server_context(cfg: DictConfig) -> ServerContext:
+def server_context(cfg: DictConfig, class_stats: bool = False) -> ServerContext:
+    """What the server holds; ``class_stats``: also load the uploaded class statistics (when
+    ``synthesis.class_stats`` is on)."""
     split, data = load_split_and_data(cfg)
     device = resolve_device(cfg.device)
     teachers, spec = load_teachers(cfg.run_dir, device)
@@ -85,6 +90,9 @@ def server_context(cfg: DictConfig) -> ServerContext:
         )
     counts = split.class_counts()[: split.num_teachers]
     hflip = data.info.hflip if cfg.train.hflip is None else bool(cfg.train.hflip)
+    stats = None
+    if class_stats:
+        stats = load_teacher_class_stats(cfg.run_dir, teachers, data.info.num_classes)
     return ServerContext(
         split,
         data,
@@ -94,18 +102,29 @@ def server_context(cfg: DictConfig) -> ServerContext:
         Normalizer(data.info.mean, data.info.std),
         hflip,
         device,
+        stats,
     )
+
+
+def uses_class_stats(cfg: DictConfig) -> bool:
+    """Whether this run's synthesis matches BN statistics per class (so it needs the uploaded
+    class statistics)."""
+    sc = cfg.synthesis
+    return bool(sc.class_stats) and sc.bn_scale > 0 and sc.method != "public"
 
 
 def _inputs_digest(cfg: DictConfig, ctx: ServerContext) -> dict[str, Any]:
     """What the server's stages depend on besides their own config: the split and the uploaded
     teachers (by content), so a retrained teacher invalidates the synthetic data and student."""
     run_dir = Path(cfg.run_dir)
-    return {
+    out = {
         "split": file_digest(run_dir / "split.json"),
         "teachers": [tensors_digest(t.state_dict()) for t in ctx.teachers],
         "seed": int(cfg.seed),
     }
+    if ctx.class_stats is not None:  # only then: older runs keep their fingerprints
+        out["class_stats"] = [tensors_digest(s) for s in ctx.class_stats]
+    return out
 
 
 def _without_checkpoint_every(node: DictConfig) -> dict[str, Any]:
@@ -124,6 +143,7 @@ def _synthesizer(cfg: DictConfig, ctx: ServerContext, seed: int):
         ctx.device,
         seed,
         data_dir=cfg.dataset.get("data_dir"),
+        class_stats=ctx.class_stats,
     )
 
 
@@ -135,7 +155,7 @@ def run_generate_initial(cfg: DictConfig) -> SyntheticPool:
     it); interrupted, it continues from the last batch in ``run_dir/checkpoints/initial.safetensors``.
     """
     scfg: StudentConfig = as_object(cfg.student, StudentConfig).validate()
-    ctx = server_context(cfg)
+    ctx = server_context(cfg, class_stats=uses_class_stats(cfg))
     out = Path(cfg.run_dir) / "student"
     ckpt_path = checkpoint_dir(cfg.run_dir) / "initial.safetensors"
     fp = _fingerprint(
@@ -236,7 +256,7 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
     ``run_dir/checkpoints/student.safetensors``.
     """
     scfg: StudentConfig = as_object(cfg.student, StudentConfig).validate()
-    ctx = server_context(cfg)
+    ctx = server_context(cfg, class_stats=uses_class_stats(cfg))
     run_dir = Path(cfg.run_dir)
     out = run_dir / "student"
     info = ctx.data.info

@@ -96,13 +96,16 @@ def build_synthesizer(
     device: torch.device | str,
     seed: int,
     data_dir: str | None = None,
+    class_stats: list[dict[str, torch.Tensor] | None] | None = None,
 ) -> Synthesizer:
     """The synthesizer ``cfg.method`` names.
 
     ``class_counts`` (num_teachers, num_classes): training-label counts per teacher;
     ``image_shape`` (C, H, W); ``hflip``: whether the dataset allows horizontal flips (used when
     ``cfg.flip`` is None); ``seed`` makes the sequence of batches reproducible; ``data_dir``: where
-    ``method=public`` looks for its public dataset when ``cfg.public_data_dir`` is unset.
+    ``method=public`` looks for its public dataset when ``cfg.public_data_dir`` is unset;
+    ``class_stats``: per teacher, the class statistics its client uploaded (or None), for the
+    per-class BN term of the synthesizers that match BN statistics.
     """
     cfg.validate(num_available=len(teachers))
     if cfg.method == "deepinversion":
@@ -117,6 +120,7 @@ def build_synthesizer(
             hflip=hflip,
             device=device,
             seed=seed,
+            class_stats=class_stats,
         )
     if cfg.method in ("generator", "fast"):
         from fed_distill.synthesis.generator import GeneratorSynthesizer
@@ -131,6 +135,7 @@ def build_synthesizer(
             device=device,
             seed=seed,
             meta=cfg.method == "fast",
+            class_stats=class_stats,
         )
     if cfg.method == "public":
         from fed_distill.synthesis.public import PublicDataSynthesizer

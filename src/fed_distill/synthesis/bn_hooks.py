@@ -7,6 +7,11 @@ For the input ``x`` of every ``nn.BatchNorm2d`` of a teacher, the hook computes
 with the per-channel batch mean and *biased* variance over (N, H, W), as the teacher would have
 seen them on real data. :class:`BNFeatureHooks` is a context manager: the hooks are removed on
 exit, even when the block raises, so a model is never left with stale hooks.
+
+With per-class targets (``class_targets``, from the statistics a client uploads, see
+:mod:`fed_distill.class_stats`) and the batch's labels (:meth:`BNFeatureHooks.set_classes`), the
+term is Σ_k w_k (‖mean_k(x) − mean_k‖₂ + ‖var_k(x) − var_k‖₂): the images of class k are compared
+with the statistics of class k, and w_k (e.g. the class's share of the batch) weights it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from types import TracebackType
 
 import torch
 from torch import nn
+
+from fed_distill.class_stats import class_bn_term, class_mean_var, class_membership
 
 
 def batch_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,14 +57,19 @@ class BNStatsHook:
         self,
         module: nn.BatchNorm2d,
         momentum: float = 0.0,
-        tracked: tuple[torch.Tensor, torch.Tensor] | None = None,
+        tracked: tuple[torch.Tensor, ...] | None = None,
+        class_target: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.module = module
         self.r_feature: torch.Tensor | None = None
         self.enabled = True
         self.momentum = float(momentum)
         self.tracked = tracked
-        self.batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.batch_stats: tuple[torch.Tensor, ...] | None = None
+        # per-class mode (class statistics uploaded by the client): (K, C) target mean / var,
+        # and the batch's (N, K) class membership and (K,) class weights (set per batch)
+        self.class_target = class_target
+        self.classes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _out: object) -> None:
@@ -66,6 +78,9 @@ class BNStatsHook:
         x = inputs[0]
         if x.dtype != torch.float32:  # under autocast the statistics are still taken in fp32
             x = x.float()
+        if self.class_target is not None and self.classes is not None:
+            self.r_feature = self._class_term(x)
+            return
         mean, var = batch_mean_var(x)
         if self.momentum > 0:
             self.batch_stats = (mean.detach(), var.detach())
@@ -76,6 +91,23 @@ class BNStatsHook:
         self.r_feature = torch.linalg.vector_norm(
             mean - module.running_mean
         ) + torch.linalg.vector_norm(var - module.running_var)
+
+    def _class_term(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ_k w_k (‖mean_k − target_k‖ + ‖var_k − target_k‖) over the batch's classes; with
+        momentum, a class's statistics are blended with those tracked over earlier batches
+        (tracked = (mean, var, seen) with ``seen`` (K,) the classes tracked so far)."""
+        assert self.class_target is not None and self.classes is not None
+        member, weights = self.classes
+        mean, var = class_mean_var(x, member)
+        if self.momentum > 0:
+            present = member.sum(dim=0) > 0
+            self.batch_stats = (mean.detach(), var.detach(), present)
+            if self.tracked is not None:
+                m = self.momentum
+                seen = self.tracked[2][:, None]
+                mean = torch.where(seen, (1 - m) * mean + m * self.tracked[0], mean)
+                var = torch.where(seen, (1 - m) * var + m * self.tracked[1], var)
+        return class_bn_term(mean, var, *self.class_target, weights)
 
     def remove(self) -> None:
         self._handle.remove()
@@ -93,25 +125,37 @@ class BNFeatureHooks:
         self,
         model: nn.Module,
         momentum: float = 0.0,
-        tracked: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+        tracked: list[tuple[torch.Tensor, ...] | None] | None = None,
+        class_targets: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         self.model = model
         self.hooks: list[BNStatsHook] = []
         self.momentum = float(momentum)
         self._tracked = tracked
+        self._class_targets = class_targets
 
     def __enter__(self) -> BNFeatureHooks:
         mods = [m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d)]
         tracked = self._tracked or [None] * len(mods)
+        targets = self._class_targets or [None] * len(mods)
         try:
-            for m, tr in zip(mods, tracked, strict=True):
+            for m, tr, ct in zip(mods, tracked, targets, strict=True):
                 if m.running_mean is None or m.running_var is None:
                     raise ValueError("BNFeatureHooks needs BatchNorm2d layers that track stats")
-                self.hooks.append(BNStatsHook(m, self.momentum, tr))
+                self.hooks.append(BNStatsHook(m, self.momentum, tr, ct))
         except BaseException:
             self.remove()
             raise
         return self
+
+    def set_classes(self, labels: torch.Tensor, weights: torch.Tensor) -> None:
+        """Per-class mode for the next forwards (needs ``class_targets``): the batch's labels
+        (N,) and each class's weight (K,) in the term."""
+        if self._class_targets is None:
+            return
+        member = class_membership(labels, weights.shape[-1]).to(weights)
+        for h in self.hooks:
+            h.classes = (member, weights)
 
     def __exit__(
         self,
@@ -139,15 +183,30 @@ class BNFeatureHooks:
         for h in self.hooks:
             h.enabled = value
 
-    def update_momentum(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    def update_momentum(self) -> list[tuple[torch.Tensor, ...] | None]:
         """Blend the latest batch statistics into the tracked ones (tracked ← m·tracked +
         (1 − m)·batch; the first batch is taken as is) and return them, one per layer, to pass
-        as ``tracked`` to the hooks of the next batch."""
+        as ``tracked`` to the hooks of the next batch. In per-class mode only the classes of
+        the latest batch move (a class seen for the first time is taken as is)."""
         m = self.momentum
         for h in self.hooks:
             if h.batch_stats is None:
                 continue
-            if h.tracked is None:
+            if len(h.batch_stats) == 3:  # per class: (mean, var, present)
+                mean, var, present = h.batch_stats
+                if h.tracked is None:
+                    h.tracked = (mean, var, present)
+                    continue
+                old_mean, old_var, seen = h.tracked
+                both, new = (present & seen)[:, None], (present & ~seen)[:, None]
+                mean_b = torch.where(both, m * old_mean + (1 - m) * mean, old_mean)
+                var_b = torch.where(both, m * old_var + (1 - m) * var, old_var)
+                h.tracked = (
+                    torch.where(new, mean, mean_b),
+                    torch.where(new, var, var_b),
+                    seen | present,
+                )
+            elif h.tracked is None:
                 h.tracked = h.batch_stats
             else:
                 h.tracked = (

@@ -52,6 +52,13 @@ class SynthesisConfig:
     class_weighted_ce: bool = False  # CE weight w[t][l] = share of label l in teacher t's data
     lr_schedule: str = "cosine"  # cosine | none
     init: str = "randn"  # initial pixels (normalised space)
+    # Per-class BN statistics (teachers/class_stats_{i}.safetensors, uploaded by the clients):
+    # the images of class k match the class-k statistics of the teacher(s) instead of the
+    # client's global ones; a class a client holds fewer than `class_stats_min` images of falls
+    # back to its global statistics. Without the files (older runs, upload.class_stats=false)
+    # the global statistics are used.
+    class_stats: bool = True
+    class_stats_min: int = 50
     # --- speed (method=deepinversion; same math either way, see synthesis/stacked.py).
     # `stacked`: run the teachers as converted networks whose BatchNorm layers compute the
     # BN-statistics term with one fused forward/backward; a teacher that cannot be converted
@@ -108,7 +115,7 @@ class SynthesisConfig:
         one_of("meta_update", self.meta_update, META_UPDATES)
         one_of("ensemble", self.ensemble, ENSEMBLES)
         one_of("target", self.target, GENERATOR_TARGETS)
-        for key in ("batch_size", "iterations", "num_teachers", "nz", "ngf"):
+        for key in ("batch_size", "iterations", "num_teachers", "nz", "ngf", "class_stats_min"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(f"{key} must be a positive integer, got {value!r}")

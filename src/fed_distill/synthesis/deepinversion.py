@@ -51,8 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fed_distill.class_stats import class_targets, class_weights
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError
+from fed_distill.federated.baselines import class_shares
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
 from fed_distill.synthesis.config import SynthesisConfig
@@ -168,6 +170,23 @@ def frozen_copies(
     return out
 
 
+def teachers_class_targets(
+    teachers: list[nn.Module],
+    class_stats: list[dict[str, torch.Tensor] | None] | None,
+    cfg: SynthesisConfig,
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """Per teacher, per BN layer, the (K, C) class targets of the per-class BN term
+    (:func:`fed_distill.class_stats.class_targets`), or None: global statistics, when
+    ``synthesis.class_stats`` is off, the BN term is off, or some teacher has no statistics."""
+    if not cfg.class_stats or cfg.bn_scale <= 0 or not class_stats:
+        return None
+    if len(class_stats) != len(teachers) or any(s is None for s in class_stats):
+        return None
+    return [
+        class_targets(t, s, cfg.class_stats_min) for t, s in zip(teachers, class_stats, strict=True)
+    ]  # type: ignore[arg-type]
+
+
 class DeepInversion(Synthesizer):
     """(Adaptive) DeepInversion over one or several frozen teachers; see the module docstring.
 
@@ -185,6 +204,7 @@ class DeepInversion(Synthesizer):
         hflip: bool = False,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        class_stats: list[dict[str, torch.Tensor] | None] | None = None,
     ) -> None:
         if not teachers:
             raise ConfigError("synthesis needs at least one teacher")
@@ -197,6 +217,9 @@ class DeepInversion(Synthesizer):
         self.counts = counts
         self.owned = counts > 0  # (T, C) bool, CPU
         self.teachers = frozen_copies(teachers, self.device, need_bn=cfg.bn_scale > 0)
+        # per teacher, per BN layer: (K, C) class targets (None: the global BN statistics)
+        self.class_targets = teachers_class_targets(self.teachers, class_stats, cfg)
+        self._shares_dev = class_shares(counts).to(self.device)
         # synthesis.stacked: the teachers as converted networks (synthesis/stacked.py) whose
         # BatchNorm layers compute the BN-statistics term with one fused forward/backward;
         # with synthesis.grouped, where a step uses several teachers (ensemble, parallel
@@ -270,7 +293,22 @@ class DeepInversion(Synthesizer):
 
     def _bn_hooks(self, t: int) -> BNFeatureHooks | StackedBNHooks:
         fast = self.fast[t]
-        return StackedBNHooks(fast) if fast is not None else BNFeatureHooks(self.teachers[t])
+        targets = self.class_targets[t] if self.class_targets is not None else None
+        if fast is not None:
+            return StackedBNHooks(fast, None if targets is None else [targets])
+        return BNFeatureHooks(self.teachers[t], class_targets=targets)
+
+    def _set_classes(self, hooks: dict, y: torch.Tensor) -> None:
+        """Per-class BN terms for this batch: each class weighted by its share of the batch; in
+        ensemble mode teacher t's class k also by t's share of class k's data (×T, so that the
+        mean over teachers is the share-weighted sum)."""
+        if self.class_targets is None:
+            return
+        w = class_weights(y, self.num_classes)
+        if self.cfg.mode == "ensemble":
+            w = len(self.teachers) * self._shares_dev * w
+        for t, h in hooks.items():
+            h.set_classes(y, w if w.dim() == 1 or t == -1 else w[t])
 
     def _ce(self, t: int | None, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """CE of teacher ``t`` (None = ensemble), with per-class weights where configured."""
@@ -334,9 +372,10 @@ class DeepInversion(Synthesizer):
             stacked = self.stacked if cfg.mode == "ensemble" else None
             if use_bn and stacked is not None:
                 # one hook set on the grouped net: a (T,) vector of per-teacher terms
-                hooks = {-1: stack.enter_context(StackedBNHooks(stacked))}
+                hooks = {-1: stack.enter_context(StackedBNHooks(stacked, self.class_targets))}
             elif use_bn:
                 hooks = {t: stack.enter_context(self._bn_hooks(t)) for t in active}
+            self._set_classes(hooks, y)
             for i in range(iters):
                 if lrs is not None:
                     opt.param_groups[0]["lr"] = lrs[i]
@@ -522,7 +561,11 @@ class DeepInversion(Synthesizer):
 
         t0 = time.perf_counter()
         with frozen_student(student if adaptive else None), ExitStack() as stack:
-            hooks = stack.enter_context(StackedBNHooks(stacked)) if use_bn else None
+            hooks = None
+            if use_bn:
+                hooks = stack.enter_context(StackedBNHooks(stacked, self.class_targets))
+                if self.class_targets is not None:
+                    hooks.set_classes(y, class_weights(y, self.num_classes))
             for i in range(iters):
                 if lrs is not None:
                     opt.param_groups[0]["lr"] = lrs[i]

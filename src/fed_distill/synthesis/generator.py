@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fed_distill.class_stats import class_weights
 from fed_distill.data.transforms import Normalizer
 from fed_distill.federated.baselines import class_shares, ensemble_probs
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
@@ -52,6 +53,7 @@ from fed_distill.synthesis.deepinversion import (
     frozen_copies,
     label_probs,
     synthesis_inputs,
+    teachers_class_targets,
 )
 from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack, use_grouped
 
@@ -117,6 +119,7 @@ class GeneratorSynthesizer(Synthesizer):
         device: torch.device | str = "cpu",
         seed: int = 0,
         meta: bool = False,
+        class_stats: list[dict[str, torch.Tensor] | None] | None = None,
     ) -> None:
         counts, self.image_shape = synthesis_inputs(teachers, class_counts, image_shape)
         cfg.validate(num_available=len(teachers))
@@ -125,6 +128,8 @@ class GeneratorSynthesizer(Synthesizer):
         self.counts = counts
         self.num_classes = int(counts.shape[1])
         self.teachers = frozen_copies(teachers, self.device, need_bn=cfg.bn_scale > 0)
+        # per teacher, per BN layer: (K, C) class targets (None: the global BN statistics)
+        self.class_targets = teachers_class_targets(self.teachers, class_stats, cfg)
         # Speed (same math): every step runs all teachers on the same images, so with
         # `synthesis.stacked` they run as one grouped network (auto: >1 thread or CUDA) or each
         # as a converted network with fused BN statistics (see synthesis/stacked.py). The
@@ -169,19 +174,37 @@ class GeneratorSynthesizer(Synthesizer):
             [self.teachers[i](x) if self.fused[i] is None else self.fused[i](x)[0] for i in ids]
         )
 
-    def _enter_hooks(self, stack: ExitStack, momentum: float, ids: list[int]) -> list:
+    def _enter_hooks(
+        self, stack: ExitStack, momentum: float, ids: list[int], y: torch.Tensor
+    ) -> list:
         """BN-statistics hooks on the teachers ``ids`` (on the converted networks where there
-        are)."""
+        are); with class statistics, per class for the labels ``y``: each class weighted by its
+        share of the batch, and with several teachers teacher t's class k also by t's share of
+        class k's data (×T, so that the mean over teachers is the share-weighted sum)."""
+        ct = self.class_targets
         if self.grouped is not None:
-            return [stack.enter_context(StackedBNHooks(self.grouped))]
-        return [
-            stack.enter_context(
-                StackedBNHooks(self.fused[i])
-                if self.fused[i] is not None
-                else BNFeatureHooks(self.teachers[i], momentum, self.tracked[i])
-            )
-            for i in ids
-        ]
+            hooks = [stack.enter_context(StackedBNHooks(self.grouped, ct))]
+        else:
+            hooks = [
+                stack.enter_context(
+                    StackedBNHooks(self.fused[i], None if ct is None else [ct[i]])
+                    if self.fused[i] is not None
+                    else BNFeatureHooks(
+                        self.teachers[i], momentum, self.tracked[i], None if ct is None else ct[i]
+                    )
+                )
+                for i in ids
+            ]
+        if ct is not None:
+            w = class_weights(y, self.num_classes)
+            if len(ids) > 1:
+                w = len(ids) * self.shares[ids] * w
+            if self.grouped is not None:
+                hooks[0].set_classes(y, w)
+            else:
+                for j, h in enumerate(hooks):
+                    h.set_classes(y, w if w.dim() == 1 else w[j])
+        return hooks
 
     def _target(self, logits: torch.Tensor) -> torch.Tensor:
         """The probabilities the CE and adversarial terms aim at: the ensemble of all teachers,
@@ -224,7 +247,7 @@ class GeneratorSynthesizer(Synthesizer):
         best_x = None
         t0 = time.perf_counter()
         with frozen_student(student if adaptive else None), ExitStack() as stack:
-            hooks = self._enter_hooks(stack, momentum, ids) if cfg.bn_scale > 0 else []
+            hooks = self._enter_hooks(stack, momentum, ids, y) if cfg.bn_scale > 0 else []
             for i in range(iters):
                 x = self.normalizer(net(z))
                 xa = self._augment(x, offsets[i] if offsets else None, flips[i])
@@ -318,9 +341,7 @@ class GeneratorSynthesizer(Synthesizer):
             "net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
             "batches": self.batches,
             "tracked": [
-                None
-                if tr is None
-                else [None if t is None else [t[0].cpu(), t[1].cpu()] for t in tr]
+                None if tr is None else [None if t is None else [v.cpu() for v in t] for t in tr]
                 for tr in self.tracked
             ],
         }
@@ -335,7 +356,7 @@ class GeneratorSynthesizer(Synthesizer):
         self.tracked = [
             None
             if tr is None
-            else [None if t is None else (t[0].to(self.device), t[1].to(self.device)) for t in tr]
+            else [None if t is None else tuple(v.to(self.device) for v in t) for t in tr]
             for tr in state["tracked"]
         ]
         if self.meta:

@@ -38,6 +38,7 @@ from types import TracebackType
 import torch
 from torch import nn
 
+from fed_distill.class_stats import class_bn_term, class_mean_var, class_membership
 from fed_distill.synthesis.bn_hooks import batch_mean_var
 
 
@@ -93,6 +94,48 @@ class _BNWithStats(torch.autograd.Function):
         return grad, None, None
 
 
+class _BNWithClassStats(torch.autograd.Function):
+    """:class:`_BNWithStats` per class: also returns, for every teacher block t and class k, the
+    mean and biased variance of ``x`` over the images of class k (``member`` (T, N, K) one-hot:
+    the class of image n in teacher t's batch) and their positions, as (T, K, c) tensors. Same
+    two fused passes in the backward, with the per-class coefficients gathered per image:
+
+        ∂L/∂x[n, t·c] = ∂L/∂y·scale + a[t, k(n)]·x + b[t, k(n)],
+        a = (2/n_k)·∂L/∂var,  b = ∂L/∂mean/n_k − a·mean
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, member):  # type: ignore[override]
+        n_img, channels = x.shape[:2]
+        t = member.shape[0]
+        hw = x.shape[2] * x.shape[3]
+        s1 = x.sum(dim=(2, 3)).view(n_img, t, -1)  # (N, T, c)
+        s2 = x.square().sum(dim=(2, 3)).view(n_img, t, -1)
+        inv = 1.0 / (member.sum(dim=1) * hw).clamp_min(1.0)  # (T, K)
+        mean = torch.einsum("tnk,ntc->tkc", member, s1) * inv[..., None]
+        var_raw = torch.einsum("tnk,ntc->tkc", member, s2) * inv[..., None] - mean * mean
+        y = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+        ctx.save_for_backward(x, member, mean, var_raw, inv, scale)
+        return y, mean, var_raw.clamp_min(0.0)
+
+    @staticmethod
+    def backward(ctx, g_y, g_mean, g_var):  # type: ignore[override]
+        x, member, mean, var_raw, inv, scale = ctx.saved_tensors
+        if g_var is None:
+            g_var = torch.zeros_like(mean)
+        if g_mean is None:
+            g_mean = torch.zeros_like(mean)
+        a = 2.0 * g_var * (var_raw > 0) * inv[..., None]  # (T, K, c)
+        b = g_mean * inv[..., None] - a * mean
+        n_img = x.shape[0]
+        a_img = torch.einsum("tnk,tkc->ntc", member, a).reshape(n_img, -1, 1, 1)
+        b_img = torch.einsum("tnk,tkc->ntc", member, b).reshape(n_img, -1, 1, 1)
+        grad = torch.addcmul(b_img, x, a_img)
+        if g_y is not None:
+            grad = grad.addcmul_(g_y, scale.view(1, -1, 1, 1))
+        return grad, None, None, None
+
+
 class StatBatchNorm2d(nn.BatchNorm2d):
     """An eval-mode ``BatchNorm2d`` of T teachers' channel blocks (T·c channels) that, while
     ``collect`` is on and a gradient is being recorded, also computes each teacher's
@@ -104,25 +147,52 @@ class StatBatchNorm2d(nn.BatchNorm2d):
         self.num_groups = num_groups
         self.collect = False
         self.term: torch.Tensor | None = None
+        # per-class mode: (T, K, c) target mean / var, and the batch's (T, N, K) membership
+        # and (T, K) class weights (set by StackedBNHooks)
+        self.class_target: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.classes: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.collect:
             return super().forward(x)
         assert self.running_mean is not None and self.running_var is not None
+        if self.class_target is not None and self.classes is not None:
+            return self._forward_classes(x)
         t = self.num_groups
         if x.dtype == torch.float32 and torch.is_grad_enabled():
-            inv = torch.rsqrt(self.running_var + self.eps)
-            scale = inv if self.weight is None else self.weight * inv
-            shift = -self.running_mean * scale
-            if self.bias is not None:
-                shift = shift + self.bias
-            y, mean, var = _BNWithStats.apply(x, scale, shift)
+            y, mean, var = _BNWithStats.apply(x, *self._scale_shift())
         else:
             y = super().forward(x)
             mean, var = batch_mean_var(x.float())
         self.term = torch.linalg.vector_norm(
             mean.view(t, -1) - self.running_mean.view(t, -1), dim=1
         ) + torch.linalg.vector_norm(var.view(t, -1) - self.running_var.view(t, -1), dim=1)
+        return y
+
+    def _scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.running_mean is not None and self.running_var is not None
+        inv = torch.rsqrt(self.running_var + self.eps)
+        scale = inv if self.weight is None else self.weight * inv
+        shift = -self.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return scale, shift
+
+    def _forward_classes(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-class term (T,): Σ_k w[t,k] (‖mean[t,k] − target‖ + ‖var[t,k] − target‖)."""
+        assert self.class_target is not None and self.classes is not None
+        member, weights = self.classes
+        if x.dtype == torch.float32 and torch.is_grad_enabled():
+            y, mean, var = _BNWithClassStats.apply(x, *self._scale_shift(), member)
+        else:
+            y = super().forward(x)
+            xf = x.float()
+            n_img, t = xf.shape[0], self.num_groups
+            blocks = xf.view(n_img, t, -1, *xf.shape[2:]).transpose(0, 1)  # (T, N, c, H, W)
+            pairs = [class_mean_var(blocks[i], member[i]) for i in range(t)]
+            mean = torch.stack([p[0] for p in pairs])
+            var = torch.stack([p[1] for p in pairs])
+        self.term = class_bn_term(mean, var, *self.class_target, weights)
         return y
 
 
@@ -362,13 +432,21 @@ class StackedBNHooks:
     a (T,) tensor: entry t = Σ over BN layers of teacher t's ‖mean − running_mean‖₂ +
     ‖var − running_var‖₂ on its own channel block (first layer weighted by
     ``first_bn_multiplier``), the same as ``BNFeatureHooks(teacher_t).loss()``.
-    Set ``enabled = False`` for forwards that need no term.
+    Set ``enabled = False`` for forwards that need no term. With ``class_targets`` and
+    :meth:`set_classes`, the per-class term of :class:`~fed_distill.synthesis.bn_hooks.
+    BNFeatureHooks` instead, with the same fused backward.
     """
 
-    def __init__(self, stacked: StackedTeachers) -> None:
+    def __init__(
+        self,
+        stacked: StackedTeachers,
+        class_targets: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+    ) -> None:
         self.stacked = stacked
         self.layers: list[StatBatchNorm2d] = []
         self._enabled = True
+        # per teacher, per BN layer: (K, c) target mean / var (see BNFeatureHooks.set_classes)
+        self._class_targets = class_targets
 
     def __enter__(self) -> StackedBNHooks:
         self.layers = [m for m in self.stacked.net.modules() if isinstance(m, StatBatchNorm2d)]
@@ -376,10 +454,28 @@ class StackedBNHooks:
             if m.collect:
                 self.layers = []
                 raise RuntimeError("StackedBNHooks are already active on this network")
-        for m in self.layers:
+        for j, m in enumerate(self.layers):
             m.term = None
             m.collect = self._enabled
+            if self._class_targets is not None:
+                per_teacher = [layers[j] for layers in self._class_targets]
+                m.class_target = (
+                    torch.stack([p[0] for p in per_teacher]).to(m.running_mean),
+                    torch.stack([p[1] for p in per_teacher]).to(m.running_mean),
+                )
         return self
+
+    def set_classes(self, labels: torch.Tensor, weights: torch.Tensor) -> None:
+        """Per-class mode for the next forwards (needs ``class_targets``): labels (N,) shared
+        by every teacher or (T, N), one batch per teacher; class weights (K,) or (T, K)."""
+        if self._class_targets is None:
+            return
+        t, k = self.stacked.num_teachers, weights.shape[-1]
+        member = class_membership(labels, k).to(weights)
+        member = member.expand(t, *member.shape[-2:]) if member.dim() == 2 else member
+        weights = weights.expand(t, k) if weights.dim() == 1 else weights
+        for m in self.layers:
+            m.classes = (member, weights)
 
     def __exit__(
         self,
@@ -393,6 +489,7 @@ class StackedBNHooks:
         for m in self.layers:
             m.collect = False
             m.term = None
+            m.class_target = m.classes = None
         self.layers = []
 
     @property

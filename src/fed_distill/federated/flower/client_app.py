@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 
 from fed_distill.federated.flower import quiet_flower_env
 from fed_distill.federated.flower.common import (
+    CLASS_STATS_PREFIX,
     cfg_from_json,
     from_record,
     inject_fault,
@@ -227,6 +228,7 @@ def fedmd_round(msg: Message, context: Context) -> Message:
 def oneshot_teacher(msg: Message, context: Context) -> Message:
     """Train this client's teacher once from the server's initial weights on its partition,
     and upload the weights with the training metrics."""
+    from fed_distill.class_stats import compute_class_stats
     from fed_distill.config import DatasetConfig, as_object
     from fed_distill.data.partition import ClientSplit
     from fed_distill.data.transforms import Normalizer
@@ -276,6 +278,22 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
         progress=False,
     )
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    upload = cfg.get("upload") or {}
+    if upload.get("class_stats", True):
+        # per-class BN input statistics on the client's labelled images (class_stats.py)
+        t0 = time.perf_counter()
+        tr = torch.as_tensor(part.train + part.val, dtype=torch.long)
+        stats = compute_class_stats(
+            model,
+            data.train_x[tr],
+            data.train_y[tr],
+            Normalizer(info.mean, info.std),
+            info.num_classes,
+            device,
+            features=bool(upload.get("features", True)),
+        )
+        metrics["class_stats_s"] = time.perf_counter() - t0
+        weights.update({f"{CLASS_STATS_PREFIX}{k}": v for k, v in stats.items()})
     kind, sleep_s = _fault(msg)
     if kind:
         inject_fault(kind, weights, sleep_s)

@@ -19,6 +19,9 @@ FEDMD_SCORES = "query.fedmd_scores"  # class scores on the given public samples
 FEDMD_ROUND = "train.fedmd_round"  # digest the consensus, revisit, evaluate
 ONESHOT_TRAIN = "train.oneshot_teacher"  # train the local teacher once, upload its weights
 
+# reply keys of a one-shot client's class statistics, beside its weights' keys
+CLASS_STATS_PREFIX = "class_stats."
+
 FAULTS = ("nan", "inf", "shape", "dtype", "timeout", "error")
 
 

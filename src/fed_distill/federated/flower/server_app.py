@@ -33,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 from fed_distill.errors import FlowerError, ProtocolError
 from fed_distill.federated.flower import quiet_flower_env
 from fed_distill.federated.flower.common import (
+    CLASS_STATS_PREFIX,
     FEDMD_ROUND,
     FEDMD_SCORES,
     FEDMD_SETUP,
@@ -422,7 +423,8 @@ def serve_oneshot(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
     same synthesis, distillation and evaluation as ``fed-distill oneshot``."""
     from dataclasses import asdict
 
-    from fed_distill.artifacts import save_json, save_weights
+    from fed_distill.artifacts import remove_file, save_json, save_weights
+    from fed_distill.class_stats import STATS_FILE, check_class_stats, save_class_stats
     from fed_distill.config import ModelConfig, as_object
     from fed_distill.data.partition import save_split
     from fed_distill.federated.oneshot import run_oneshot
@@ -472,12 +474,21 @@ def serve_oneshot(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
         replies, left = ex.ask(ONESHOT_TRAIN, asks, train_timeout, "0")
         left_out = [{"party": p, "reason": why} for p, why in sorted(left.items())]
         kept: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+        stats: dict[int, dict[str, torch.Tensor]] = {}
         for i, m in sorted(replies.items()):
             try:
                 if m.content.get("arrays") is None:
                     raise ProtocolError(f"{names[i]}: the reply holds no weights")
                 w = from_record(m.content["arrays"])
+                st = {
+                    k[len(CLASS_STATS_PREFIX) :]: w.pop(k)
+                    for k in list(w)
+                    if k.startswith(CLASS_STATS_PREFIX)
+                }
                 validate_weights(w, init_state, names[i])
+                if st:
+                    check_class_stats(st, init, info.num_classes, names[i])
+                    stats[i] = st
                 kept[i] = (w, json.loads(str(m.content["metrics"]["metrics"])))
             except ProtocolError as e:
                 _say(f"left out: {e}")
@@ -520,6 +531,10 @@ def serve_oneshot(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
                 metadata={"model": mcfg.name, "teacher": str(j)},
             )
             save_json(metrics, out / f"metrics_teacher_{j}.json")
+            if i in stats:
+                save_class_stats(stats[i], out / STATS_FILE.format(j))
+            else:
+                remove_file(out / STATS_FILE.format(j))
             _say(
                 f"teacher {j} (client {i}): val {metrics['best_val_acc']:.4f}, test {metrics['test_acc']:.4f}"
             )
