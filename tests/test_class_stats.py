@@ -357,3 +357,19 @@ def test_a_corrupt_statistics_file_is_one_error_line(cli, tmp_path):
     assert code == 1 and "class_stats_1" in err and "negative" in err
     assert len(err.strip().splitlines()) == 1
     assert {p: p.read_bytes() for p in (tmp_path / "teachers").iterdir()} == before
+
+
+def test_student_init_fedavg_starts_from_the_averaged_teachers(cli, tmp_path):
+    from conftest import FAST_TRAIN
+
+    run = [f"run_dir={tmp_path}", *FAST_TRAIN, "synthesis.iterations=2", "synthesis.batch_size=16",
+           "student.epochs=1", "student.initial_batches=1", "student.steps_per_epoch=1"]  # fmt: skip
+    args = ["oneshot", "dataset=digits", "split=iid", "split.num_clients=2", *run]
+    # a learning rate too small to move the weights: the student is one-shot FedAvg
+    code, _, err = cli(*args, "student.init=fedavg", "student.lr=1e-9")
+    assert code == 0, err
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["student_acc"] == pytest.approx(r["fedavg_acc"], abs=0.005)
+    code, _, err = cli(*args, "student.init=fedavg", "student.model=resnet8", "force=true")
+    assert code == 1 and "student.init=fedavg needs the teachers' architecture" in err
+    assert len(err.strip().splitlines()) == 1

@@ -301,6 +301,13 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
         pool = SyntheticPool()
     seed_everything(cfg.seed + 1)
     student = build_model(name, info.num_classes, info.channels, info.image_size, **kwargs)
+    if scfg.init == "fedavg":
+        if name != ctx.spec.model or kwargs != dict(ctx.spec.model_kwargs):
+            raise FedDistillError(
+                f"student.init=fedavg needs the teachers' architecture ({ctx.spec.model}), but"
+                f" the student is {name}; use student.init=random"
+            )
+        student.load_state_dict(fedavg_model(ctx).state_dict())
     # A different stream from generate-initial, so new batches are not copies of initial ones.
     synth = _synthesizer(cfg, ctx, seed=cfg.seed + 7919)
     val_idx = torch.as_tensor([i for c in ctx.split.clients for i in c.val], dtype=torch.long)
@@ -386,6 +393,22 @@ def _finished_student(
     return {"student": student.to(ctx.device), "result": res, "pool": pool}
 
 
+def fedavg_model(ctx: ServerContext) -> nn.Module:
+    """One-shot FedAvg: the teachers' weights averaged by their clients' data sizes.
+    Meaningful only for one architecture from one shared initialisation, which train-teachers
+    guarantees (teachers.json records both)."""
+    sizes = [len(c.train) + len(c.val) for c in ctx.split.clients[: ctx.split.num_teachers]]
+    avg = build_model(
+        ctx.spec.model,
+        ctx.spec.num_classes,
+        ctx.spec.in_channels,
+        ctx.spec.image_size,
+        **ctx.spec.model_kwargs,
+    )
+    avg.load_state_dict(fedavg_state([t.state_dict() for t in ctx.teachers], sizes))
+    return avg
+
+
 def evaluate_oneshot(
     cfg: DictConfig, ctx: ServerContext, student: nn.Module | None
 ) -> dict[str, Any]:
@@ -407,18 +430,7 @@ def evaluate_oneshot(
     }
     out["ensemble_method"] = cfg.student.ensemble
     out["ensemble_acc"] = out["ensemble_acc_by_method"][cfg.student.ensemble]
-    # FedAvg is meaningful only for one architecture from one shared initialisation, which
-    # train-teachers guarantees (teachers.json records both).
-    sizes = [len(c.train) + len(c.val) for c in ctx.split.clients[: ctx.split.num_teachers]]
-    avg = build_model(
-        ctx.spec.model,
-        ctx.spec.num_classes,
-        ctx.spec.in_channels,
-        ctx.spec.image_size,
-        **ctx.spec.model_kwargs,
-    )
-    avg.load_state_dict(fedavg_state([t.state_dict() for t in ctx.teachers], sizes))
-    out["fedavg_acc"] = evaluate(avg, tx, ty, norm, dev)
+    out["fedavg_acc"] = evaluate(fedavg_model(ctx), tx, ty, norm, dev)
     out["student_acc"] = evaluate(student, tx, ty, norm, dev) if student is not None else None
     return out
 

@@ -20,6 +20,7 @@ SYNTHESIS_MODES = ("cycling", "ensemble", "sampling")
 LABEL_MODES = ("uniform", "weighted")
 LR_SCHEDULES = ("cosine", "none")
 INITS = ("randn",)
+STUDENT_INITS = ("random", "fedavg")
 
 
 @dataclass
@@ -175,6 +176,9 @@ class StudentConfig:
 
     model: str | None = None  # None = the teachers' architecture
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The student's starting weights: random (seeded), or fedavg = the teachers' weights
+    # averaged by client data size (one-shot FedAvg; needs the teachers' architecture).
+    init: str = "random"
     epochs: int = 20
     initial_batches: int = 4
     new_batches_per_epoch: int = 1
@@ -230,6 +234,10 @@ class StudentConfig:
         if self.ensemble not in ("weighted", "probs", "logits"):
             raise ConfigError(
                 f"student.ensemble must be weighted, probs or logits, got '{self.ensemble}'"
+            )
+        if self.init not in STUDENT_INITS:
+            raise ConfigError(
+                f"student.init must be one of {', '.join(STUDENT_INITS)}, got '{self.init}'"
             )
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"student.optimizer must be sgd or adam, got '{self.optimizer}'")
