@@ -13,6 +13,7 @@ from torch import nn
 
 from fed_distill.artifacts import read_weights, save_weights
 from fed_distill.class_stats import (
+    ClassTargets,
     bn_layers,
     check_class_stats,
     class_bn_term,
@@ -52,6 +53,8 @@ def _fake_stats(model: nn.Module, seed: int, counts: list[int] | None = None) ->
     for j, m in enumerate(bn_layers(model)):
         stats[f"bn.{j}.mean"] = torch.randn(K, m.num_features, generator=g)
         stats[f"bn.{j}.var"] = torch.rand(K, m.num_features, generator=g) + 0.1
+    d = model.fc.in_features
+    stats["feat.mean"], stats["feat.var"] = torch.randn(K, d, generator=g), torch.rand(K, d)
     return stats
 
 
@@ -122,7 +125,7 @@ def test_targets_fall_back_to_global_statistics_for_rare_classes():
     counts = [60, 49, 0, 50, 60, 60, 5, 60, 60, 60]
     stats = _fake_stats(model, 1, counts)
     for (mean, var), bn, j in zip(
-        class_targets(model, stats, 50), bn_layers(model), range(9), strict=False
+        class_targets(model, stats, 50).bn, bn_layers(model), range(9), strict=False
     ):
         for c, n in enumerate(counts):
             want_m = stats[f"bn.{j}.mean"][c] if n >= 50 else bn.running_mean
@@ -144,8 +147,8 @@ def test_one_class_of_weight_one_is_the_global_term():
 def test_per_class_hooks_on_one_labelled_class_equal_the_global_hooks():
     # every image labelled 0, and class 0's targets = the running statistics: the global term
     model = _warmed(4)
-    targets = [(m.running_mean[None].repeat(K, 1), m.running_var[None].repeat(K, 1))
-               for m in bn_layers(model)]  # fmt: skip
+    targets = ClassTargets([(m.running_mean[None].repeat(K, 1), m.running_var[None].repeat(K, 1))
+                            for m in bn_layers(model)])  # fmt: skip
     x = torch.randn(10, 1, 8, 8)
     y = torch.zeros(10, dtype=torch.long)
     with BNFeatureHooks(model) as h:
@@ -159,9 +162,10 @@ def test_per_class_hooks_on_one_labelled_class_equal_the_global_hooks():
 
 
 @pytest.mark.parametrize("per_teacher_labels", [False, True])
-def test_fused_per_class_term_has_the_plain_value_and_gradient(per_teacher_labels):
+@pytest.mark.parametrize("feature_scale", [0.0, 0.5])
+def test_fused_per_class_term_has_the_plain_value_and_gradient(per_teacher_labels, feature_scale):
     teachers = [_warmed(s) for s in range(3)]
-    targets = [class_targets(t, _fake_stats(t, s), 50) for s, t in enumerate(teachers)]
+    targets = [class_targets(t, _fake_stats(t, s), 50, feature_scale) for s, t in enumerate(teachers)]  # fmt: skip
     torch.manual_seed(1)
     shape = (3, 16, 1, 8, 8) if per_teacher_labels else (16, 1, 8, 8)
     x = torch.randn(shape, requires_grad=True)
@@ -187,6 +191,31 @@ def test_fused_per_class_term_has_the_plain_value_and_gradient(per_teacher_label
         h.set_classes(y, w)
         stacked(x)  # the no-grad path (plain BN + statistics) gives the same value
         assert torch.allclose(h.loss(), fused.detach(), rtol=1e-4)
+
+
+def test_feature_term_is_the_weighted_distance_of_class_mean_features():
+    model = _warmed(11)
+    stats = _fake_stats(model, 5, [60, 60, 10] + [60] * 7)
+    targets = class_targets(model, stats, 50, feature_scale=2.0)
+    # class 2 (10 images < 50) falls back to the client's count-weighted mean feature
+    n = stats["counts"].float()[:, None]
+    assert torch.allclose(targets.feat[2], (stats["feat.mean"] * n).sum(0) / n.sum())
+    x, y = torch.randn(8, 1, 8, 8), torch.tensor([0, 0, 0, 2, 2, 5, 5, 5])
+    w = class_weights(y, K)
+    with BNFeatureHooks(model, class_targets=targets) as h:
+        h.set_classes(y, w)
+        model(x)
+        total = h.loss()
+    with BNFeatureHooks(model, class_targets=ClassTargets(targets.bn)) as h:
+        h.set_classes(y, w)
+        model(x)
+        bn_only = h.loss()
+    with torch.no_grad():
+        f = torch.flatten(model.pool(model.features(x)), 1)
+    want = sum(
+        w[c] * torch.linalg.vector_norm(f[y == c].mean(0) - targets.feat[c]) for c in (0, 2, 5)
+    )
+    assert torch.allclose(total - bn_only, 2.0 * want, rtol=1e-4)
 
 
 def test_per_class_momentum_moves_only_the_classes_of_the_batch():
@@ -233,7 +262,10 @@ def _synth(method: str, teachers, stats, **kw):
         ("deepinversion", {"mode": "ensemble", "grouped": True}),
         ("deepinversion", {"mode": "ensemble", "grouped": False}),
         ("deepinversion", {"mode": "sampling", "num_teachers": 2}),
+        ("deepinversion", {"mode": "ensemble", "grouped": True, "feature_scale": 0.5}),
+        ("deepinversion", {"mode": "cycling", "feature_scale": 0.5}),
         ("generator", {"grouped": True}),
+        ("generator", {"grouped": True, "feature_scale": 0.5}),
         ("generator", {"target": "cycling"}),
     ],
 )

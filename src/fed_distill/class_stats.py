@@ -24,6 +24,7 @@ running statistics, so every class has a target; :func:`class_mean_var` and
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,11 +57,12 @@ class _ClassSums:
         self.labels: torch.Tensor | None = None
 
     def __call__(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].detach().double()
+        x = inputs[0].detach().float()
         flat = x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)  # (N, C, P)
+        # per-image sums in float32 (a few hundred positions), across images in float64
         onehot = nn.functional.one_hot(self.labels, self.k).double().to(x.device)  # (N, K)
-        s1 = onehot.t() @ flat.sum(dim=2)
-        s2 = onehot.t() @ flat.square().sum(dim=2)
+        s1 = onehot.t() @ flat.sum(dim=2).double()
+        s2 = onehot.t() @ flat.square().sum(dim=2).double()
         self.s1 = s1.cpu() if self.s1 is None else self.s1 + s1.cpu()
         self.s2 = s2.cpu() if self.s2 is None else self.s2 + s2.cpu()
         self.n += onehot.sum(dim=0).cpu() * flat.shape[2]
@@ -170,22 +172,71 @@ def load_class_stats(
     return stats
 
 
+@dataclass
+class ClassTargets:
+    """What a synthesizer matches for one teacher: per BN layer the (K, C) target mean and
+    variance of each class; optionally the (K, D) per-class mean penultimate features, matched
+    with weight ``feature_scale`` relative to the BN term."""
+
+    bn: list[tuple[torch.Tensor, torch.Tensor]]
+    feat: torch.Tensor | None = None
+    feature_scale: float = 0.0
+
+
 def class_targets(
-    model: nn.Module, stats: Mapping[str, torch.Tensor], min_count: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per BN layer of ``model``: the (K, C) target mean and variance of each class — the
-    client's class-c statistics where it holds at least ``min_count`` images of c, its global
-    running statistics otherwise."""
+    model: nn.Module,
+    stats: Mapping[str, torch.Tensor],
+    min_count: int,
+    feature_scale: float = 0.0,
+) -> ClassTargets:
+    """The targets of one teacher: the client's class-c statistics where it holds at least
+    ``min_count`` images of c, its global statistics otherwise (the BN running statistics;
+    for features, the count-weighted mean over its classes). Features only with
+    ``feature_scale`` > 0 and when the client uploaded them."""
     use = (stats["counts"] >= max(1, int(min_count)))[:, None]
-    out = []
+    bn = []
     for j, m in enumerate(bn_layers(model)):
         assert m.running_mean is not None and m.running_var is not None
         rm, rv = m.running_mean.detach().float(), m.running_var.detach().float()
         dev = rm.device
         mean = torch.where(use.to(dev), stats[f"bn.{j}.mean"].to(dev).float(), rm)
         var = torch.where(use.to(dev), stats[f"bn.{j}.var"].to(dev).float(), rv)
-        out.append((mean, var))
-    return out
+        bn.append((mean, var))
+    feat = None
+    if feature_scale > 0 and "feat.mean" in stats:
+        fm = stats["feat.mean"].float()
+        n = stats["counts"].float()[:, None]
+        overall = (fm * n).sum(dim=0) / n.sum().clamp_min(1.0)
+        dev = bn[0][0].device if bn else torch.device("cpu")
+        feat = torch.where(use, fm, overall).to(dev)
+    return ClassTargets(bn, feat, float(feature_scale) if feat is not None else 0.0)
+
+
+class ClassFeatureHook:
+    """Forward pre-hook on a teacher's last linear layer (or a grouped one over T teachers):
+    after a forward, ``term`` (T,) = Σ_k w[t, k] ‖mean of teacher t's features over the images
+    of class k − target[t, k]‖₂. ``classes`` = ((T, N, K) membership, (T, K) weights)."""
+
+    def __init__(self, layer: nn.Module, targets: torch.Tensor) -> None:
+        self.targets = targets  # (T, K, D)
+        self.classes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.term: torch.Tensor | None = None
+        self.enabled = True
+        self._handle = layer.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if not self.enabled or self.classes is None:
+            return
+        member, weights = self.classes
+        f = inputs[0].float()
+        f = f.reshape(f.shape[0], self.targets.shape[0], -1)  # (N, T, D)
+        inv = 1.0 / member.sum(dim=1).clamp_min(1.0)  # (T, K)
+        mean = torch.einsum("tnk,ntd->tkd", member, f) * inv[..., None]
+        d = torch.linalg.vector_norm(mean - self.targets, dim=-1)
+        self.term = (d * weights).sum(dim=-1)
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def class_membership(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -21,7 +21,14 @@ from types import TracebackType
 import torch
 from torch import nn
 
-from fed_distill.class_stats import class_bn_term, class_mean_var, class_membership
+from fed_distill.class_stats import (
+    ClassFeatureHook,
+    ClassTargets,
+    class_bn_term,
+    class_mean_var,
+    class_membership,
+    feature_layer,
+)
 
 
 def batch_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,23 +133,27 @@ class BNFeatureHooks:
         model: nn.Module,
         momentum: float = 0.0,
         tracked: list[tuple[torch.Tensor, ...] | None] | None = None,
-        class_targets: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        class_targets: ClassTargets | None = None,
     ) -> None:
         self.model = model
         self.hooks: list[BNStatsHook] = []
         self.momentum = float(momentum)
         self._tracked = tracked
         self._class_targets = class_targets
+        self.feature: ClassFeatureHook | None = None  # the per-class feature term, if any
 
     def __enter__(self) -> BNFeatureHooks:
         mods = [m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d)]
         tracked = self._tracked or [None] * len(mods)
-        targets = self._class_targets or [None] * len(mods)
+        ct = self._class_targets
+        targets = ct.bn if ct is not None else [None] * len(mods)
         try:
-            for m, tr, ct in zip(mods, tracked, targets, strict=True):
+            for m, tr, tg in zip(mods, tracked, targets, strict=True):
                 if m.running_mean is None or m.running_var is None:
                     raise ValueError("BNFeatureHooks needs BatchNorm2d layers that track stats")
-                self.hooks.append(BNStatsHook(m, self.momentum, tr, ct))
+                self.hooks.append(BNStatsHook(m, self.momentum, tr, tg))
+            if ct is not None and ct.feat is not None:
+                self.feature = ClassFeatureHook(feature_layer(self.model), ct.feat[None])
         except BaseException:
             self.remove()
             raise
@@ -156,6 +167,8 @@ class BNFeatureHooks:
         member = class_membership(labels, weights.shape[-1]).to(weights)
         for h in self.hooks:
             h.classes = (member, weights)
+        if self.feature is not None:
+            self.feature.classes = (member[None], weights[None])
 
     def __exit__(
         self,
@@ -169,6 +182,9 @@ class BNFeatureHooks:
         for h in self.hooks:
             h.remove()
         self.hooks = []
+        if self.feature is not None:
+            self.feature.remove()
+            self.feature = None
 
     def __len__(self) -> int:
         return len(self.hooks)
@@ -182,6 +198,8 @@ class BNFeatureHooks:
         # Switch off for forwards that need no BN loss (e.g. a final accuracy check).
         for h in self.hooks:
             h.enabled = value
+        if self.feature is not None:
+            self.feature.enabled = value
 
     def update_momentum(self) -> list[tuple[torch.Tensor, ...] | None]:
         """Blend the latest batch statistics into the tracked ones (tracked ← m·tracked +
@@ -225,11 +243,15 @@ class BNFeatureHooks:
         return out
 
     def loss(self, first_bn_multiplier: float = 1.0) -> torch.Tensor:
-        """Σ over BN layers of the latest forward, the first layer weighted extra."""
+        """Σ over BN layers of the latest forward, the first layer weighted extra (plus the
+        per-class feature term, weighted by its ``feature_scale``, where there is one)."""
         terms = self.layer_losses()
         if not terms:
             raise RuntimeError("the model has no BatchNorm2d layer: BN statistics loss undefined")
         total = terms[0] * first_bn_multiplier if first_bn_multiplier != 1.0 else terms[0]
         for t in terms[1:]:
             total = total + t
+        if self.feature is not None and self.feature.term is not None:
+            assert self._class_targets is not None
+            total = total + self._class_targets.feature_scale * self.feature.term[0]
         return total

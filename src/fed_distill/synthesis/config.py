@@ -60,6 +60,9 @@ class SynthesisConfig:
     # the global statistics are used.
     class_stats: bool = True
     class_stats_min: int = 50
+    # with class statistics: weight, relative to the BN term, of matching each class's mean
+    # penultimate features to the uploaded ones (0 = off; needs upload.features)
+    feature_scale: float = 0.0
     # --- speed (method=deepinversion; same math either way, see synthesis/stacked.py).
     # `stacked`: run the teachers as converted networks whose BatchNorm layers compute the
     # BN-statistics term with one fused forward/backward; a teacher that cannot be converted
@@ -153,6 +156,7 @@ class SynthesisConfig:
             "first_bn_multiplier",
             "oh_scale",
             "adv_scale",
+            "feature_scale",
         ):
             if not getattr(self, key) >= 0:  # also rejects NaN
                 raise bad(f"{key} must be >= 0, got {getattr(self, key)}")

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fed_distill.class_stats import class_targets, class_weights
+from fed_distill.class_stats import ClassTargets, class_targets, class_weights
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError
 from fed_distill.federated.baselines import class_shares
@@ -174,8 +174,8 @@ def teachers_class_targets(
     teachers: list[nn.Module],
     class_stats: list[dict[str, torch.Tensor] | None] | None,
     cfg: SynthesisConfig,
-) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
-    """Per teacher, per BN layer, the (K, C) class targets of the per-class BN term
+) -> list[ClassTargets] | None:
+    """Per teacher, the class targets of the per-class BN (and feature) term
     (:func:`fed_distill.class_stats.class_targets`), or None: global statistics, when
     ``synthesis.class_stats`` is off, the BN term is off, or some teacher has no statistics."""
     if not cfg.class_stats or cfg.bn_scale <= 0 or not class_stats:
@@ -183,8 +183,9 @@ def teachers_class_targets(
     if len(class_stats) != len(teachers) or any(s is None for s in class_stats):
         return None
     return [
-        class_targets(t, s, cfg.class_stats_min) for t, s in zip(teachers, class_stats, strict=True)
-    ]  # type: ignore[arg-type]
+        class_targets(t, s, cfg.class_stats_min, cfg.feature_scale)  # type: ignore[arg-type]
+        for t, s in zip(teachers, class_stats, strict=True)
+    ]
 
 
 class DeepInversion(Synthesizer):

@@ -38,7 +38,13 @@ from types import TracebackType
 import torch
 from torch import nn
 
-from fed_distill.class_stats import class_bn_term, class_mean_var, class_membership
+from fed_distill.class_stats import (
+    ClassFeatureHook,
+    ClassTargets,
+    class_bn_term,
+    class_mean_var,
+    class_membership,
+)
 from fed_distill.synthesis.bn_hooks import batch_mean_var
 
 
@@ -440,13 +446,14 @@ class StackedBNHooks:
     def __init__(
         self,
         stacked: StackedTeachers,
-        class_targets: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+        class_targets: list[ClassTargets] | None = None,
     ) -> None:
         self.stacked = stacked
         self.layers: list[StatBatchNorm2d] = []
         self._enabled = True
-        # per teacher, per BN layer: (K, c) target mean / var (see BNFeatureHooks.set_classes)
+        # per teacher: its class targets (see BNFeatureHooks.set_classes)
         self._class_targets = class_targets
+        self.feature: ClassFeatureHook | None = None
 
     def __enter__(self) -> StackedBNHooks:
         self.layers = [m for m in self.stacked.net.modules() if isinstance(m, StatBatchNorm2d)]
@@ -458,11 +465,17 @@ class StackedBNHooks:
             m.term = None
             m.collect = self._enabled
             if self._class_targets is not None:
-                per_teacher = [layers[j] for layers in self._class_targets]
+                per_teacher = [ct.bn[j] for ct in self._class_targets]
                 m.class_target = (
                     torch.stack([p[0] for p in per_teacher]).to(m.running_mean),
                     torch.stack([p[1] for p in per_teacher]).to(m.running_mean),
                 )
+        cts = self._class_targets
+        if cts is not None and all(ct.feat is not None for ct in cts):
+            heads = [m for m in self.stacked.net.modules() if isinstance(m, GroupedLinear)]
+            if heads:
+                feats = torch.stack([ct.feat for ct in cts])  # type: ignore[misc]
+                self.feature = ClassFeatureHook(heads[-1], feats)
         return self
 
     def set_classes(self, labels: torch.Tensor, weights: torch.Tensor) -> None:
@@ -476,6 +489,8 @@ class StackedBNHooks:
         weights = weights.expand(t, k) if weights.dim() == 1 else weights
         for m in self.layers:
             m.classes = (member, weights)
+        if self.feature is not None:
+            self.feature.classes = (member, weights)
 
     def __exit__(
         self,
@@ -491,6 +506,9 @@ class StackedBNHooks:
             m.term = None
             m.class_target = m.classes = None
         self.layers = []
+        if self.feature is not None:
+            self.feature.remove()
+            self.feature = None
 
     @property
     def active(self) -> bool:
@@ -505,6 +523,8 @@ class StackedBNHooks:
         self._enabled = bool(value)
         for m in self.layers:
             m.collect = self._enabled
+        if self.feature is not None:
+            self.feature.enabled = self._enabled
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -516,13 +536,16 @@ class StackedBNHooks:
         return terms  # type: ignore[return-value]
 
     def loss(self, first_bn_multiplier: float = 1.0) -> torch.Tensor:
-        """(T,) per-teacher BN terms of the latest forward."""
+        """(T,) per-teacher BN terms of the latest forward (plus the feature term)."""
         terms = self.layer_losses()
         if not terms:
             raise RuntimeError("the model has no BatchNorm2d layer: BN statistics loss undefined")
         total = terms[0] * first_bn_multiplier if first_bn_multiplier != 1.0 else terms[0]
         for t in terms[1:]:
             total = total + t
+        if self.feature is not None and self.feature.term is not None:
+            assert self._class_targets is not None
+            total = total + self._class_targets[0].feature_scale * self.feature.term
         return total
 
 
