@@ -1,4 +1,18 @@
-"""Shared test set-up: quiet progress bars, CPU only, fast small configs."""
+"""Shared test set-up: quiet progress bars, CPU only, fast small configs, and the thread counts
+the accuracy tests run at.
+
+How accuracy / loss thresholds are chosen (tests marked ``accuracy``)
+--------------------------------------------------------------------
+Float rounding differs with the number of intra-op threads (and between CPUs), so a tiny run's
+accuracy moves by several points from one machine to the next. Every test that asserts an
+accuracy or loss level is marked ``@pytest.mark.accuracy`` and runs twice, at 1 and at 2 threads
+(the ``threads`` fixture below). Its threshold was measured at both thread counts and for three
+seeds, and sits clearly below the lowest value seen (the measurements are in a comment beside
+each assertion). Where a tiny run cannot keep such a margin over an absolute number, the test
+compares against a baseline computed in the same test instead (an untrained model of the same
+architecture on the same test set: chance level), e.g. the student must reach twice its
+accuracy.
+"""
 
 import os
 
@@ -10,6 +24,60 @@ import pytest  # noqa: E402
 from fed_distill.cli import main  # noqa: E402
 
 FAST_TRAIN = ["train.epochs=2", "train.min_steps=20", "device=cpu"]
+
+THREADS = (1, 2)  # the accuracy tests run at each: CI sees both roundings on every machine
+
+
+def pytest_generate_tests(metafunc):
+    """Run every ``accuracy``-marked test once per thread count in THREADS."""
+    if metafunc.definition.get_closest_marker("accuracy") is not None:
+        if "threads" not in metafunc.fixturenames:
+            metafunc.fixturenames.insert(0, "threads")  # first: set before the test's own fixtures
+        metafunc.parametrize("threads", THREADS, indirect=True, ids=lambda n: f"{n}thread")
+
+
+@pytest.fixture
+def threads(request):
+    """``request.param`` intra-op threads for torch (and OMP_NUM_THREADS, so the CLI keeps it);
+    both restored afterwards."""
+    import torch
+
+    n = int(request.param)
+    old_env, old_n = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    yield n
+    torch.set_num_threads(old_n)
+    if old_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_env
+
+
+@pytest.fixture
+def untrained_accuracy():
+    """Accuracy of a freshly initialised (untrained) model on a dataset's official test set:
+    the chance-level baseline of the accuracy tests."""
+
+    def measure(
+        model: str = "cnn_small", dataset: str = "digits", seed: int = 0, **kwargs
+    ) -> float:
+        import torch
+
+        from fed_distill.data.sources import load_dataset
+        from fed_distill.data.transforms import Normalizer
+        from fed_distill.models import build_model
+        from fed_distill.train.fit import evaluate
+
+        data = load_dataset(dataset)
+        torch.manual_seed(seed)
+        m = build_model(
+            model, data.info.num_classes, data.info.channels, data.info.image_size, **kwargs
+        )
+        norm = Normalizer(data.info.mean, data.info.std)
+        return evaluate(m.eval(), data.test_x, data.test_y, norm)
+
+    return measure
 
 
 @pytest.fixture

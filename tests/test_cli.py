@@ -18,6 +18,7 @@ from fed_distill.artifacts import read_weights
 from fed_distill.data.sources import find_dataset_dir
 
 
+@pytest.mark.accuracy
 def test_split_then_train_teachers_on_digits(cli, tmp_path):
     code, out, err = cli(
         "split",
@@ -76,6 +77,7 @@ def test_teachers_share_one_initialisation_and_rerun_is_reused(cli, tmp_path):
     assert (tmp_path / "teachers" / "teacher_0.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.accuracy
 @pytest.mark.skipif(
     find_dataset_dir("fashion_mnist") is None, reason="Fashion-MNIST files not installed"
 )

@@ -109,6 +109,7 @@ def test_collect_scores_errors_or_leaves_a_bad_party_out():
 
 
 # ----------------------------------------------------------------------------- digest / revisit
+@pytest.mark.accuracy
 def test_digest_lowers_the_distance_to_the_consensus():
     x, _, _, _ = _digits(256)
     torch.manual_seed(0)
@@ -118,6 +119,7 @@ def test_digest_lowers_the_distance_to_the_consensus():
     before = consensus_distance(class_scores(model, x, NORM), consensus)
     digest(model, x, consensus, NORM, epochs=4, batch_size=32, lr=3e-3, seed=0)
     after = consensus_distance(class_scores(model, x, NORM), consensus)
+    # measured after / before, seeds 0-2: 0.55, 0.38, 0.36 (the same at 1 and 2 threads)
     assert after < 0.75 * before
 
 
@@ -133,6 +135,7 @@ def test_digest_is_deterministic_for_a_seed():
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.accuracy
 def test_revisit_raises_private_accuracy_over_private_outputs():
     xtr, ytr, xte, yte = _digits(400)
     offset = 6  # joint layer: 6 "public" outputs first, then the 10 digits
@@ -141,6 +144,7 @@ def test_revisit_raises_private_accuracy_over_private_outputs():
     before = private_accuracy(model, xte, yte + offset, NORM, offset, 10)
     revisit(model, xtr, ytr + offset, NORM, epochs=6, batch_size=32, lr=3e-3, seed=0)
     after = private_accuracy(model, xte, yte + offset, NORM, offset, 10)
+    # measured (seeds 0-2, 1 and 2 threads): before 0.09-0.19, after 0.92
     assert after > before + 0.3 and after > 0.6
 
 

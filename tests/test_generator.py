@@ -257,6 +257,7 @@ def test_missing_public_dataset_is_one_line_error(cli, tmp_path):
     assert code == 1 and "cifar10" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.accuracy
 @pytest.mark.parametrize(
     "method,extra",
     [
@@ -265,7 +266,7 @@ def test_missing_public_dataset_is_one_line_error(cli, tmp_path):
         ("public", ["synthesis.public_dataset=mnist5k", "student.steps_per_epoch=80"]),
     ],
 )
-def test_oneshot_end_to_end_per_synthesizer(cli, tmp_path, method, extra):
+def test_oneshot_end_to_end_per_synthesizer(cli, tmp_path, method, extra, untrained_accuracy):
     if method == "public":
         pytest.importorskip("mlxtend")
     code, _, err = cli(
@@ -287,8 +288,14 @@ def test_oneshot_end_to_end_per_synthesizer(cli, tmp_path, method, extra):
     )
     assert code == 0, err
     r = json.loads((tmp_path / "results.json").read_text())
-    assert r["ensemble_acc"] > 0.6
-    assert r["student_acc"] > 0.3, r["student_acc"]  # chance is 0.1
+    assert r["ensemble_acc"] > 0.6  # measured 0.96-0.97 (1 and 2 threads, seeds 0-2)
+    # Student accuracy of this tiny run, 1 / 2 threads, seeds 0 / 1 / 2:
+    #   generator 0.48 0.58 0.43 / 0.43 0.57 0.33;  fast 0.35 0.47 0.27 / 0.28 0.44 0.26
+    # No absolute number keeps a margin over all of these (the old "> 0.3" failed for fast at 2
+    # threads), so the student is compared with an untrained model of its architecture on the
+    # same test set (0.08-0.10): it must reach twice that (lowest measured ratio: 2.6).
+    untrained = untrained_accuracy("cnn_small", "digits", seed=0)
+    assert r["student_acc"] > 2 * untrained, (r["student_acc"], untrained)
     m = json.loads((tmp_path / "student" / "metrics.json").read_text())
     assert len(m["elapsed_s"]) == 6 and m["elapsed_s"] == sorted(m["elapsed_s"])
 
