@@ -14,6 +14,12 @@ fraction of Adaptive DI's synthesis time) and writes a PNG of the curves.
 Synthesizers (see README "Synthesis methods"): di (DeepInversion, not adaptive), adi (Adaptive
 DeepInversion, the default preset), generator (DENSE), fast (Fast data-free KD), public (FedDF
 on unlabeled MNIST images).
+
+``--class-stats both`` runs every BN-matching synthesizer twice on the same teachers: with the
+per-class statistics the clients upload (rows ``NAME``, the default) and with each client's
+global BN statistics only (rows ``NAME/global``, ``synthesis.class_stats=false``):
+
+    .venv/bin/python benchmarks/synthesis.py --only adi generator --class-stats both
 """
 
 from __future__ import annotations
@@ -39,6 +45,18 @@ SYNTHESIZERS: dict[str, list[str]] = {
     "fast": ["synthesis=fast", "student=generator"],
     "public": ["synthesis=public", "student=public"],
 }
+
+
+def variants(names: list[str], class_stats: str) -> list[tuple[str, str, list[str]]]:
+    """(row label, synthesizer, extra overrides) for every run: per-class statistics (label
+    NAME), global statistics (NAME/global), or both; ``public`` matches no statistics."""
+    out = []
+    for name in names:
+        if class_stats in ("on", "both") or name == "public":
+            out.append((name, name, []))
+        if class_stats in ("off", "both") and name != "public":
+            out.append((f"{name}/global", name, ["synthesis.class_stats=false"]))
+    return out
 
 
 def first_time_at(curve: dict, target: float, key: str) -> float | None:
@@ -115,6 +133,12 @@ def main() -> int:
     ap.add_argument("--teachers", default=None, help="copy teachers from OUT/alpha*/ of this dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--class-stats",
+        choices=["on", "off", "both"],
+        default="on",
+        help="match per-class statistics (on, the default), global ones (off), or run both",
+    )
+    ap.add_argument(
         "--reuse",
         nargs="*",
         default=[],
@@ -129,15 +153,21 @@ def main() -> int:
     for alpha in args.alphas:
         src = prepare_teachers(base, alpha, args.seed, teachers_from)
         runs = {}
-        for name in args.only:
-            saved = base / f"alpha{alpha}" / f"{name}.json"
-            if name in args.reuse and saved.is_file():
-                runs[name] = json.loads(saved.read_text())
+        for label, name, extra in variants(args.only, args.class_stats):
+            slug = label.replace("/", "_")
+            saved = base / f"alpha{alpha}" / f"{slug}.json"
+            if label in args.reuse and saved.is_file():
+                runs[label] = json.loads(saved.read_text())
                 continue
-            runs[name] = run_one(
-                name, src, base / f"alpha{alpha}" / name, alpha, args.seed, args.overrides
+            runs[label] = run_one(
+                name,
+                src,
+                base / f"alpha{alpha}" / slug,
+                alpha,
+                args.seed,
+                [*extra, *args.overrides],
             )
-            saved.write_text(json.dumps(runs[name], indent=1))
+            saved.write_text(json.dumps(runs[label], indent=1))
         summary[str(alpha)] = runs
         ref = runs.get("adi")
         target = ref["results"]["student_acc"] if ref else None

@@ -405,3 +405,14 @@ def test_student_init_fedavg_starts_from_the_averaged_teachers(cli, tmp_path):
     code, _, err = cli(*args, "student.init=fedavg", "student.model=resnet8", "force=true")
     assert code == 1 and "student.init=fedavg needs the teachers' architecture" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_synthesis_benchmark_runs_each_synthesizer_with_and_without_statistics(benchmark_module):
+    bench = benchmark_module("synthesis")
+    got = bench.variants(["adi", "public"], "both")
+    assert got == [
+        ("adi", "adi", []),
+        ("adi/global", "adi", ["synthesis.class_stats=false"]),
+        ("public", "public", []),
+    ]
+    assert [v[0] for v in bench.variants(["generator"], "off")] == ["generator/global"]
