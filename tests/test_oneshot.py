@@ -113,6 +113,7 @@ TINY = [
 ]
 
 
+@pytest.mark.accuracy
 def test_oneshot_end_to_end_on_digits(cli, tmp_path):
     code, out, err = cli(
         "oneshot",
@@ -122,6 +123,9 @@ def test_oneshot_end_to_end_on_digits(cli, tmp_path):
         "seed=1",
         f"run_dir={tmp_path}",
         *TINY,
+        # TINY's 10 pool steps per epoch left the student at 0.17-0.28 at one thread (seeds
+        # 0-2): too close to chance for any threshold; 60 steps cost seconds
+        "student.steps_per_epoch=60",
     )
     assert code == 0, err
     r = json.loads((tmp_path / "results.json").read_text())
@@ -138,8 +142,10 @@ def test_oneshot_end_to_end_on_digits(cli, tmp_path):
     assert len(r["teacher_acc"]) == 3
     assert set(r["ensemble_acc_by_method"]) == {"logits", "probs", "weighted"}
     assert r["ensemble_acc"] == r["ensemble_acc_by_method"]["weighted"]
+    # measured with 60 pool steps, 1 / 2 threads, seeds 0 / 1 / 2: ensemble 0.96-0.98;
+    # student 0.72 0.82 0.74 / passes (2-thread seeds 0 and 2 not yet measured); chance is 0.1
     assert r["ensemble_acc"] > 0.6
-    assert r["student_acc"] > 0.3  # 10 classes: chance is 0.1, after a few tiny synthetic batches
+    assert r["student_acc"] > 0.5
     s = tmp_path / "student"
     for f in [
         "student.safetensors",
@@ -156,6 +162,7 @@ def test_oneshot_end_to_end_on_digits(cli, tmp_path):
     assert "student" in out and "ensemble" in out
 
 
+@pytest.mark.accuracy
 def test_half_data_server_with_weights(cli, tmp_path):
     code, _, err = cli(
         "oneshot",
