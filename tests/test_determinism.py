@@ -69,7 +69,12 @@ def test_same_seed_same_numbers_oneshot_stages(cli, tmp_path):
             read_weights(b / f"teachers/teacher_{i}.safetensors"),
         )
         ma, mb = (json.loads((d / f"teachers/metrics_teacher_{i}.json").read_text()) for d in dirs)
-        ma.pop("train_time_s"), mb.pop("train_time_s")
+        _tensors_equal(
+            read_weights(a / f"teachers/class_stats_{i}.safetensors"),
+            read_weights(b / f"teachers/class_stats_{i}.safetensors"),
+        )
+        for timing in ("train_time_s", "class_stats_s"):
+            ma.pop(timing), mb.pop(timing)
         assert ma == mb
     _tensors_equal(load_tensors(a / "student/initial.pt"), load_tensors(b / "student/initial.pt"))
     _tensors_equal(
