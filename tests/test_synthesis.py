@@ -291,6 +291,7 @@ def _make(digits_setup, cfg: SynthesisConfig, n: int = 3, seed: int = 0) -> Deep
     return synth
 
 
+@pytest.mark.accuracy
 def test_cycling_images_are_recognised_and_loss_falls(digits_setup):
     teachers, counts, norm = digits_setup
     synth = _make(digits_setup, _cfg(iterations=40))
@@ -309,11 +310,12 @@ def test_cycling_images_are_recognised_and_loss_falls(digits_setup):
         with torch.no_grad():
             pred = teachers[expect_t](batch.images).argmax(1)
         acc = (pred == batch.labels).float().mean().item()
-        assert acc > 0.8, acc  # chance is 0.2
+        # measured 0.97-1.00 for synthesis seeds 0-2 at 1 and 2 threads; chance is 0.2
+        assert acc > 0.8, acc
         assert batch.stats["teacher_acc"] == pytest.approx(acc)
         curve = synth.last_loss_curve
         assert curve is not None and len(curve) == 40
-        assert curve[-5:].mean() < 0.5 * curve[:5].mean()
+        assert curve[-5:].mean() < 0.5 * curve[:5].mean()  # measured 0.30-0.41
         assert batch.stats["best_loss"] == pytest.approx(curve.min().item(), rel=1e-6)
         assert batch.stats["best_loss"] < batch.stats["loss_start"]
         for key in ("loss", "loss_ce", "loss_bn", "loss_tv", "loss_l2", "seconds", "images_per_s"):
@@ -370,6 +372,7 @@ def test_fresh_optimizer_per_batch(digits_setup, monkeypatch):
     assert a.state[pa]["step"].item() == 3 and b.state[pb]["step"].item() == 3
 
 
+@pytest.mark.accuracy
 def test_sampling_draws_distinct_teachers_and_applies_weights(digits_setup, monkeypatch):
     teachers, counts, norm = digits_setup
     cfg = _cfg(mode="sampling", num_teachers=2, class_weighted_ce=True, iterations=30)
@@ -397,7 +400,7 @@ def test_sampling_draws_distinct_teachers_and_applies_weights(digits_setup, monk
         row[[c for c in range(10) if c not in CLASSES[t]]].sum() == 0 for t, row in enumerate(w)
     )
     assert set(batch.labels.tolist()) == set(range(10))  # union of the teachers' classes
-    assert batch.stats["teacher_acc"] > 0.3  # chance 0.1
+    assert batch.stats["teacher_acc"] > 0.3  # measured 0.44-0.53 (seeds 0-2); chance 0.1
 
 
 def test_sampling_is_deterministic_for_a_seed(digits_setup):
