@@ -320,6 +320,7 @@ def test_fast_meta_generator_tracks_per_class_statistics_and_resumes():
     assert torch.equal(a.synthesize().images, b.synthesize().images)
 
 
+@pytest.mark.accuracy
 def test_matching_class_statistics_brings_each_class_closer_to_them(digits):
     # Images inverted against per-class targets (real digits' statistics) end up nearer those
     # targets, class by class, than images inverted against the global statistics (same
