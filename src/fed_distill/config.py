@@ -65,8 +65,10 @@ class UploadConfig:
     # per-class BN input statistics (teachers/class_stats_{i}.safetensors), for the per-class
     # BN term of synthesis (synthesis.class_stats); false = weights and label counts only
     class_stats: bool = True
-    # with class_stats: also the per-class mean and variance of the penultimate features
-    features: bool = True
+    # with class_stats: also the per-class mean and variance of the penultimate features, for
+    # synthesis.feature_scale > 0 (off by default: that term is off by default, and a model
+    # with a wide flattened head, e.g. fedmd_1, would upload more than its weights)
+    features: bool = False
 
 
 @dataclass

@@ -182,6 +182,11 @@ def teachers_class_targets(
         return None
     if len(class_stats) != len(teachers) or any(s is None for s in class_stats):
         return None
+    if cfg.feature_scale > 0 and any("feat.mean" not in s for s in class_stats):  # type: ignore[operator]
+        print(
+            f"note: synthesis.feature_scale={cfg.feature_scale} but the clients uploaded no feature"
+            " statistics (train-teachers with upload.features=true); the feature term is off"
+        )
     return [
         class_targets(t, s, cfg.class_stats_min, cfg.feature_scale)  # type: ignore[arg-type]
         for t, s in zip(teachers, class_stats, strict=True)

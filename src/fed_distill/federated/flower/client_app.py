@@ -290,7 +290,7 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
             Normalizer(info.mean, info.std),
             info.num_classes,
             device,
-            features=bool(upload.get("features", True)),
+            features=bool(upload.get("features", False)),
         )
         metrics["class_stats_s"] = time.perf_counter() - t0
         weights.update({f"{CLASS_STATS_PREFIX}{k}": v for k, v in stats.items()})
