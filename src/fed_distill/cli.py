@@ -52,7 +52,7 @@ STAGES: dict[str, tuple[str, str]] = {
         "the whole one-shot pipeline with baselines -> run_dir/results.json",
     ),
     "fedmd": (
-        "fed_distill.federated.fedmd:run_fedmd",
+        "fed_distill.federated.fedmd_run:run_fedmd",
         "FedMD: heterogeneous parties distil through class scores on public data -> run_dir/results.json",
     ),
 }

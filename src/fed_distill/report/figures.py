@@ -309,6 +309,6 @@ def _denormalize(x, dataset: str, options: dict[str, Any]) -> np.ndarray:
 
 
 def _plot_fedmd(results: dict[str, Any], path: Path) -> None:
-    from fed_distill.federated.fedmd import plot_fedmd
+    from fed_distill.federated.fedmd_results import plot_fedmd
 
     plot_fedmd(results, path)

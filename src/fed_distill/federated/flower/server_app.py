@@ -189,11 +189,10 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
         consensus_distance,
         draw_public_subset,
         party_architectures,
-        plot_fedmd,
         restricted_accuracy,
-        summary_table,
     )
     from fed_distill.federated.fedmd_data import build_fedmd_data
+    from fed_distill.federated.fedmd_results import plot_fedmd, summary_table
     from fed_distill.utils import resolve_device, seed_everything
 
     t_start = time.perf_counter()

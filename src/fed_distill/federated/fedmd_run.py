@@ -1,0 +1,422 @@
+"""``fed-distill fedmd``: FedMD in one process, phase by phase.
+
+The phases — transfer learning, baselines (pooled upper bound, alone-extended control), the
+collaboration rounds and the results — each a function over one :class:`RunState`, which is
+also what a checkpoint holds: a run killed at any point continues from
+``run_dir/checkpoints/fedmd.safetensors`` (written after every party's transfer learning and
+baselines, and every ``fedmd.checkpoint_every`` rounds). The protocol steps themselves are the
+plain functions of :mod:`fed_distill.federated.fedmd`, which the Flower runner calls too.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from fed_distill.artifacts import save_checkpoint
+from fed_distill.federated.config import FedMDConfig, check_fedmd_config
+from fed_distill.federated.fedmd import (
+    aggregate,
+    alone_extended,
+    build_party_model,
+    class_scores,
+    collect_scores,
+    consensus_distance,
+    draw_public_subset,
+    local_round,
+    party_architectures,
+    pooled_baseline,
+    restricted_accuracy,
+    step_seed,
+    transfer_learning,
+)
+from fed_distill.federated.fedmd_data import FedMDData, build_fedmd_data
+from fed_distill.federated.fedmd_results import plot_fedmd, summary_table
+
+
+@dataclass
+class RunState:
+    """Everything a FedMD run has computed so far: what a checkpoint saves and restores."""
+
+    models: list[torch.nn.Module] = field(default_factory=list)
+    transfer: list[dict[str, Any]] = field(default_factory=list)
+    ensemble: list[float] = field(default_factory=list)
+    pooled: list[float | None] = field(default_factory=list)
+    extended: list[float | None] = field(default_factory=list)
+    party_acc: list[list[float]] = field(default_factory=list)
+    distances: list[list[float | None]] = field(default_factory=list)
+    left_out: list[list[dict[str, Any]]] = field(default_factory=list)
+    round_times: list[float] = field(default_factory=list)
+    steps: dict[str, float] = field(
+        default_factory=lambda: {
+            "communicate": 0.0,
+            "aggregate": 0.0,
+            "digest": 0.0,
+            "revisit": 0.0,
+            "evaluate": 0.0,
+        }
+    )
+    done: dict[str, int] = field(
+        default_factory=lambda: {"transfer": 0, "pooled": 0, "extended": 0, "rounds": 0}
+    )
+    stage_times: dict[str, float] = field(default_factory=dict)
+    t_start: float = 0.0
+
+
+@dataclass
+class FedMDRun:
+    """What the phases share: the settings, the data and where the checkpoint goes."""
+
+    c: FedMDConfig
+    data: FedMDData
+    archs: list[str]
+    names: list[str]
+    device: torch.device
+    seed: int
+    show: bool  # progress bars
+    ckpt_path: Path
+    meta: dict[str, Any]
+
+    def new_model(self, i: int) -> torch.nn.Module:
+        """Party ``i``'s model as first built (the same seed in every runner)."""
+        return build_party_model(
+            self.archs[i], self.data, self.c.width_scale, seed=step_seed(self.seed, i, 0)
+        )
+
+
+# ============================================================================ checkpointing
+
+
+def save_state(run: FedMDRun, st: RunState) -> None:
+    """Checkpoint the run so far (nothing when ``fedmd.checkpoint_every`` is 0)."""
+    if run.c.checkpoint_every <= 0:
+        return
+    state = {
+        "meta": run.meta,
+        "done": st.done,
+        "models": [m.state_dict() for m in st.models],
+        "transfer": st.transfer,
+        "ensemble": st.ensemble,
+        "pooled": st.pooled,
+        "extended": st.extended,
+        "party_acc": st.party_acc,
+        "distances": st.distances,
+        "left_out": st.left_out,
+        "round_times": st.round_times,
+        "steps": st.steps,
+        "stage_times": st.stage_times,
+        "elapsed": time.perf_counter() - st.t_start,
+        "rng": torch.get_rng_state(),
+    }
+    save_checkpoint(state, run.ckpt_path)
+
+
+def restore_state(run: FedMDRun, st: RunState) -> None:
+    """Continue from the checkpoint when one matches this run's settings."""
+    from fed_distill.train.fit import load_resumable
+
+    every = run.c.checkpoint_every
+    ckpt = load_resumable(run.ckpt_path if every > 0 else None, run.meta, "fedmd")
+    if ckpt is None:
+        return
+    for i, state in enumerate(ckpt["models"]):
+        m = run.new_model(i)
+        m.load_state_dict(state)
+        st.models.append(m.to(run.device))
+    st.transfer, st.ensemble = ckpt["transfer"], ckpt["ensemble"]
+    st.pooled, st.extended, st.party_acc = ckpt["pooled"], ckpt["extended"], ckpt["party_acc"]
+    st.distances, st.left_out = ckpt["distances"], ckpt["left_out"]
+    st.round_times, st.steps, st.done = ckpt["round_times"], ckpt["steps"], ckpt["done"]
+    st.stage_times = {**ckpt["stage_times"], "data": st.stage_times["data"]}
+    st.t_start -= ckpt["elapsed"]
+    torch.set_rng_state(ckpt["rng"])
+    done = st.done
+    print(
+        f"fedmd: resuming after {done['transfer']}/{len(run.archs)} parties' transfer learning,"
+        f" {done['pooled']} pooled and {done['extended']} extended baselines,"
+        f" {done['rounds']}/{run.c.rounds} rounds (checkpoint {run.ckpt_path})"
+    )
+
+
+def _finished(run_dir: Path, fp: str, ckpt_path: Path, force: bool) -> dict[str, Any] | None:
+    """A finished run's results when its fingerprint matches (the run is not redone)."""
+    from fed_distill.artifacts import load_json, remove_file
+
+    if force:
+        remove_file(ckpt_path)
+        return None
+    if not (run_dir / "results.json").is_file():
+        return None
+    old = load_json(run_dir / "results.json", "results.json")
+    if not (isinstance(old, dict) and old.get("fingerprint") == fp):
+        return None
+    print(
+        f"fedmd already finished (mean accuracy {old['mean_acc'][0]:.4f} alone ->"
+        f" {old['mean_acc'][-1]:.4f} after {old['rounds']} rounds, {run_dir / 'results.json'});"
+        " force=true to redo"
+    )
+    if not (run_dir / "fedmd_accuracy.png").is_file():  # killed just before the plot
+        plot_fedmd(old, run_dir / "fedmd_accuracy.png")
+    return old
+
+
+# ============================================================================ the phases
+
+
+def _add_time(st: RunState, stage: str, t0: float) -> None:
+    st.stage_times[stage] = st.stage_times.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def transfer_phase(run: FedMDRun, st: RunState) -> None:
+    """Every party's transfer learning (public, then private data): the "alone" models."""
+    t0 = time.perf_counter()
+    for i in range(len(run.archs)):
+        if i < st.done["transfer"]:
+            continue  # restored from the checkpoint
+        m = run.new_model(i).to(run.device)
+        tr = transfer_learning(
+            m, run.data, i, run.c, device=run.device, seed=run.seed, progress=run.show
+        )
+        print(
+            f"{run.names[i]}: public val {tr['public_val_acc']:.4f} "
+            f"({tr['public_epochs_run']} epochs), private test after public "
+            f"{tr['private_acc_after_public']:.4f}, alone {tr['alone_acc']:.4f}"
+        )
+        st.models.append(m)
+        st.transfer.append(tr)
+        st.done["transfer"] = i + 1
+        save_state(run, st)
+    _add_time(st, "transfer_learning", t0)
+    # diagnostic: the mean-logit ensemble of the parties on the private test task, per round
+    if not st.ensemble:
+        data = run.data
+        st.ensemble = [
+            restricted_accuracy(
+                torch.stack([tr.pop("test_logits") for tr in st.transfer]).mean(0),
+                data.test_y,
+                data.offset,
+                data.num_private,
+            )
+        ]
+
+
+def baselines_phase(run: FedMDRun, st: RunState) -> None:
+    """Pooled (each architecture on all private data: the upper bound) and alone extended (each
+    alone model trained on as many more private epochs as the rounds give: the control)."""
+    c, data, device, seed = run.c, run.data, run.device, run.seed
+    t0 = time.perf_counter()
+    if c.pooled:
+        for i in range(len(run.archs)):
+            if i < st.done["pooled"]:
+                continue
+            m = run.new_model(i)
+            m.load_state_dict(st.transfer[i]["public_state"])
+            st.pooled[i] = pooled_baseline(m.to(device), data, i, c, device=device, seed=seed)
+            del m
+            st.done["pooled"] = i + 1
+            save_state(run, st)
+    _add_time(st, "pooled", t0)
+    t0 = time.perf_counter()
+    if c.extended_alone and c.rounds * c.revisit_epochs > 0:
+        for i in range(len(run.archs)):
+            if i < st.done["extended"]:
+                continue
+            st.extended[i] = alone_extended(copy.deepcopy(st.models[i]), data, i, c, device, seed)
+            st.done["extended"] = i + 1
+            save_state(run, st)
+    _add_time(st, "alone_extended", t0)
+    for transfer_result in st.transfer:
+        transfer_result.pop("public_state", None)
+
+
+def one_round(run: FedMDRun, st: RunState, r: int) -> list[dict[str, Any]]:
+    """Round ``r``: draw, communicate, aggregate, distribute, digest, revisit, evaluate.
+    Returns the parties left out of the consensus."""
+    c, data, device, models = run.c, run.data, run.device, st.models
+    idx = torch.as_tensor(draw_public_subset(data.public_y, c.public_subset_size, run.seed, r))
+    subset_x = data.public_x[idx]
+
+    t0 = time.perf_counter()
+    messages = [
+        class_scores(
+            m, subset_x, data.public_norm, kind=c.scores, temperature=c.temperature, device=device
+        )
+        for m in models
+    ]
+    st.steps["communicate"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    expected = (len(idx), data.num_outputs)
+    valid, used, left_out = collect_scores(messages, expected, run.names, c.on_invalid_scores)
+    weights = [c.aggregate_weights[i] for i in used] if c.aggregate_weights is not None else None
+    consensus = aggregate(valid, c.aggregate, weights, c.trim)
+    dist: list[float | None] = [None] * len(models)
+    for i, s in zip(used, valid, strict=True):
+        dist[i] = consensus_distance(s, consensus)
+    st.distances.append(dist)
+    st.left_out.append(left_out)
+    st.steps["aggregate"] += time.perf_counter() - t0
+
+    logit_sum = torch.zeros(len(data.test_y), data.num_outputs)
+    for i, m in enumerate(models):
+        logits, times = local_round(
+            m, data, i, c, subset_x, consensus, r, device=device, seed=run.seed
+        )
+        st.party_acc[i].append(
+            restricted_accuracy(logits, data.test_y, data.offset, data.num_private)
+        )
+        logit_sum += logits
+        for step, seconds in times.items():
+            st.steps[step] += seconds
+    st.ensemble.append(
+        restricted_accuracy(logit_sum / len(models), data.test_y, data.offset, data.num_private)
+    )
+    return left_out
+
+
+def rounds_phase(run: FedMDRun, st: RunState, alone: list[float]) -> None:
+    """The collaboration rounds still to run, with a checkpoint every ``checkpoint_every``."""
+    from fed_distill.utils import progress_bar
+
+    c, every = run.c, run.c.checkpoint_every
+    if not st.party_acc:
+        st.party_acc = [[a] for a in alone]
+    bar = progress_bar(
+        range(st.done["rounds"] + 1, c.rounds + 1), desc="fedmd rounds", enabled=run.show
+    )
+    for r in bar:
+        t_round = time.perf_counter()
+        left_out = one_round(run, st, r)
+        st.round_times.append(time.perf_counter() - t_round)
+        mean_now = float(np.mean([a[-1] for a in st.party_acc]))
+        bar.set_postfix(mean_acc=f"{mean_now:.4f}")
+        if not run.show:
+            print(
+                f"round {r}/{c.rounds}: mean private accuracy {mean_now:.4f} "
+                f"(alone {np.mean(alone):.4f}), {st.round_times[-1]:.1f}s"
+                + (f", left out {[d['party'] for d in left_out]}" if left_out else "")
+            )
+        st.done["rounds"] = r
+        if every > 0 and r % every == 0 and r < c.rounds:
+            save_state(run, st)
+    bar.close()
+    st.stage_times["rounds"] = float(sum(st.round_times))
+
+
+def results_of(
+    run: FedMDRun, st: RunState, alone: list[float], cfg: DictConfig, fp: str
+) -> dict[str, Any]:
+    """The run's ``results.json`` content."""
+    from fed_distill.config import to_container
+
+    c, party_acc, transfer = run.c, st.party_acc, st.transfer
+    final = [a[-1] for a in party_acc]
+    return {
+        "rounds": c.rounds,
+        "parties": run.archs,
+        "party_acc": party_acc,
+        "alone_acc": alone,
+        "pooled_acc": st.pooled,
+        "alone_extended_acc": st.extended,
+        "final_acc": final,
+        "mean_acc": [float(np.mean([a[r] for a in party_acc])) for r in range(c.rounds + 1)],
+        "mean_gain": float(np.mean(final) - np.mean(alone)),
+        "ensemble_acc": st.ensemble,
+        "public_val_acc": [tr["public_val_acc"] for tr in transfer],
+        "private_acc_after_public": [tr["private_acc_after_public"] for tr in transfer],
+        "consensus_distance": st.distances,
+        "left_out": st.left_out,
+        "wall_time_s": time.perf_counter() - st.t_start,
+        "round_times_s": st.round_times,
+        "step_times_s": st.steps,
+        "stage_times_s": st.stage_times,
+        "device": str(run.device),
+        "data": run.data.summary(),
+        "preset": c.name,
+        "config": to_container(cfg),
+        "fingerprint": fp,
+    }
+
+
+def _print_data(run: FedMDRun) -> None:
+    c, data = run.c, run.data
+    print(
+        f"fedmd '{c.name}': {len(run.archs)} parties; public {c.public} ({len(data.public_y)} train,"
+        f" {len(data.public_val_y)} val, {len(data.public_names)} classes); private {c.private}"
+        f" ({c.partition}, {sum(len(y) for y in data.private_y)} images in all, "
+        f"{data.num_private} classes at outputs {data.offset}..{data.offset + data.num_private - 1}"
+        f" of {data.num_outputs}); test {len(data.test_y)} images; device {run.device}"
+    )
+
+
+# ============================================================================ the runner
+
+
+def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
+    """``fed-distill fedmd``: transfer learning, R rounds of FedMD, alone and pooled baselines.
+
+    Writes ``run_dir/results.json`` (``rounds``, ``party_acc`` [per party, rounds+1 values,
+    round 0 = after transfer learning], ``alone_acc``, ``pooled_acc``, ``alone_extended_acc``,
+    ``wall_time_s``, ``round_times_s``, ``parties``, per-round ``consensus_distance`` and
+    ``left_out`` parties, the resolved ``config``) and ``run_dir/fedmd_accuracy.png``.
+    Presets: ``fedmd=quick|fashion|fashion_same_domain|mnist_femnist_balanced|...``.
+    """
+    from fed_distill.artifacts import remove_file, save_json, save_weights
+    from fed_distill.config import as_object
+    from fed_distill.pipeline import _fingerprint, checkpoint_dir, format_table
+    from fed_distill.utils import progress_bar, resolve_device, seed_everything
+
+    st = RunState(t_start=time.perf_counter())
+    c: FedMDConfig = as_object(cfg.fedmd, FedMDConfig)
+    check_fedmd_config(c)
+    if c.data_dir is None and cfg.get("dataset") is not None and cfg.dataset.get("data_dir"):
+        c.data_dir = str(cfg.dataset.data_dir)  # dataset.data_dir=DIR works here too
+    device = resolve_device(str(cfg.device))
+    seed = int(cfg.seed)
+    probe = progress_bar([], enabled=bool(cfg.progress))
+    show = not probe.disable  # progress bars on interactive terminals only
+    probe.close()
+    run_dir = Path(str(cfg.run_dir))
+    archs = party_architectures(c)
+    # A finished run with the same settings is not redone; an interrupted one continues from
+    # its checkpoint. force=true starts afresh.
+    fp = _fingerprint(
+        {"fedmd": {k: v for k, v in asdict(c).items() if k != "checkpoint_every"}, "seed": seed}
+    )
+    ckpt_path = checkpoint_dir(run_dir) / "fedmd.safetensors"
+    old = _finished(run_dir, fp, ckpt_path, bool(cfg.force))
+    if old is not None:
+        return old
+    seed_everything(seed)
+
+    t0 = time.perf_counter()
+    data = build_fedmd_data(c, len(archs), seed)
+    st.stage_times["data"] = time.perf_counter() - t0
+    names = [f"party {i} ({a})" for i, a in enumerate(archs)]
+    run = FedMDRun(c, data, archs, names, device, seed, show, ckpt_path, {"fingerprint": fp})
+    _print_data(run)
+    st.pooled, st.extended = [None] * len(archs), [None] * len(archs)
+    restore_state(run, st)
+
+    transfer_phase(run, st)
+    alone = [tr["alone_acc"] for tr in st.transfer]
+    baselines_phase(run, st)
+    rounds_phase(run, st, alone)
+
+    if c.save_models:
+        for i, m in enumerate(st.models):
+            save_weights(m, run_dir / "parties" / f"party_{i}.safetensors", {"arch": archs[i]})
+    results = results_of(run, st, alone, cfg, fp)
+    save_json(results, run_dir / "results.json")
+    remove_file(ckpt_path)
+    plot_fedmd(results, run_dir / "fedmd_accuracy.png")
+    print(summary_table(results, format_table))
+    print(f"results in {run_dir / 'results.json'}, figure {run_dir / 'fedmd_accuracy.png'}")
+    return results
