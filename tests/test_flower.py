@@ -11,6 +11,7 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
+from fed_distill.artifacts import read_weights  # noqa: E402
 from fed_distill.cli import main  # noqa: E402
 from fed_distill.errors import ProtocolError  # noqa: E402
 from fed_distill.federated.flower.runner import FlowerOptions, run_flower  # noqa: E402
@@ -207,6 +208,10 @@ def test_oneshot_on_flower_simulation_equals_in_process(tmp_path):
     for i in range(3):
         m = json.loads((tmp_path / "sim" / "teachers" / f"metrics_teacher_{i}.json").read_text())
         assert m["client"] == i and "train_loss" in m and "local_test_acc" in m
+        # the class statistics travelled with the weights and were checked and kept
+        name = f"teachers/class_stats_{i}.safetensors"
+        a, b = read_weights(tmp_path / "local" / name), read_weights(tmp_path / "sim" / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
 
 
 def test_oneshot_faulty_clients_are_left_out(tmp_path):
