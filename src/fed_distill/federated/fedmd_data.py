@@ -249,19 +249,10 @@ def _check_classes(key: str, classes: list[int] | None, data: Dataset) -> list[i
     return [int(k) for k in classes]
 
 
-def build_fedmd_data(c: FedMDConfig, num_parties: int, seed: int) -> FedMDData:
-    """Load public and private datasets and assemble the FedMD data (deterministic per seed)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 7331]))
-    priv = _load(c.private, c.private_options, c)
-    same_files = c.public == c.private and dict(c.public_options) == dict(c.private_options)
-    pub = priv if same_files else _load(c.public, c.public_options, c)
-    shape_pub, shape_priv = tuple(pub.train_x.shape[1:]), tuple(priv.train_x.shape[1:])
-    if shape_pub != shape_priv:
-        raise ConfigError(
-            f"fedmd: public images ({c.public}) are {'x'.join(map(str, shape_pub))} but private "
-            f"images ({c.private}) are {'x'.join(map(str, shape_priv))}; every party model "
-            "takes both, so they must match (e.g. fedmd.private_options.image_size=28 for digits)"
-        )
+def _label_space(
+    c: FedMDConfig, pub: Any, priv: Any
+) -> tuple[list[int], list[int], list[str], list[str], int, int]:
+    """Public and private classes, their names, the private labels' offset and the outputs."""
     pub_classes = _check_classes("public_classes", c.public_classes, pub)
     priv_classes = _check_classes("private_classes", c.private_classes, priv)
     pub_names = [pub.info.class_names[k] for k in pub_classes]
@@ -275,8 +266,13 @@ def build_fedmd_data(c: FedMDConfig, num_parties: int, seed: int) -> FedMDData:
         offset, num_outputs = 0, len(priv_classes)
     else:
         offset, num_outputs = len(pub_classes), len(pub_classes) + len(priv_classes)
+    return pub_classes, priv_classes, pub_names, priv_names, offset, num_outputs
 
-    # --- private data per party, then the test task
+
+def _partition_private(
+    c: FedMDConfig, priv: Any, priv_classes: list[int], num_parties: int, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """Each party's private train indices (``fedmd.partition``) and what defines its share."""
     y_tr = priv.train_y.numpy()
     info: list[dict[str, Any]] = [{} for _ in range(num_parties)]
     if c.partition == "balanced":
@@ -306,19 +302,22 @@ def build_fedmd_data(c: FedMDConfig, num_parties: int, seed: int) -> FedMDData:
         )
         for p, s in enumerate(owned):
             info[p]["subclasses"] = s
-    private_x = [priv.train_x[torch.as_tensor(ix)] for ix in parts]
-    private_y = [joint_labels(y_tr[ix], priv_classes, offset) for ix in parts]
-    for p, y in enumerate(private_y):
-        info[p]["num_samples"] = len(y)
-        info[p]["class_counts"] = torch.bincount(y - offset, minlength=len(priv_classes)).tolist()
-    test_mask = np.isin(priv.test_y.numpy(), priv_classes)
-    test_x = priv.test_x[torch.as_tensor(test_mask)]
-    test_y = joint_labels(priv.test_y.numpy()[test_mask], priv_classes, offset)
+    return parts, info
 
-    # --- public pool: public classes, minus anything a party owns when the files are the same
+
+def _public_pool(
+    c: FedMDConfig,
+    pub: Any,
+    pub_classes: list[int],
+    owned: np.ndarray | None,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Public train and validation indices and the train labels (-1 for unlabelled images).
+
+    ``owned``: private indices of the same files, never drawn into the public pool."""
     keep = np.isin(pub.train_y.numpy(), pub_classes)
-    if same_files:
-        keep[np.concatenate(parts)] = False
+    if owned is not None:
+        keep[owned] = False
     pool = np.flatnonzero(keep)
     if c.public_size is not None and c.public_size < len(pool):
         pool = pool[stratified_subset(pub.train_y.numpy()[pool], c.public_size, rng)]
@@ -335,15 +334,14 @@ def build_fedmd_data(c: FedMDConfig, num_parties: int, seed: int) -> FedMDData:
     is_val = np.zeros(len(pool), dtype=bool)
     is_val[val_pos] = True
     train_ix, val_ix = pool[~is_val], pool[is_val]
-    pub_offset_labels = 0  # public classes always start at output 0
-    public_y = joint_labels(pub.train_y.numpy()[train_ix], pub_classes, pub_offset_labels)
+    public_y = joint_labels(pub.train_y.numpy()[train_ix], pub_classes, 0)
 
     # --- unlabelled public images (alignment only): their labels are replaced by -1 here
     if c.public_unlabelled_classes:
         unl_classes = _check_classes("public_unlabelled_classes", c.public_unlabelled_classes, pub)
         unl_keep = np.isin(pub.train_y.numpy(), unl_classes)
-        if same_files:
-            unl_keep[np.concatenate(parts)] = False
+        if owned is not None:
+            unl_keep[owned] = False
         unl_ix = np.flatnonzero(unl_keep)
         if c.public_unlabelled_size is not None and c.public_unlabelled_size < len(unl_ix):
             unl_ix = np.sort(rng.choice(unl_ix, size=c.public_unlabelled_size, replace=False))
@@ -355,6 +353,42 @@ def build_fedmd_data(c: FedMDConfig, num_parties: int, seed: int) -> FedMDData:
             f"({len(train_ix)} images of {c.public} after holding out {len(val_ix)} for "
             "validation); lower it"
         )
+    return train_ix, val_ix, public_y
+
+
+def build_fedmd_data(c: FedMDConfig, num_parties: int, seed: int) -> FedMDData:
+    """Load public and private datasets and assemble the FedMD data (deterministic per seed)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7331]))
+    priv = _load(c.private, c.private_options, c)
+    same_files = c.public == c.private and dict(c.public_options) == dict(c.private_options)
+    pub = priv if same_files else _load(c.public, c.public_options, c)
+    shape_pub, shape_priv = tuple(pub.train_x.shape[1:]), tuple(priv.train_x.shape[1:])
+    if shape_pub != shape_priv:
+        raise ConfigError(
+            f"fedmd: public images ({c.public}) are {'x'.join(map(str, shape_pub))} but private "
+            f"images ({c.private}) are {'x'.join(map(str, shape_priv))}; every party model "
+            "takes both, so they must match (e.g. fedmd.private_options.image_size=28 for digits)"
+        )
+    pub_classes, priv_classes, pub_names, priv_names, offset, num_outputs = _label_space(
+        c, pub, priv
+    )
+
+    # --- private data per party, then the test task
+    parts, info = _partition_private(c, priv, priv_classes, num_parties, rng)
+    y_tr = priv.train_y.numpy()
+    private_x = [priv.train_x[torch.as_tensor(ix)] for ix in parts]
+    private_y = [joint_labels(y_tr[ix], priv_classes, offset) for ix in parts]
+    for p, y in enumerate(private_y):
+        info[p]["num_samples"] = len(y)
+        info[p]["class_counts"] = torch.bincount(y - offset, minlength=len(priv_classes)).tolist()
+    test_mask = np.isin(priv.test_y.numpy(), priv_classes)
+    test_x = priv.test_x[torch.as_tensor(test_mask)]
+    test_y = joint_labels(priv.test_y.numpy()[test_mask], priv_classes, offset)
+
+    # --- public pool: public classes, minus anything a party owns when the files are the same
+    owned = np.concatenate(parts) if same_files else None
+    train_ix, val_ix, public_y = _public_pool(c, pub, pub_classes, owned, rng)
+    pub_offset_labels = 0  # public classes always start at output 0
     return FedMDData(
         public_x=pub.train_x[torch.as_tensor(train_ix)],
         public_y=public_y,
