@@ -105,6 +105,8 @@ def test_missing_flower_is_a_one_line_error(monkeypatch, capsys):
         (["flower", "fedmd", "--fault", "1:1:melt"], "--fault kind must be one of"),
         (["flower", "fedmd", "--colour"], "unknown option '--colour'"),
         (["flower", "fedmd", "fedmd.rounds=-1"], "fedmd.rounds must be >= 0"),
+        (["flower", "oneshot", "synthesis.batch_size=0"], "synthesis.batch_size must be"),
+        (["flower", "oneshot", "student.init=warm"], "student.init must be one of"),
     ],
 )
 def test_bad_flower_arguments_give_one_line(args, message, capsys, tmp_path):

@@ -129,16 +129,13 @@ def run_flower(protocol: str, overrides: list[str], opts: FlowerOptions) -> dict
     require_flower()
     from fed_distill.config import compose_config
     from fed_distill.utils import configure_threads
+    from fed_distill.validate import validate_config
 
     cfg = compose_config(overrides)
+    validate_config(protocol, cfg)  # the whole config and run_dir, before any node starts
     configure_threads()
     if not cfg.progress:
         os.environ["FED_DISTILL_NO_PROGRESS"] = "1"
-    if protocol == "fedmd":
-        from fed_distill.config import as_object
-        from fed_distill.federated.config import FedMDConfig, check_fedmd_config
-
-        check_fedmd_config(as_object(cfg.fedmd, FedMDConfig))
     n = num_nodes(protocol, cfg)
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
