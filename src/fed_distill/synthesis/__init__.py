@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fed_distill.synthesis.config import StudentConfig, SynthesisConfig
+from fed_distill.synthesis.config import SynthesisConfig
 
 _LAZY = {
     "SyntheticBatch": "base",
@@ -38,7 +38,7 @@ _LAZY = {
     "total_variation": "losses",
 }
 
-__all__ = ["StudentConfig", "SynthesisConfig", *sorted(_LAZY)]
+__all__ = ["SynthesisConfig", *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:

@@ -53,8 +53,8 @@ from torch import nn
 
 from fed_distill.class_stats import ClassTargets, class_targets, class_weights
 from fed_distill.data.transforms import Normalizer
+from fed_distill.ensemble import class_shares
 from fed_distill.errors import ConfigError
-from fed_distill.federated.baselines import class_shares
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
 from fed_distill.synthesis.config import SynthesisConfig

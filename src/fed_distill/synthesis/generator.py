@@ -21,7 +21,7 @@ Loss on the (jittered/flipped) generated images x with labels y, teachers t = 1.
     push the generator towards samples the student still gets right but does not yet match)
 
 ``ensemble`` combines the teachers' softmax outputs (``weighted`` by class shares by default, see
-:func:`fed_distill.federated.baselines.ensemble_probs`). With ``target=cycling`` each batch uses
+:func:`fed_distill.ensemble.ensemble_probs`). With ``target=cycling`` each batch uses
 one teacher instead, round-robin: its softmax replaces the ensemble in the CE and adversarial
 terms, the BN term is its own, and the labels are drawn from the classes it owns. The
 adversarial term needs the current student (``synthesize(student)``); without one it is off.
@@ -44,7 +44,7 @@ from torch import nn
 
 from fed_distill.class_stats import class_weights
 from fed_distill.data.transforms import Normalizer
-from fed_distill.federated.baselines import class_shares, ensemble_probs
+from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
 from fed_distill.synthesis.config import SynthesisConfig

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fed_distill.data.transforms import Normalizer
+from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.errors import ConfigError
-from fed_distill.federated.baselines import class_shares, ensemble_probs
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
 from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.deepinversion import frozen_copies, synthesis_inputs

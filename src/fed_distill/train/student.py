@@ -24,10 +24,9 @@ from torch import nn
 
 from fed_distill.artifacts import save_checkpoint
 from fed_distill.data.transforms import Normalizer, augment
+from fed_distill.ensemble import ensemble_probs
 from fed_distill.errors import ConfigError, FedDistillError
-from fed_distill.federated.baselines import ensemble_probs
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
-from fed_distill.synthesis.config import StudentConfig
 from fed_distill.train.fit import (
     align_optimizer_state,
     evaluate,
@@ -36,6 +35,7 @@ from fed_distill.train.fit import (
     rng_state,
     set_rng_state,
 )
+from fed_distill.train.student_config import StudentConfig
 from fed_distill.utils import progress_bar
 
 
