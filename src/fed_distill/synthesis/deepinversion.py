@@ -66,6 +66,7 @@ from fed_distill.synthesis.losses import (
     masked_logits,
     total_variation,
 )
+from fed_distill.synthesis.registry import register_synthesizer
 from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack, use_grouped
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ def teachers_class_targets(
     ]
 
 
+@register_synthesizer("deepinversion")
 class DeepInversion(Synthesizer):
     """(Adaptive) DeepInversion over one or several frozen teachers; see the module docstring.
 

@@ -55,6 +55,7 @@ from fed_distill.synthesis.deepinversion import (
     synthesis_inputs,
     teachers_class_targets,
 )
+from fed_distill.synthesis.registry import register_synthesizer
 from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack, use_grouped
 
 
@@ -104,6 +105,8 @@ def adversarial_loss(teacher_probs: torch.Tensor, student_logits: torch.Tensor) 
     return -(kl * mask).mean()
 
 
+@register_synthesizer("generator")
+@register_synthesizer("fast", meta=True)
 class GeneratorSynthesizer(Synthesizer):
     """``synthesis.method=generator`` (DENSE) or ``fast`` (Fast data-free KD, ``meta=True``);
     see the module docstring."""

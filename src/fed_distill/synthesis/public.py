@@ -24,6 +24,7 @@ from fed_distill.errors import ConfigError
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
 from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.deepinversion import frozen_copies, synthesis_inputs
+from fed_distill.synthesis.registry import register_synthesizer
 
 
 def load_unlabeled_images(
@@ -75,6 +76,7 @@ def convert_images(x: torch.Tensor, image_shape: tuple[int, int, int]) -> torch.
     return torch.cat(out)
 
 
+@register_synthesizer("public")
 class PublicDataSynthesizer(Synthesizer):
     """Batches of unlabeled public images, labelled by the teachers' ensemble (FedDF)."""
 

@@ -1,8 +1,7 @@
 """Typed config of distilling the teachers into one student (group ``student``), beside the
 student loop (``train/student.py``).
 
-Kept light on purpose (a dataclass, no torch import): the root Hydra schema imports it at
-start-up.
+A dataclass only (this module imports no torch): the root Hydra schema imports it at start-up.
 """
 
 from __future__ import annotations
