@@ -31,7 +31,7 @@ _LAZY = {
     "adversarial_loss": "generator",
     "PublicDataSynthesizer": "public",
     "load_unlabeled_images": "public",
-    "teacher_class_weights": "deepinversion",
+    "teacher_class_weights": "inputs",
     "class_weighted_ce": "losses",
     "competition_loss": "losses",
     "js_divergence": "losses",

@@ -48,7 +48,7 @@ from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
 from fed_distill.synthesis.config import SynthesisConfig
-from fed_distill.synthesis.deepinversion import (
+from fed_distill.synthesis.inputs import (
     balanced_labels,
     frozen_copies,
     label_probs,

@@ -23,7 +23,7 @@ from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.errors import ConfigError
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
 from fed_distill.synthesis.config import SynthesisConfig
-from fed_distill.synthesis.deepinversion import frozen_copies, synthesis_inputs
+from fed_distill.synthesis.inputs import frozen_copies, synthesis_inputs
 from fed_distill.synthesis.registry import register_synthesizer
 
 
