@@ -31,7 +31,6 @@ LONG_FUNCTIONS: dict[str, str] = {
     "fed_distill/federated/flower/server_app.py:serve_oneshot.flower_train_teachers": TO_CUT,
     "fed_distill/pipeline.py:run_train_teachers": TO_CUT,
     "fed_distill/federated/flower/server_app.py:serve_fedmd": TO_CUT,
-    "fed_distill/train/fit.py:fit": TO_CUT,
 }
 
 # path relative to src/ -> why it may still be long
