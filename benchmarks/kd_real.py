@@ -34,8 +34,8 @@ import torch
 from fed_distill.artifacts import load_tensors
 from fed_distill.data.sources import load_dataset
 from fed_distill.data.transforms import Normalizer
+from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.errors import FedDistillError
-from fed_distill.federated.baselines import class_shares, ensemble_probs
 from fed_distill.models import build_model
 from fed_distill.pipeline import format_table, load_teachers
 from fed_distill.train.fit import evaluate, predict_logits

@@ -9,8 +9,8 @@ import torch
 
 from conftest import FAST_TRAIN
 from fed_distill.data.transforms import Normalizer
+from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.errors import ConfigError
-from fed_distill.federated.baselines import class_shares, ensemble_probs
 from fed_distill.models import build_model
 from fed_distill.synthesis import build_synthesizer
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks, batch_mean_var
@@ -151,8 +151,8 @@ def test_generator_samples_fresh_images_without_touching_its_state():
 
 
 def test_student_fresh_needs_a_generator_and_a_fraction():
-    from fed_distill.synthesis.config import StudentConfig
     from fed_distill.train.student import SyntheticPool, distill
+    from fed_distill.train.student_config import StudentConfig
 
     for bad in (-0.1, 1.5, True, "half"):
         with pytest.raises(ConfigError, match="student.fresh"):

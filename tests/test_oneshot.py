@@ -9,8 +9,9 @@ import torch
 
 from conftest import FAST_TRAIN
 from fed_distill.config import compose_config
+from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.errors import FedDistillError
-from fed_distill.federated.baselines import class_shares, ensemble_probs, fedavg_state
+from fed_distill.federated.baselines import fedavg_state
 from fed_distill.synthesis.base import SyntheticBatch
 from fed_distill.train.student import SyntheticPool, weighted_kd_loss
 

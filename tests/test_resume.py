@@ -151,8 +151,9 @@ def test_fit_resumed_from_a_checkpoint_is_bit_identical(tmp_path):
 
 def _distill_setup(seed: int = 0, method: str = "deepinversion", fresh: float = 0.0):
     from fed_distill.synthesis import build_synthesizer
-    from fed_distill.synthesis.config import StudentConfig, SynthesisConfig
+    from fed_distill.synthesis.config import SynthesisConfig
     from fed_distill.train.student import SyntheticPool
+    from fed_distill.train.student_config import StudentConfig
 
     torch.manual_seed(seed)
     teachers = [build_model("cnn_small", 10, 1, 8, width=8).eval() for _ in range(2)]

@@ -14,12 +14,13 @@ from fed_distill.data.transforms import Normalizer
 from fed_distill.models import build_model, list_models
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks, batch_mean_var
 from fed_distill.synthesis.config import SynthesisConfig
-from fed_distill.synthesis.deepinversion import (
-    DeepInversion,
+from fed_distill.synthesis.deepinversion import DeepInversion
+from fed_distill.synthesis.losses import (
+    l2_prior,
     l2_prior_per_batch,
+    total_variation,
     total_variation_per_batch,
 )
-from fed_distill.synthesis.losses import l2_prior, total_variation
 from fed_distill.synthesis.stacked import (
     NotStackable,
     StackedBNHooks,

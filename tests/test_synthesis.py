@@ -30,6 +30,7 @@ from fed_distill.synthesis import (
     js_divergence,
     kl_div_with_temperature,
     l2_prior,
+    list_synthesizers,
     masked_logits,
     teacher_class_weights,
     total_variation,
@@ -216,6 +217,42 @@ def test_preset_selectable_through_hydra():
     assert cfg.synthesis.l2_scale == pytest.approx(3e-8)
     with pytest.raises(ConfigError):
         compose_config(["synthesis.no_such_key=1"])
+
+
+def test_every_method_is_registered_and_built(monkeypatch):
+    """The registry holds exactly the methods the config accepts; each name builds its class
+    with the arguments it declares (``fast`` with ``meta``, ``public`` with ``data_dir``), and
+    base.py itself knows none of them."""
+    from fed_distill.synthesis import GeneratorSynthesizer, PublicDataSynthesizer, base
+    from fed_distill.synthesis.config import SYNTHESIS_METHODS
+
+    assert list_synthesizers() == sorted(SYNTHESIS_METHODS)
+    assert not hasattr(base, "build_synthesizer")
+    asked = []
+    monkeypatch.setattr(
+        "fed_distill.synthesis.public.load_unlabeled_images",
+        lambda *a, data_dir, **k: asked.append(data_dir) or torch.rand(4, 1, 8, 8),
+    )
+    teachers = [build_model("cnn_small", 3, 1, 8)]
+    counts, norm = np.array([[5, 5, 5]]), Normalizer([0.5], [0.25])
+    built = {
+        m: build_synthesizer(
+            SynthesisConfig(method=m, batch_size=4, iterations=1),
+            teachers,
+            counts,
+            (1, 8, 8),
+            norm,
+            False,
+            "cpu",
+            seed=0,
+            data_dir="DIR",
+        )
+        for m in SYNTHESIS_METHODS
+    }
+    assert type(built["deepinversion"]) is DeepInversion
+    assert type(built["public"]) is PublicDataSynthesizer and asked == ["DIR"]
+    assert isinstance(built["generator"], GeneratorSynthesizer)
+    assert (built["generator"].meta, built["fast"].meta) == (False, True)
 
 
 def test_teacher_class_weights_rows():

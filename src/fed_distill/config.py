@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fed_distill.errors import ConfigError
 from fed_distill.federated.config import FedMDConfig
-from fed_distill.synthesis.config import StudentConfig, SynthesisConfig
+from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.train.fit import TrainConfig
+from fed_distill.train.student_config import StudentConfig
 
 
 @dataclass

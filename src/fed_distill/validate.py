@@ -47,7 +47,8 @@ def validate_config(stage: str, cfg: DictConfig) -> None:
         check_train_config(cfg)
     if "synthesis" in groups:
         from fed_distill.config import as_object
-        from fed_distill.synthesis.config import StudentConfig, SynthesisConfig
+        from fed_distill.synthesis.config import SynthesisConfig
+        from fed_distill.train.student_config import StudentConfig
 
         as_object(cfg.synthesis, SynthesisConfig).validate(_num_teachers(cfg, stage))
         scfg = as_object(cfg.student, StudentConfig).validate()

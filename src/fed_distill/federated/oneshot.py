@@ -34,8 +34,9 @@ from fed_distill.config import as_object, to_container
 from fed_distill.data.partition import Split
 from fed_distill.data.sources import Dataset
 from fed_distill.data.transforms import Normalizer
+from fed_distill.ensemble import class_shares
 from fed_distill.errors import FedDistillError
-from fed_distill.federated.baselines import class_shares, ensemble_accuracy, fedavg_state
+from fed_distill.federated.baselines import ensemble_accuracy, fedavg_state
 from fed_distill.models import build_model
 from fed_distill.pipeline import (
     TeacherSpec,
@@ -49,9 +50,10 @@ from fed_distill.pipeline import (
     run_train_teachers,
 )
 from fed_distill.synthesis import build_synthesizer
-from fed_distill.synthesis.config import StudentConfig, SynthesisConfig
+from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.train.fit import evaluate, load_resumable
 from fed_distill.train.student import StudentResult, SyntheticPool, distill
+from fed_distill.train.student_config import StudentConfig
 from fed_distill.utils import resolve_device, seed_everything
 
 MAX_VAL = 2000  # validation images evaluated per student epoch (diagnostic only)

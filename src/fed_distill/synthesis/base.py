@@ -1,5 +1,7 @@
 """The one synthesis interface: a :class:`Synthesizer` turns frozen teachers (and optionally the
-current student) into one labelled batch of synthetic images, :class:`SyntheticBatch`."""
+current student) into one labelled batch of synthetic images, :class:`SyntheticBatch`.
+
+Implementations register themselves (``registry.py``); this module imports none of them."""
 
 from __future__ import annotations
 
@@ -9,13 +11,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-
-from fed_distill.data.transforms import Normalizer
-from fed_distill.errors import ConfigError
-from fed_distill.synthesis.config import SynthesisConfig
 
 
 @dataclass
@@ -84,70 +81,3 @@ class Synthesizer(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         raise NotImplementedError(f"{type(self).__name__} does not implement load_state_dict()")
-
-
-def build_synthesizer(
-    cfg: SynthesisConfig,
-    teachers: list[nn.Module],
-    class_counts: np.ndarray,
-    image_shape: tuple[int, int, int],
-    normalizer: Normalizer,
-    hflip: bool,
-    device: torch.device | str,
-    seed: int,
-    data_dir: str | None = None,
-    class_stats: list[dict[str, torch.Tensor] | None] | None = None,
-) -> Synthesizer:
-    """The synthesizer ``cfg.method`` names.
-
-    ``class_counts`` (num_teachers, num_classes): training-label counts per teacher;
-    ``image_shape`` (C, H, W); ``hflip``: whether the dataset allows horizontal flips (used when
-    ``cfg.flip`` is None); ``seed`` makes the sequence of batches reproducible; ``data_dir``: where
-    ``method=public`` looks for its public dataset when ``cfg.public_data_dir`` is unset;
-    ``class_stats``: per teacher, the class statistics its client uploaded (or None), for the
-    per-class BN term of the synthesizers that match BN statistics.
-    """
-    cfg.validate(num_available=len(teachers))
-    if cfg.method == "deepinversion":
-        from fed_distill.synthesis.deepinversion import DeepInversion
-
-        return DeepInversion(
-            cfg,
-            teachers,
-            class_counts,
-            image_shape,
-            normalizer,
-            hflip=hflip,
-            device=device,
-            seed=seed,
-            class_stats=class_stats,
-        )
-    if cfg.method in ("generator", "fast"):
-        from fed_distill.synthesis.generator import GeneratorSynthesizer
-
-        return GeneratorSynthesizer(
-            cfg,
-            teachers,
-            class_counts,
-            image_shape,
-            normalizer,
-            hflip=hflip,
-            device=device,
-            seed=seed,
-            meta=cfg.method == "fast",
-            class_stats=class_stats,
-        )
-    if cfg.method == "public":
-        from fed_distill.synthesis.public import PublicDataSynthesizer
-
-        return PublicDataSynthesizer(
-            cfg,
-            teachers,
-            class_counts,
-            image_shape,
-            normalizer,
-            device=device,
-            seed=seed,
-            data_dir=data_dir,
-        )
-    raise ConfigError(f"synthesis.method '{cfg.method}' is not implemented")  # pragma: no cover

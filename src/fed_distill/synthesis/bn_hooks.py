@@ -17,6 +17,7 @@ with the statistics of class k, and w_k (e.g. the class's share of the batch) we
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,12 +121,116 @@ class BNStatsHook:
         self._handle.remove()
 
 
-class BNFeatureHooks:
+class BNHooksBase:
+    """What both kinds of BN-statistics hooks share: a context manager whose layers compute the
+    terms inside the block and stop on exit (even on an exception), an ``enabled`` switch, the
+    per-class mode (:meth:`set_classes`) and the sum over layers (:meth:`loss`).
+
+    A subclass says which units compute the terms (:meth:`_units`: hook objects or BN layers,
+    each with ``classes`` for the per-class mode), how one unit's term is read and switched and
+    how units stop (:meth:`_term`, :meth:`_is_enabled`, :meth:`_set_enabled`,
+    :meth:`_remove_units`), and how labels
+    and class weights are shaped for its units and its feature hook (:meth:`_class_inputs`).
+    """
+
+    feature: ClassFeatureHook | None = None  # the per-class feature term, if any
+    _class_targets: Any = None  # the per-class targets (None: the plain term)
+
+    # --- what a subclass provides -------------------------------------------------------------
+
+    def _units(self) -> list:
+        raise NotImplementedError
+
+    def _term(self, unit: object) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def _is_enabled(self) -> bool:
+        raise NotImplementedError
+
+    def _set_enabled(self, value: bool) -> None:
+        raise NotImplementedError
+
+    def _remove_units(self) -> None:
+        raise NotImplementedError
+
+    def _class_inputs(self, labels: torch.Tensor, weights: torch.Tensor) -> tuple[tuple, tuple]:
+        """(what each unit's ``classes`` gets, what the feature hook's ``classes`` gets)."""
+        raise NotImplementedError
+
+    def _feature_term(self) -> torch.Tensor:
+        """The feature hook's term, weighted by its ``feature_scale``."""
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------------------
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        self._remove_units()
+        if self.feature is not None:
+            self.feature.remove()
+            self.feature = None
+
+    def __len__(self) -> int:
+        return len(self._units())
+
+    @property
+    def enabled(self) -> bool:
+        return self._is_enabled()
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        # Switch off for forwards that need no BN loss (e.g. a final accuracy check).
+        self._set_enabled(value)
+        if self.feature is not None:
+            self.feature.enabled = value
+
+    def set_classes(self, labels: torch.Tensor, weights: torch.Tensor) -> None:
+        """Per-class mode for the next forwards (needs ``class_targets``): the batch's labels
+        and each class's weight in the term (shapes: see the subclass)."""
+        if self._class_targets is None:
+            return
+        unit_classes, feature_classes = self._class_inputs(labels, weights)
+        for u in self._units():
+            u.classes = unit_classes
+        if self.feature is not None:
+            self.feature.classes = feature_classes
+
+    def layer_losses(self) -> list[torch.Tensor]:
+        """The per-layer terms of the latest forward, in module order."""
+        terms = [self._term(u) for u in self._units()]
+        if any(t is None for t in terms):
+            raise RuntimeError(f"{type(self).__name__}.loss() called before a forward pass")
+        return terms  # type: ignore[return-value]
+
+    def loss(self, first_bn_multiplier: float = 1.0) -> torch.Tensor:
+        """Σ over BN layers of the latest forward, the first layer weighted extra (plus the
+        per-class feature term, weighted by its ``feature_scale``, where there is one)."""
+        terms = self.layer_losses()
+        if not terms:
+            raise RuntimeError("the model has no BatchNorm2d layer: BN statistics loss undefined")
+        total = terms[0] * first_bn_multiplier if first_bn_multiplier != 1.0 else terms[0]
+        for t in terms[1:]:
+            total = total + t
+        if self.feature is not None and self.feature.term is not None:
+            total = total + self._feature_term()
+        return total
+
+
+class BNFeatureHooks(BNHooksBase):
     """Hooks on every ``nn.BatchNorm2d`` of ``model`` (module order), as a context manager.
 
     >>> with BNFeatureHooks(teacher) as bn:
     ...     logits = teacher(x)
     ...     loss = bn.loss(first_bn_multiplier=1.0)
+
+    :meth:`set_classes` takes the batch's labels (N,) and the class weights (K,).
     """
 
     def __init__(
@@ -140,7 +245,7 @@ class BNFeatureHooks:
         self.momentum = float(momentum)
         self._tracked = tracked
         self._class_targets = class_targets
-        self.feature: ClassFeatureHook | None = None  # the per-class feature term, if any
+        self.feature = None
 
     def __enter__(self) -> BNFeatureHooks:
         mods = [m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -159,47 +264,32 @@ class BNFeatureHooks:
             raise
         return self
 
-    def set_classes(self, labels: torch.Tensor, weights: torch.Tensor) -> None:
-        """Per-class mode for the next forwards (needs ``class_targets``): the batch's labels
-        (N,) and each class's weight (K,) in the term."""
-        if self._class_targets is None:
-            return
-        member = class_membership(labels, weights.shape[-1]).to(weights)
-        for h in self.hooks:
-            h.classes = (member, weights)
-        if self.feature is not None:
-            self.feature.classes = (member[None], weights[None])
+    def _units(self) -> list[BNStatsHook]:
+        return self.hooks
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.remove()
+    def _term(self, unit: BNStatsHook) -> torch.Tensor | None:  # type: ignore[override]
+        return unit.r_feature
 
-    def remove(self) -> None:
+    def _remove_units(self) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks = []
-        if self.feature is not None:
-            self.feature.remove()
-            self.feature = None
 
-    def __len__(self) -> int:
-        return len(self.hooks)
+    def _class_inputs(self, labels: torch.Tensor, weights: torch.Tensor) -> tuple[tuple, tuple]:
+        member = class_membership(labels, weights.shape[-1]).to(weights)
+        return (member, weights), (member[None], weights[None])
 
-    @property
-    def enabled(self) -> bool:
+    def _feature_term(self) -> torch.Tensor:
+        assert self._class_targets is not None and self.feature is not None
+        assert self.feature.term is not None
+        return self._class_targets.feature_scale * self.feature.term[0]
+
+    def _is_enabled(self) -> bool:
         return all(h.enabled for h in self.hooks)
 
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        # Switch off for forwards that need no BN loss (e.g. a final accuracy check).
+    def _set_enabled(self, value: bool) -> None:
         for h in self.hooks:
             h.enabled = value
-        if self.feature is not None:
-            self.feature.enabled = value
 
     def update_momentum(self) -> list[tuple[torch.Tensor, ...] | None]:
         """Blend the latest batch statistics into the tracked ones (tracked ← m·tracked +
@@ -232,26 +322,3 @@ class BNFeatureHooks:
                     m * h.tracked[1] + (1 - m) * h.batch_stats[1],
                 )
         return [h.tracked for h in self.hooks]
-
-    def layer_losses(self) -> list[torch.Tensor]:
-        """The per-layer terms of the latest forward, in module order."""
-        out = []
-        for h in self.hooks:
-            if h.r_feature is None:
-                raise RuntimeError("BNFeatureHooks.loss() called before a forward pass")
-            out.append(h.r_feature)
-        return out
-
-    def loss(self, first_bn_multiplier: float = 1.0) -> torch.Tensor:
-        """Σ over BN layers of the latest forward, the first layer weighted extra (plus the
-        per-class feature term, weighted by its ``feature_scale``, where there is one)."""
-        terms = self.layer_losses()
-        if not terms:
-            raise RuntimeError("the model has no BatchNorm2d layer: BN statistics loss undefined")
-        total = terms[0] * first_bn_multiplier if first_bn_multiplier != 1.0 else terms[0]
-        for t in terms[1:]:
-            total = total + t
-        if self.feature is not None and self.feature.term is not None:
-            assert self._class_targets is not None
-            total = total + self._class_targets.feature_scale * self.feature.term[0]
-        return total

@@ -21,7 +21,7 @@ Loss on the (jittered/flipped) generated images x with labels y, teachers t = 1.
     push the generator towards samples the student still gets right but does not yet match)
 
 ``ensemble`` combines the teachers' softmax outputs (``weighted`` by class shares by default, see
-:func:`fed_distill.federated.baselines.ensemble_probs`). With ``target=cycling`` each batch uses
+:func:`fed_distill.ensemble.ensemble_probs`). With ``target=cycling`` each batch uses
 one teacher instead, round-robin: its softmax replaces the ensemble in the CE and adversarial
 terms, the BN term is its own, and the labels are drawn from the classes it owns. The
 adversarial term needs the current student (``synthesize(student)``); without one it is off.
@@ -44,17 +44,18 @@ from torch import nn
 
 from fed_distill.class_stats import class_weights
 from fed_distill.data.transforms import Normalizer
-from fed_distill.federated.baselines import class_shares, ensemble_probs
+from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
 from fed_distill.synthesis.config import SynthesisConfig
-from fed_distill.synthesis.deepinversion import (
+from fed_distill.synthesis.inputs import (
     balanced_labels,
     frozen_copies,
     label_probs,
     synthesis_inputs,
     teachers_class_targets,
 )
+from fed_distill.synthesis.registry import register_synthesizer
 from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack, use_grouped
 
 
@@ -104,6 +105,8 @@ def adversarial_loss(teacher_probs: torch.Tensor, student_logits: torch.Tensor) 
     return -(kl * mask).mean()
 
 
+@register_synthesizer("generator")
+@register_synthesizer("fast", meta=True)
 class GeneratorSynthesizer(Synthesizer):
     """``synthesis.method=generator`` (DENSE) or ``fast`` (Fast data-free KD, ``meta=True``);
     see the module docstring."""

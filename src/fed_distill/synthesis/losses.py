@@ -38,6 +38,27 @@ def l2_prior(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x)
 
 
+def total_variation_per_batch(x: torch.Tensor) -> torch.Tensor:
+    """:func:`total_variation` of each batch of (T, N, C, H, W) ``x`` → (T,): the norms are
+    taken over each batch separately, as T separate syntheses would."""
+    diffs = (
+        x[..., :, :-1] - x[..., :, 1:],
+        x[..., :-1, :] - x[..., 1:, :],
+        x[..., 1:, :-1] - x[..., :-1, 1:],
+        x[..., :-1, :-1] - x[..., 1:, 1:],
+    )
+    dims = tuple(range(1, x.dim()))
+    out = torch.linalg.vector_norm(diffs[0], dim=dims)
+    for d in diffs[1:]:
+        out = out + torch.linalg.vector_norm(d, dim=dims)
+    return out
+
+
+def l2_prior_per_batch(x: torch.Tensor) -> torch.Tensor:
+    """:func:`l2_prior` of each batch of (T, N, C, H, W) ``x`` → (T,)."""
+    return torch.linalg.vector_norm(x.flatten(1), dim=1)
+
+
 def js_divergence(
     p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 3.0
 ) -> torch.Tensor:

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fed_distill.data.transforms import Normalizer
+from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.errors import ConfigError
-from fed_distill.federated.baselines import class_shares, ensemble_probs
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
 from fed_distill.synthesis.config import SynthesisConfig
-from fed_distill.synthesis.deepinversion import frozen_copies, synthesis_inputs
+from fed_distill.synthesis.inputs import frozen_copies, synthesis_inputs
+from fed_distill.synthesis.registry import register_synthesizer
 
 
 def load_unlabeled_images(
@@ -75,6 +76,7 @@ def convert_images(x: torch.Tensor, image_shape: tuple[int, int, int]) -> torch.
     return torch.cat(out)
 
 
+@register_synthesizer("public")
 class PublicDataSynthesizer(Synthesizer):
     """Batches of unlabeled public images, labelled by the teachers' ensemble (FedDF)."""
 

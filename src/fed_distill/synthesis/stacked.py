@@ -33,7 +33,6 @@ network: for every BN layer it gives a (T,) vector, entry t = teacher t's
 from __future__ import annotations
 
 import copy
-from types import TracebackType
 
 import torch
 from torch import nn
@@ -45,7 +44,7 @@ from fed_distill.class_stats import (
     class_mean_var,
     class_membership,
 )
-from fed_distill.synthesis.bn_hooks import batch_mean_var
+from fed_distill.synthesis.bn_hooks import BNHooksBase, batch_mean_var
 
 
 class NotStackable(Exception):
@@ -430,7 +429,7 @@ class StackedTeachers(nn.Module):
         return out.reshape(n, self.num_teachers, -1).transpose(0, 1)  # (T, N, K)
 
 
-class StackedBNHooks:
+class StackedBNHooks(BNHooksBase):
     """BN-statistics terms of every teacher in a :class:`StackedTeachers`, one forward each.
 
     A context manager: inside it the grouped network's BN layers compute the terms, on exit
@@ -439,8 +438,10 @@ class StackedBNHooks:
     ‖var − running_var‖₂ on its own channel block (first layer weighted by
     ``first_bn_multiplier``), the same as ``BNFeatureHooks(teacher_t).loss()``.
     Set ``enabled = False`` for forwards that need no term. With ``class_targets`` and
-    :meth:`set_classes`, the per-class term of :class:`~fed_distill.synthesis.bn_hooks.
-    BNFeatureHooks` instead, with the same fused backward.
+    :meth:`set_classes` (labels (N,) shared by every teacher or (T, N), one batch per teacher;
+    class weights (K,) or (T, K)), the per-class term of
+    :class:`~fed_distill.synthesis.bn_hooks.BNFeatureHooks` instead, with the same fused
+    backward.
     """
 
     def __init__(
@@ -453,7 +454,7 @@ class StackedBNHooks:
         self._enabled = True
         # per teacher: its class targets (see BNFeatureHooks.set_classes)
         self._class_targets = class_targets
-        self.feature: ClassFeatureHook | None = None
+        self.feature = None
 
     def __enter__(self) -> StackedBNHooks:
         self.layers = [m for m in self.stacked.net.modules() if isinstance(m, StatBatchNorm2d)]
@@ -478,75 +479,42 @@ class StackedBNHooks:
                 self.feature = ClassFeatureHook(heads[-1], feats)
         return self
 
-    def set_classes(self, labels: torch.Tensor, weights: torch.Tensor) -> None:
-        """Per-class mode for the next forwards (needs ``class_targets``): labels (N,) shared
-        by every teacher or (T, N), one batch per teacher; class weights (K,) or (T, K)."""
-        if self._class_targets is None:
-            return
-        t, k = self.stacked.num_teachers, weights.shape[-1]
-        member = class_membership(labels, k).to(weights)
-        member = member.expand(t, *member.shape[-2:]) if member.dim() == 2 else member
-        weights = weights.expand(t, k) if weights.dim() == 1 else weights
-        for m in self.layers:
-            m.classes = (member, weights)
-        if self.feature is not None:
-            self.feature.classes = (member, weights)
+    def _units(self) -> list[StatBatchNorm2d]:
+        return self.layers
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.remove()
+    def _term(self, unit: StatBatchNorm2d) -> torch.Tensor | None:  # type: ignore[override]
+        return unit.term
 
-    def remove(self) -> None:
+    def _remove_units(self) -> None:
         for m in self.layers:
             m.collect = False
             m.term = None
             m.class_target = m.classes = None
         self.layers = []
-        if self.feature is not None:
-            self.feature.remove()
-            self.feature = None
+
+    def _class_inputs(self, labels: torch.Tensor, weights: torch.Tensor) -> tuple[tuple, tuple]:
+        t, k = self.stacked.num_teachers, weights.shape[-1]
+        member = class_membership(labels, k).to(weights)
+        member = member.expand(t, *member.shape[-2:]) if member.dim() == 2 else member
+        weights = weights.expand(t, k) if weights.dim() == 1 else weights
+        return (member, weights), (member, weights)
+
+    def _feature_term(self) -> torch.Tensor:
+        assert self._class_targets is not None and self.feature is not None
+        assert self.feature.term is not None
+        return self._class_targets[0].feature_scale * self.feature.term
 
     @property
     def active(self) -> bool:
         return any(m.collect for m in self.layers)
 
-    @property
-    def enabled(self) -> bool:
+    def _is_enabled(self) -> bool:
         return self._enabled
 
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
+    def _set_enabled(self, value: bool) -> None:
         self._enabled = bool(value)
         for m in self.layers:
             m.collect = self._enabled
-        if self.feature is not None:
-            self.feature.enabled = self._enabled
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def layer_losses(self) -> list[torch.Tensor]:
-        terms = [m.term for m in self.layers]
-        if any(v is None for v in terms):
-            raise RuntimeError("StackedBNHooks.loss() called before a forward pass")
-        return terms  # type: ignore[return-value]
-
-    def loss(self, first_bn_multiplier: float = 1.0) -> torch.Tensor:
-        """(T,) per-teacher BN terms of the latest forward (plus the feature term)."""
-        terms = self.layer_losses()
-        if not terms:
-            raise RuntimeError("the model has no BatchNorm2d layer: BN statistics loss undefined")
-        total = terms[0] * first_bn_multiplier if first_bn_multiplier != 1.0 else terms[0]
-        for t in terms[1:]:
-            total = total + t
-        if self.feature is not None and self.feature.term is not None:
-            assert self._class_targets is not None
-            total = total + self._class_targets[0].feature_scale * self.feature.term
-        return total
 
 
 def use_grouped(grouped: bool | None, device: torch.device) -> bool:

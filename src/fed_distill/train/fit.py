@@ -11,6 +11,7 @@ import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -227,37 +228,18 @@ def fit(
     ignored. The caller deletes the file once it has saved the result.
     """
     device = torch.device(device)
-    if len(train_x) == 0:
-        raise FedDistillError(f"{desc}: no training samples")
-    if len(train_x) != len(train_y):
-        raise FedDistillError(f"{desc}: {len(train_x)} images but {len(train_y)} targets")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError(
-            f"train.epochs and train.batch_size must be >= 1 (got {cfg.epochs}, {cfg.batch_size})"
-        )
+    _check_fit_inputs(train_x, train_y, cfg, desc)
     gen = torch.Generator().manual_seed(seed)
     model.to(device, memory_format=preferred_format(device))
     x_all, y_all = train_x.to(device), train_y.to(device)
     has_val = val_x is not None and val_y is not None and len(val_y) > 0
     n = len(x_all)
-    bs = min(cfg.batch_size, n)
-    steps = max(1, n // bs)  # drop the ragged last batch: BatchNorm dislikes batches of one
-    # A client with 150 samples would get one step per epoch; train it for min_steps instead.
-    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps))
-    if cfg.max_steps is not None:
-        epochs = max(1, min(epochs, math.ceil(cfg.max_steps / steps)))
-        steps = min(steps, cfg.max_steps)
-    eval_every = cfg.eval_every * math.ceil(epochs / cfg.epochs)  # as many evaluations as asked
+    bs, steps, epochs, eval_every = _fit_plan(n, cfg)
     opt = make_optimizer(model, cfg)
     sched = make_schedule(opt, epochs, cfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
-    if loss_fn is None:
-
-        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
-
-    classification = not torch.is_floating_point(train_y)
-
+    loop = _FitLoop(model, opt, sched, scaler, gen, device)
+    loss_fn = loss_fn or partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
     hist: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "val_acc": [], "lr": []}
     result = FitResult(history=hist)
     best_state, bad_evals, start = None, 0, 0
@@ -267,51 +249,15 @@ def fit(
     }
     ckpt = load_resumable(checkpoint_path, meta, desc)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        align_optimizer_state(opt)
-        sched.load_state_dict(ckpt["schedule"])
-        if ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        gen.set_state(ckpt["generator"])
-        set_rng_state(ckpt["rng"], device)
+        loop.load(ckpt)
         hist.update(ckpt["history"])
         result.history = hist
         result.best_val_acc, result.best_epoch = ckpt["best_val_acc"], ckpt["best_epoch"]
-        best_state = ckpt["best_state"]
-        bad_evals, start = ckpt["bad_evals"], ckpt["epoch"] + 1
+        best_state, bad_evals, start = ckpt["best_state"], ckpt["bad_evals"], ckpt["epoch"] + 1
         print(f"{desc}: resuming from epoch {start + 1}/{epochs} (checkpoint {checkpoint_path})")
     bar = progress_bar(range(start, epochs), desc=desc, enabled=progress)
     for epoch in bar:
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
-        tot_loss = tot_correct = tot_seen = 0.0
-        for s in range(steps):
-            idx = perm[s * bs : (s + 1) * bs]
-            xb, yb = x_all[idx], y_all[idx]
-            if xb.dtype == torch.uint8:
-                xb = normalizer(augment(xb, cfg.crop_padding, hflip, gen))
-            with _autocast(device, cfg.amp):
-                logits = model(xb)
-                loss = loss_fn(logits.float(), yb)
-            if not torch.isfinite(loss):
-                raise FedDistillError(
-                    f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower train.lr"
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            tot_loss += loss.detach() * len(idx)
-            if classification:
-                tot_correct += (logits.detach().argmax(1) == yb).sum()
-            tot_seen += len(idx)
-        row = {
-            "train_loss": float(tot_loss) / tot_seen,
-            "train_acc": float(tot_correct) / tot_seen if classification else float("nan"),
-            "lr": opt.param_groups[0]["lr"],
-        }
+        row = loop.epoch(x_all, y_all, bs, steps, cfg, normalizer, hflip, loss_fn, desc, epoch)
         evaluate_now = has_val and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs)
         row["val_acc"] = (
             evaluate(model, val_x, val_y, normalizer, device) if evaluate_now else float("nan")
@@ -320,43 +266,23 @@ def fit(
             hist[k].append(v)
         if evaluate_now and not (row["val_acc"] <= result.best_val_acc):  # first eval, or better
             result.best_val_acc, result.best_epoch = row["val_acc"], epoch
-            best_state = copy.deepcopy(model.state_dict())
-            bad_evals = 0
+            best_state, bad_evals = copy.deepcopy(model.state_dict()), 0
         elif evaluate_now:
             bad_evals += 1
+        postfix = {k: f"{row[k]:.3f}" for k in ("train_loss", "train_acc", "val_acc")}
         bar.set_postfix(
-            loss=f"{row['train_loss']:.3f}",
-            acc=f"{row['train_acc']:.3f}",
-            val=f"{row['val_acc']:.3f}",
+            loss=postfix["train_loss"], acc=postfix["train_acc"], val=postfix["val_acc"]
         )
         if on_epoch is not None:
             on_epoch(epoch, row)
         stop = cfg.patience is not None and bad_evals >= cfg.patience
-        if (
-            checkpoint_path is not None
-            and checkpoint_every > 0
-            and (epoch + 1) % checkpoint_every == 0
-            and epoch + 1 < epochs
-            and not stop  # a stopped loop is finished: nothing to resume
-        ):
-            save_checkpoint(
-                {
-                    "meta": meta,
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "schedule": sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "generator": gen.get_state(),
-                    "rng": rng_state(device),
-                    "history": hist,
-                    "best_val_acc": result.best_val_acc,
-                    "best_epoch": result.best_epoch,
-                    "best_state": best_state,
-                    "bad_evals": bad_evals,
-                },
-                checkpoint_path,
-            )
+        # a stopped loop is finished: nothing to resume
+        due = checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0 and epoch + 1 < epochs
+        if checkpoint_path is not None and due and not stop:
+            best = {"best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch}
+            best.update(best_state=best_state, bad_evals=bad_evals)
+            state = {"meta": meta, "epoch": epoch, **loop.state(), "history": hist, **best}
+            save_checkpoint(state, checkpoint_path)
         if stop:
             break
     bar.close()
@@ -368,3 +294,108 @@ def fit(
     model.load_state_dict(best_state)
     result.state_dict = {k: v.detach().cpu() for k, v in best_state.items()}
     return result
+
+
+def _check_fit_inputs(
+    train_x: torch.Tensor, train_y: torch.Tensor, cfg: TrainConfig, desc: str
+) -> None:
+    if len(train_x) == 0:
+        raise FedDistillError(f"{desc}: no training samples")
+    if len(train_x) != len(train_y):
+        raise FedDistillError(f"{desc}: {len(train_x)} images but {len(train_y)} targets")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ConfigError(
+            f"train.epochs and train.batch_size must be >= 1 (got {cfg.epochs}, {cfg.batch_size})"
+        )
+
+
+def _fit_plan(n: int, cfg: TrainConfig) -> tuple[int, int, int, int]:
+    """(batch size, steps per epoch, epochs, evaluate every) for ``n`` training samples."""
+    bs = min(cfg.batch_size, n)
+    steps = max(1, n // bs)  # drop the ragged last batch: BatchNorm dislikes batches of one
+    # A client with 150 samples would get one step per epoch; train it for min_steps instead.
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps))
+    if cfg.max_steps is not None:
+        epochs = max(1, min(epochs, math.ceil(cfg.max_steps / steps)))
+        steps = min(steps, cfg.max_steps)
+    eval_every = cfg.eval_every * math.ceil(epochs / cfg.epochs)  # as many evaluations as asked
+    return bs, steps, epochs, eval_every
+
+
+@dataclass
+class _FitLoop:
+    """What :func:`fit` carries from step to step (and into a checkpoint)."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator  # shuffling and augmentation
+    device: torch.device
+
+    def epoch(
+        self,
+        x_all: torch.Tensor,
+        y_all: torch.Tensor,
+        bs: int,
+        steps: int,
+        cfg: TrainConfig,
+        normalizer: Normalizer,
+        hflip: bool,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        desc: str,
+        epoch: int,
+    ) -> dict[str, float]:
+        """One epoch of ``steps`` shuffled batches of ``bs``; its train loss, accuracy and lr."""
+        model, opt, scaler = self.model, self.opt, self.scaler
+        classification = not torch.is_floating_point(y_all)
+        model.train()
+        perm = torch.randperm(len(x_all), generator=self.gen).to(self.device)
+        tot_loss = tot_correct = tot_seen = 0.0
+        for s in range(steps):
+            idx = perm[s * bs : (s + 1) * bs]
+            xb, yb = x_all[idx], y_all[idx]
+            if xb.dtype == torch.uint8:
+                xb = normalizer(augment(xb, cfg.crop_padding, hflip, self.gen))
+            with _autocast(self.device, cfg.amp):
+                logits = model(xb)
+                loss = loss_fn(logits.float(), yb)
+            if not torch.isfinite(loss):
+                raise FedDistillError(
+                    f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower train.lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            self.sched.step()
+            tot_loss += loss.detach() * len(idx)
+            if classification:
+                tot_correct += (logits.detach().argmax(1) == yb).sum()
+            tot_seen += len(idx)
+        return {
+            "train_loss": float(tot_loss) / tot_seen,
+            "train_acc": float(tot_correct) / tot_seen if classification else float("nan"),
+            "lr": opt.param_groups[0]["lr"],
+        }
+
+    def state(self) -> dict[str, Any]:
+        """The loop's part of a checkpoint."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "schedule": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.gen.get_state(),
+            "rng": rng_state(self.device),
+        }
+
+    def load(self, ckpt: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        align_optimizer_state(self.opt)
+        self.sched.load_state_dict(ckpt["schedule"])
+        if ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.gen.set_state(ckpt["generator"])
+        set_rng_state(ckpt["rng"], self.device)

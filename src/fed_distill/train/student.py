@@ -24,10 +24,9 @@ from torch import nn
 
 from fed_distill.artifacts import save_checkpoint
 from fed_distill.data.transforms import Normalizer, augment
+from fed_distill.ensemble import ensemble_probs
 from fed_distill.errors import ConfigError, FedDistillError
-from fed_distill.federated.baselines import ensemble_probs
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
-from fed_distill.synthesis.config import StudentConfig
 from fed_distill.train.fit import (
     align_optimizer_state,
     evaluate,
@@ -36,6 +35,7 @@ from fed_distill.train.fit import (
     rng_state,
     set_rng_state,
 )
+from fed_distill.train.student_config import StudentConfig
 from fed_distill.utils import progress_bar
 
 
@@ -151,6 +151,138 @@ class StudentResult:
     synthesized_images: int = 0
 
 
+METRIC_KEYS = ("loss", "train_acc", "val_acc", "test_acc", "pool_size", "synthesis_s", "elapsed_s")
+
+
+@dataclass
+class _Loop:
+    """What the distillation loop carries from step to step (and into a checkpoint): the
+    student and its optimiser and schedule, the frozen teachers, the loop's generators."""
+
+    student: nn.Module
+    teachers: list[nn.Module]
+    cfg: StudentConfig
+    normalizer: Normalizer
+    hflip: bool
+    device: torch.device
+    fmt: torch.memory_format
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    gen: torch.Generator  # pool draws, augmentation, real-data draws
+    fresh_gen: torch.Generator  # latent codes of the fresh samples: a stream of their own
+    cw: torch.Tensor | None  # per-class loss weights
+    shares: torch.Tensor | None
+    real: tuple[torch.Tensor, torch.Tensor] | None  # the server's own real data, if any
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One student step on ``x``; the images beyond ``len(y)`` (fresh generator samples)
+        take the ensemble's top class as their label. Returns (loss, accuracy), on device."""
+        cfg, student, cw = self.cfg, self.student, self.cw
+        x, y = x.to(self.device, memory_format=self.fmt), y.to(self.device)
+        student.train()
+        s_logits = student(x)
+        targets = None
+        if cfg.loss == "kl" or len(y) < len(x):
+            t = cfg.temperature if cfg.loss == "kl" else 1.0
+            targets = teacher_targets(self.teachers, x, t, cfg.ensemble, self.shares)
+        if len(y) < len(x):
+            y = torch.cat([y, targets[len(y) :].argmax(1)])
+        w = cw[y] if cw is not None else None
+        if cfg.loss == "kl":
+            loss = weighted_kd_loss(s_logits, targets, cfg.temperature, w)
+        else:
+            loss = _weighted_mean(F.cross_entropy(s_logits, y, reduction="none"), w)
+        if self.real is not None:
+            loss = loss + cfg.real_weight * self._real_loss()
+        if not torch.isfinite(loss):
+            raise FedDistillError(f"student loss became {loss.item()}; lower student.lr")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return loss.detach(), (s_logits.detach().argmax(1) == y).float().mean()
+
+    def _real_loss(self) -> torch.Tensor:
+        """CE on a batch of the server's own real data, augmented."""
+        assert self.real is not None
+        real_x, real_y = self.real
+        n = min(self.cfg.batch_size, len(real_y))
+        idx = torch.randint(0, len(real_y), (n,), generator=self.gen).to(self.device)
+        xr = self.normalizer(augment(real_x[idx], self.cfg.jitter, self.hflip, self.gen))
+        yr = real_y[idx]
+        ce_r = F.cross_entropy(self.student(xr), yr, reduction="none")
+        return _weighted_mean(ce_r, self.cw[yr] if self.cw is not None else None)
+
+    def roll_flip(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalised float images: pad-free jitter (roll) and flips, batch-wise.
+        j = self.cfg.jitter
+        if j:
+            dx, dy = torch.randint(-j, j + 1, (2,), generator=self.gen).tolist()
+            x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+        if self.hflip:
+            flip = torch.rand(x.shape[0], generator=self.gen) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        return x
+
+    def state(self) -> dict[str, Any]:
+        """The loop's part of a checkpoint."""
+        return {
+            "student": self.student.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "schedule": self.sched.state_dict(),
+            "generator": self.gen.get_state(),
+            "fresh_generator": self.fresh_gen.get_state(),
+            "rng": rng_state(self.device),
+        }
+
+    def load(self, ckpt: Mapping[str, Any]) -> None:
+        self.student.load_state_dict(ckpt["student"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        align_optimizer_state(self.opt)
+        self.sched.load_state_dict(ckpt["schedule"])
+        self.gen.set_state(ckpt["generator"])
+        if "fresh_generator" in ckpt:  # absent from checkpoints of earlier versions
+            self.fresh_gen.set_state(ckpt["fresh_generator"])
+        set_rng_state(ckpt["rng"], self.device)
+
+
+def _weighted_mean(losses: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return losses.mean() if w is None else (w * losses).sum() / w.sum().clamp_min(1e-12)
+
+
+def _optimizer(
+    student: nn.Module, cfg: StudentConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The student's optimiser and its schedule over every step of the run."""
+    params = list(student.parameters())
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        )
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * (cfg.new_batches_per_epoch + cfg.steps_per_epoch)
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+        )
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return opt, sched
+
+
+def _class_weights(
+    cfg: StudentConfig, num_classes: int, device: torch.device
+) -> torch.Tensor | None:
+    if cfg.class_weights is None:
+        return None
+    if len(cfg.class_weights) != num_classes:
+        raise FedDistillError(
+            f"student.class_weights has {len(cfg.class_weights)} entries, the data has {num_classes} classes"
+        )
+    return torch.tensor(cfg.class_weights, dtype=torch.float32, device=device)
+
+
 def distill(
     student: nn.Module,
     teachers: list[nn.Module],
@@ -182,110 +314,17 @@ def distill(
     settings (``checkpoint_meta``) is ignored. The caller deletes it once the result is saved.
     """
     cfg.validate()
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    # The layout evaluate() would switch it to anyway; from the start, so that a student
-    # restored from a checkpoint computes with the very same kernels.
-    fmt = preferred_format(device)
-    student.to(device, memory_format=fmt)
-    # The teachers' forward passes (soft labels for every step) cost more than the student's
-    # step; in the same layout as the student they run ~2x faster on CPU.
-    teachers = [t.to(device, memory_format=fmt).eval() for t in teachers]
+    loop = _build_loop(student, teachers, cfg, normalizer, hflip, device, seed, shares, server_data)
+    device = loop.device
     num_classes = num_classes or int(test[1].max()) + 1
-    cw = None
-    if cfg.class_weights is not None:
-        if len(cfg.class_weights) != num_classes:
-            raise FedDistillError(
-                f"student.class_weights has {len(cfg.class_weights)} entries, the data has {num_classes} classes"
-            )
-        cw = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device)
-    params = list(student.parameters())
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
-        )
-    else:
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * (cfg.new_batches_per_epoch + cfg.steps_per_epoch)
-    if cfg.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
-        )
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    real_x = real_y = None
-    if server_data is not None and len(server_data[1]):
-        real_x, real_y = server_data[0].to(device), server_data[1].to(device)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        """One student step on ``x``; the images beyond ``len(y)`` (fresh generator samples)
-        take the ensemble's top class as their label."""
-        x, y = x.to(device, memory_format=fmt), y.to(device)
-        student.train()
-        s_logits = student(x)
-        targets = None
-        if cfg.loss == "kl" or len(y) < len(x):
-            t = cfg.temperature if cfg.loss == "kl" else 1.0
-            targets = teacher_targets(teachers, x, t, cfg.ensemble, shares)
-        if len(y) < len(x):
-            y = torch.cat([y, targets[len(y) :].argmax(1)])
-        w = cw[y] if cw is not None else None
-        if cfg.loss == "kl":
-            loss = weighted_kd_loss(s_logits, targets, cfg.temperature, w)
-        else:
-            ce = F.cross_entropy(s_logits, y, reduction="none")
-            loss = ce.mean() if w is None else (w * ce).sum() / w.sum().clamp_min(1e-12)
-        if real_x is not None:
-            idx = torch.randint(
-                0, len(real_y), (min(cfg.batch_size, len(real_y)),), generator=gen
-            ).to(device)
-            xr = normalizer(augment(real_x[idx], cfg.jitter, hflip, gen))
-            yr = real_y[idx]
-            ce_r = F.cross_entropy(student(xr), yr, reduction="none")
-            wr = cw[yr] if cw is not None else None
-            loss = loss + cfg.real_weight * (
-                ce_r.mean() if wr is None else (wr * ce_r).sum() / wr.sum().clamp_min(1e-12)
-            )
-        if not torch.isfinite(loss):
-            raise FedDistillError(f"student loss became {loss.item()}; lower student.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        return loss.detach(), (s_logits.detach().argmax(1) == y).float().mean()
-
-    def roll_flip(x: torch.Tensor) -> torch.Tensor:
-        # Normalised float images: pad-free jitter (roll) and flips, batch-wise.
-        if cfg.jitter:
-            dx, dy = torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen).tolist()
-            x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
-        if hflip:
-            flip = torch.rand(x.shape[0], generator=gen) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-        return x
-
-    res = StudentResult(
-        metrics={
-            k: []
-            for k in (
-                "loss",
-                "train_acc",
-                "val_acc",
-                "test_acc",
-                "pool_size",
-                "synthesis_s",
-                "elapsed_s",
-            )
-        }
-    )
+    loop.cw = _class_weights(cfg, num_classes, device)
+    res = StudentResult(metrics={k: [] for k in METRIC_KEYS})
     n_fresh = round(cfg.fresh * cfg.batch_size)
     if n_fresh and not synthesizer.can_sample:
         raise ConfigError(
             f"student.fresh={cfg.fresh} needs a synthesizer with a generator to sample from"
             f" ({type(synthesizer).__name__} has none); use synthesis=generator or student.fresh=0"
         )
-    # Latent codes of the fresh samples: a stream of their own, checkpointed with the others.
-    fresh_gen = torch.Generator().manual_seed(seed + 7919)
     t_start = time.perf_counter()
     start = 0
     meta = {**(checkpoint_meta or {}), "distill": [cfg.epochs, int(seed), len(pool)]}
@@ -297,22 +336,7 @@ def distill(
             checkpoint_path = None
     ckpt = load_resumable(checkpoint_path, meta, "student")
     if ckpt is not None:
-        student.load_state_dict(ckpt["student"])
-        opt.load_state_dict(ckpt["optimizer"])
-        align_optimizer_state(opt)
-        sched.load_state_dict(ckpt["schedule"])
-        gen.set_state(ckpt["generator"])
-        if "fresh_generator" in ckpt:  # absent from checkpoints of earlier versions
-            fresh_gen.set_state(ckpt["fresh_generator"])
-        set_rng_state(ckpt["rng"], device)
-        synthesizer.load_state_dict(ckpt["synthesizer"])
-        shape = tuple(ckpt["pool"]["images"].shape[1:])
-        pool.replace_with(SyntheticPool.from_state(ckpt["pool"], shape, num_classes))
-        res.metrics = ckpt["metrics"]
-        res.di_metrics = ckpt["di_metrics"]
-        res.synthesis_seconds = ckpt["synthesis_seconds"]
-        res.synthesized_images = ckpt["synthesized_images"]
-        start = ckpt["epoch"] + 1
+        start = _resume(ckpt, loop, synthesizer, pool, res, num_classes)
         t_start -= res.metrics["elapsed_s"][-1]  # elapsed time continues from the checkpoint
         print(
             f"student: resuming from epoch {start + 1}/{cfg.epochs} with {len(pool)} synthetic"
@@ -320,78 +344,146 @@ def distill(
         )
     bar = progress_bar(range(start, cfg.epochs), desc="student", enabled=progress)
     for epoch in bar:
-        losses, accs = [], []
-        for _ in range(cfg.new_batches_per_epoch):
-            t0 = time.perf_counter()
-            batch = synthesizer.synthesize(student if cfg.adaptive else None)
-            res.synthesis_seconds += time.perf_counter() - t0
-            res.synthesized_images += len(batch)
-            record_batch_metrics(res.di_metrics, batch, teachers, student, device)
-            loss, acc = step(batch.images, batch.labels)  # use the fresh batch at once
-            losses.append(loss)
-            accs.append(acc)
-            pool.append(batch)
-        x_all, y_all = pool.tensors()
-        for _ in range(cfg.steps_per_epoch):
-            n_pool = min(cfg.batch_size - n_fresh, len(y_all))
-            idx = torch.randint(0, len(y_all), (n_pool,), generator=gen)
-            xb, yb = x_all[idx], y_all[idx]
-            if n_fresh:
-                fresh = synthesizer.sample(n_fresh, fresh_gen)
-                xb = torch.cat([xb, fresh.to(xb.device, xb.dtype)])
-            xb = roll_flip(xb) if cfg.augment else xb
-            loss, acc = step(xb, yb)
-            losses.append(loss)
-            accs.append(acc)
-        row = {
-            "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
-            "train_acc": float(torch.stack(accs).mean()) if accs else float("nan"),
-            "pool_size": float(len(y_all)),
-            "synthesis_s": res.synthesis_seconds,
-        }
+        row = _train_epoch(loop, synthesizer, pool, res, n_fresh)
         last = epoch + 1 == cfg.epochs
+        nan = float("nan")
         if (epoch + 1) % cfg.eval_every == 0 or last:
-            row["test_acc"] = evaluate(student, test[0], test[1], normalizer, device)
-            row["val_acc"] = (
-                evaluate(student, val[0], val[1], normalizer, device)
-                if val is not None
-                else float("nan")
-            )
+            row["test_acc"] = evaluate(student, *test, normalizer, device)
+            row["val_acc"] = evaluate(student, *val, normalizer, device) if val is not None else nan
         else:
-            row["test_acc"] = row["val_acc"] = float("nan")
+            row["test_acc"] = row["val_acc"] = nan
         row["elapsed_s"] = time.perf_counter() - t_start
         for k, v in row.items():
             res.metrics[k].append(v)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", test=f"{row['test_acc']:.3f}", pool=len(y_all))
+        pool_size = int(row["pool_size"])
+        bar.set_postfix(loss=f"{row['loss']:.3f}", test=f"{row['test_acc']:.3f}", pool=pool_size)
         if on_epoch is not None:
             on_epoch(epoch, row)
-        if (
-            checkpoint_path is not None
-            and checkpoint_every > 0
-            and (epoch + 1) % checkpoint_every == 0
-            and epoch + 1 < cfg.epochs
-        ):
-            save_checkpoint(
-                {
-                    "meta": meta,
-                    "epoch": epoch,
-                    "student": student.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "schedule": sched.state_dict(),
-                    "generator": gen.get_state(),
-                    "fresh_generator": fresh_gen.get_state(),
-                    "rng": rng_state(device),
-                    "synthesizer": synthesizer.state_dict(),
-                    "pool": pool.state(),
-                    "metrics": res.metrics,
-                    "di_metrics": res.di_metrics,
-                    "synthesis_seconds": res.synthesis_seconds,
-                    "synthesized_images": res.synthesized_images,
-                },
-                checkpoint_path,
-            )
+        due = checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0 and not last
+        if checkpoint_path is not None and due:
+            save_checkpoint(_checkpoint(meta, epoch, loop, synthesizer, pool, res), checkpoint_path)
     bar.close()
     return res
+
+
+def _build_loop(
+    student: nn.Module,
+    teachers: list[nn.Module],
+    cfg: StudentConfig,
+    normalizer: Normalizer,
+    hflip: bool,
+    device: torch.device | str,
+    seed: int,
+    shares: torch.Tensor | None,
+    server_data: tuple[torch.Tensor, torch.Tensor] | None,
+) -> _Loop:
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    # The layout evaluate() would switch it to anyway; from the start, so that a student
+    # restored from a checkpoint computes with the very same kernels.
+    fmt = preferred_format(device)
+    student.to(device, memory_format=fmt)
+    # The teachers' forward passes (soft labels for every step) cost more than the student's
+    # step; in the same layout as the student they run ~2x faster on CPU.
+    teachers = [t.to(device, memory_format=fmt).eval() for t in teachers]
+    opt, sched = _optimizer(student, cfg)
+    real = None
+    if server_data is not None and len(server_data[1]):
+        real = (server_data[0].to(device), server_data[1].to(device))
+    return _Loop(
+        student=student,
+        teachers=teachers,
+        cfg=cfg,
+        normalizer=normalizer,
+        hflip=hflip,
+        device=device,
+        fmt=fmt,
+        opt=opt,
+        sched=sched,
+        gen=gen,
+        fresh_gen=torch.Generator().manual_seed(seed + 7919),
+        cw=None,
+        shares=shares,
+        real=real,
+    )
+
+
+def _train_epoch(
+    loop: _Loop, synthesizer: Synthesizer, pool: SyntheticPool, res: StudentResult, n_fresh: int
+) -> dict[str, float]:
+    """One epoch's steps: on each new synthetic batch at once, then on pool batches (with
+    ``n_fresh`` images sampled fresh from the synthesizer in each). Returns its metrics row."""
+    cfg = loop.cfg
+    losses, accs = [], []
+    for _ in range(cfg.new_batches_per_epoch):
+        t0 = time.perf_counter()
+        batch = synthesizer.synthesize(loop.student if cfg.adaptive else None)
+        res.synthesis_seconds += time.perf_counter() - t0
+        res.synthesized_images += len(batch)
+        record_batch_metrics(res.di_metrics, batch, loop.teachers, loop.student, loop.device)
+        loss, acc = loop.step(batch.images, batch.labels)  # use the fresh batch at once
+        losses.append(loss)
+        accs.append(acc)
+        pool.append(batch)
+    x_all, y_all = pool.tensors()
+    for _ in range(cfg.steps_per_epoch):
+        n_pool = min(cfg.batch_size - n_fresh, len(y_all))
+        idx = torch.randint(0, len(y_all), (n_pool,), generator=loop.gen)
+        xb, yb = x_all[idx], y_all[idx]
+        if n_fresh:
+            fresh = synthesizer.sample(n_fresh, loop.fresh_gen)
+            xb = torch.cat([xb, fresh.to(xb.device, xb.dtype)])
+        xb = loop.roll_flip(xb) if cfg.augment else xb
+        loss, acc = loop.step(xb, yb)
+        losses.append(loss)
+        accs.append(acc)
+    return {
+        "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
+        "train_acc": float(torch.stack(accs).mean()) if accs else float("nan"),
+        "pool_size": float(len(y_all)),
+        "synthesis_s": res.synthesis_seconds,
+    }
+
+
+def _checkpoint(
+    meta: dict[str, Any],
+    epoch: int,
+    loop: _Loop,
+    synthesizer: Synthesizer,
+    pool: SyntheticPool,
+    res: StudentResult,
+) -> dict[str, Any]:
+    """Everything a later call needs to continue after ``epoch`` as if never stopped."""
+    return {
+        "meta": meta,
+        "epoch": epoch,
+        **loop.state(),
+        "synthesizer": synthesizer.state_dict(),
+        "pool": pool.state(),
+        "metrics": res.metrics,
+        "di_metrics": res.di_metrics,
+        "synthesis_seconds": res.synthesis_seconds,
+        "synthesized_images": res.synthesized_images,
+    }
+
+
+def _resume(
+    ckpt: dict[str, Any],
+    loop: _Loop,
+    synthesizer: Synthesizer,
+    pool: SyntheticPool,
+    res: StudentResult,
+    num_classes: int,
+) -> int:
+    """Restore what :func:`_checkpoint` saved; returns the epoch to continue at."""
+    loop.load(ckpt)
+    synthesizer.load_state_dict(ckpt["synthesizer"])
+    shape = tuple(ckpt["pool"]["images"].shape[1:])
+    pool.replace_with(SyntheticPool.from_state(ckpt["pool"], shape, num_classes))
+    res.metrics, res.di_metrics = ckpt["metrics"], ckpt["di_metrics"]
+    res.synthesis_seconds = ckpt["synthesis_seconds"]
+    res.synthesized_images = ckpt["synthesized_images"]
+    return ckpt["epoch"] + 1
 
 
 def record_batch_metrics(

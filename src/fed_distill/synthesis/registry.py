@@ -1,0 +1,85 @@
+"""Synthesizer registry: ``register_synthesizer`` / ``build_synthesizer`` / ``list_synthesizers``
+(the pattern of ``models/registry.py``).
+
+A :class:`~fed_distill.synthesis.base.Synthesizer` subclass registers itself as
+``synthesis.method=NAME`` with ``@register_synthesizer(NAME)``. Its constructor takes ``(cfg,
+teachers, class_counts, image_shape, normalizer)`` and whichever of the keyword arguments
+``hflip``, ``device``, ``seed``, ``data_dir``, ``class_stats`` it declares; keywords given to the
+decorator (``meta=True``) are fixed for that name. Neither this module nor ``base.py`` imports
+any synthesizer: the package ``fed_distill.synthesis`` imports the built-in ones before it hands
+out ``build_synthesizer`` and ``list_synthesizers``, as ``fed_distill.models`` does for models.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fed_distill.data.transforms import Normalizer
+from fed_distill.errors import ConfigError
+from fed_distill.synthesis.base import Synthesizer
+from fed_distill.synthesis.config import SynthesisConfig
+
+# name -> (class, keyword arguments fixed for that name)
+_REGISTRY: dict[str, tuple[type[Synthesizer], dict[str, Any]]] = {}
+
+
+def register_synthesizer(
+    name: str, **fixed: Any
+) -> Callable[[type[Synthesizer]], type[Synthesizer]]:
+    """Class decorator registering a synthesizer as ``synthesis.method=name``, built with the
+    keyword arguments ``fixed`` besides the ones ``build_synthesizer`` offers."""
+
+    def decorator(cls: type[Synthesizer]) -> type[Synthesizer]:
+        if name in _REGISTRY:
+            raise ConfigError(f"synthesizer name {name!r} is already registered")
+        _REGISTRY[name] = (cls, fixed)
+        return cls
+
+    return decorator
+
+
+def list_synthesizers() -> list[str]:
+    """The registered ``synthesis.method`` names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build_synthesizer(
+    cfg: SynthesisConfig,
+    teachers: list[nn.Module],
+    class_counts: np.ndarray,
+    image_shape: tuple[int, int, int],
+    normalizer: Normalizer,
+    hflip: bool,
+    device: torch.device | str,
+    seed: int,
+    data_dir: str | None = None,
+    class_stats: list[dict[str, torch.Tensor] | None] | None = None,
+) -> Synthesizer:
+    """The synthesizer ``cfg.method`` names.
+
+    ``class_counts`` (num_teachers, num_classes): training-label counts per teacher;
+    ``image_shape`` (C, H, W); ``hflip``: whether the dataset allows horizontal flips (used when
+    ``cfg.flip`` is None); ``seed`` makes the sequence of batches reproducible; ``data_dir``: where
+    ``method=public`` looks for its public dataset when ``cfg.public_data_dir`` is unset;
+    ``class_stats``: per teacher, the class statistics its client uploaded (or None), for the
+    per-class BN term of the synthesizers that match BN statistics. Each synthesizer receives
+    the keyword arguments its constructor declares.
+    """
+    cfg.validate(num_available=len(teachers))
+    if cfg.method not in _REGISTRY:
+        raise ConfigError(
+            f"synthesis.method '{cfg.method}' is not registered;"
+            f" available: {', '.join(list_synthesizers())}"
+        )
+    cls, fixed = _REGISTRY[cfg.method]
+    offered = dict(hflip=hflip, device=device, seed=seed, data_dir=data_dir)
+    offered.update(class_stats=class_stats, **fixed)
+    accepted = inspect.signature(cls).parameters
+    kwargs = {k: v for k, v in offered.items() if k in accepted}
+    return cls(cfg, teachers, class_counts, image_shape, normalizer, **kwargs)  # type: ignore[call-arg]

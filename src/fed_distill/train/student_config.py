@@ -1,0 +1,104 @@
+"""Typed config of distilling the teachers into one student (group ``student``), beside the
+student loop (``train/student.py``).
+
+A dataclass only (this module imports no torch): the root Hydra schema imports it at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fed_distill.errors import ConfigError
+
+STUDENT_INITS = ("random", "fedavg")
+
+
+@dataclass
+class StudentConfig:
+    """Distilling the teachers into one student on a growing synthetic dataset (group ``student``).
+
+    ``generate-initial`` makes ``initial_batches`` non-adaptive batches; every student epoch then
+    synthesises ``new_batches_per_epoch`` fresh batches (adaptive against the current student when
+    ``adaptive``), trains on each at once, appends it to the pool, and takes ``steps_per_epoch``
+    further steps on batches drawn from the whole pool with augmentation.
+    """
+
+    model: str | None = None  # None = the teachers' architecture
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The student's starting weights: random (seeded), or fedavg = the teachers' weights
+    # averaged by client data size (one-shot FedAvg; needs the teachers' architecture).
+    init: str = "random"
+    epochs: int = 20
+    initial_batches: int = 4
+    new_batches_per_epoch: int = 1
+    adaptive: bool = True  # new batches use Adaptive DI (competition with the current student)
+    steps_per_epoch: int = 20  # pool steps per epoch, besides one step on each new batch
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | none
+    loss: str = "kl"  # kl: KL to the teachers' soft labels at `temperature` | ce: CE on synthetic labels (the seed)
+    temperature: float = 4.0
+    # How the teachers' outputs combine into soft labels: weighted (each teacher's softmax
+    # weighted by its share of each class) | probs (mean softmax) | logits (mean logits).
+    ensemble: str = "weighted"
+    # Fraction of every pool step's batch drawn fresh from the synthesizer's current generator
+    # (synthesis=generator only): new images at the cost of one generator forward, labelled by
+    # the teachers like the rest; 0 = every image from the pool.
+    fresh: float = 0.0
+    augment: bool = True  # random roll (jitter) and flip of pool batches
+    jitter: int = 2
+    server_data: bool = False  # train also on the real data of split clients without a teacher
+    real_weight: float = 1.0  # weight of the server's real-data loss
+    class_weights: list[float] | None = None  # per-class loss weights (the seed's "weighted")
+    eval_every: int = 1
+    # Resumable checkpoints: every N student epochs (and every N initial batches); 0 = none.
+    checkpoint_every: int = 1
+
+    def validate(self) -> StudentConfig:
+        for key in ("epochs", "batch_size", "eval_every"):
+            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
+                raise ConfigError(
+                    f"student.{key} must be a positive integer, got {getattr(self, key)!r}"
+                )
+        for key in (
+            "initial_batches",
+            "new_batches_per_epoch",
+            "steps_per_epoch",
+            "jitter",
+            "checkpoint_every",
+        ):
+            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 0):
+                raise ConfigError(
+                    f"student.{key} must be an integer >= 0, got {getattr(self, key)!r}"
+                )
+        if self.initial_batches + self.new_batches_per_epoch == 0:
+            raise ConfigError(
+                "student.initial_batches and student.new_batches_per_epoch are both 0: no data"
+            )
+        if self.loss not in ("kl", "ce"):
+            raise ConfigError(f"student.loss must be kl or ce, got '{self.loss}'")
+        if self.ensemble not in ("weighted", "probs", "logits"):
+            raise ConfigError(
+                f"student.ensemble must be weighted, probs or logits, got '{self.ensemble}'"
+            )
+        if self.init not in STUDENT_INITS:
+            raise ConfigError(
+                f"student.init must be one of {', '.join(STUDENT_INITS)}, got '{self.init}'"
+            )
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"student.optimizer must be sgd or adam, got '{self.optimizer}'")
+        if self.schedule not in ("cosine", "none"):
+            raise ConfigError(f"student.schedule must be cosine or none, got '{self.schedule}'")
+        if not (self.lr > 0 and self.temperature > 0):
+            raise ConfigError("student.lr and student.temperature must be > 0")
+        if isinstance(self.fresh, bool) or not (
+            isinstance(self.fresh, (int, float)) and 0 <= self.fresh <= 1
+        ):
+            raise ConfigError(f"student.fresh must be a fraction in [0, 1], got {self.fresh!r}")
+        if self.class_weights is not None and not all(w >= 0 for w in self.class_weights):
+            raise ConfigError("student.class_weights must be non-negative")
+        return self
