@@ -228,12 +228,11 @@ def fedmd_round(msg: Message, context: Context) -> Message:
 def oneshot_teacher(msg: Message, context: Context) -> Message:
     """Train this client's teacher once from the server's initial weights on its partition,
     and upload the weights with the training metrics."""
-    from fed_distill.class_stats import compute_class_stats
     from fed_distill.config import DatasetConfig, as_object
     from fed_distill.data.partition import ClientSplit
     from fed_distill.data.transforms import Normalizer
     from fed_distill.models import build_model
-    from fed_distill.pipeline import load_data, train_teacher
+    from fed_distill.pipeline import client_class_stats, load_data, train_teacher
     from fed_distill.train.fit import TrainConfig
     from fed_distill.utils import resolve_device
 
@@ -282,16 +281,9 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
     if upload.get("class_stats", True):
         # per-class BN input statistics on the client's labelled images (class_stats.py)
         t0 = time.perf_counter()
-        tr = torch.as_tensor(part.train + part.val, dtype=torch.long)
-        stats = compute_class_stats(
-            model,
-            data.train_x[tr],
-            data.train_y[tr],
-            Normalizer(info.mean, info.std),
-            info.num_classes,
-            device,
-            features=bool(upload.get("features", False)),
-        )
+        norm = Normalizer(info.mean, info.std)
+        features = bool(upload.get("features", False))
+        stats = client_class_stats(model, data, part, norm, device, features)
         metrics["class_stats_s"] = time.perf_counter() - t0
         weights.update({f"{CLASS_STATS_PREFIX}{k}": v for k, v in stats.items()})
     kind, sleep_s = _fault(msg)
