@@ -36,6 +36,19 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("threads", THREADS, indirect=True, ids=lambda n: f"{n}thread")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a whole module of tiny models (faster than two, and immune to a
+    busy machine); restored afterwards. A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def threads(request):
     """``request.param`` intra-op threads for torch (and OMP_NUM_THREADS, so the CLI keeps it);
