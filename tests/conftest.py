@@ -37,6 +37,33 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture
+def one_thread(monkeypatch):
+    """One intra-op thread in this process and, through OMP_NUM_THREADS (which the CLI
+    respects), in the CLI and subprocesses; restored afterwards. A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a whole module of tiny models (faster than two, and immune to a
+    busy machine); restored afterwards. A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def threads(request):
     """``request.param`` intra-op threads for torch (and OMP_NUM_THREADS, so the CLI keeps it);
     both restored afterwards."""

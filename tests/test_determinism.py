@@ -35,13 +35,8 @@ FEDMD = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # or the CLI sets one thread per core
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one thread, here and in the CLI (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tensors_equal(a: dict, b: dict) -> None:

@@ -35,15 +35,9 @@ from fed_distill.models import build_model
 NORM = Normalizer((0.5,), (0.25,))
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One intra-op thread: these tiny models gain nothing from two, and on a busy shared CPU
-    two threads are several times slower. The CLI respects OMP_NUM_THREADS."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread (conftest.py): these tiny models gain nothing from two, and on a busy
+# shared CPU two threads are several times slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digits(n_train: int = 600):

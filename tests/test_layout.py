@@ -25,13 +25,7 @@ MAX_FILE_LINES = 600
 TO_CUT = "issue 18: to cut"
 
 # "path relative to src/:qualified function name" -> why it may still be long
-LONG_FUNCTIONS: dict[str, str] = {
-    "fed_distill/federated/oneshot.py:run_train_student": TO_CUT,
-    "fed_distill/federated/flower/server_app.py:serve_oneshot": TO_CUT,
-    "fed_distill/federated/flower/server_app.py:serve_oneshot.flower_train_teachers": TO_CUT,
-    "fed_distill/pipeline.py:run_train_teachers": TO_CUT,
-    "fed_distill/federated/flower/server_app.py:serve_fedmd": TO_CUT,
-}
+LONG_FUNCTIONS: dict[str, str] = {}
 
 # path relative to src/ -> why it may still be long
 LONG_FILES: dict[str, str] = {

@@ -40,15 +40,9 @@ class Stop(Exception):
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One intra-op thread here and in the subprocesses (OMP_NUM_THREADS=1), so an in-process
-    reference run and a killed-and-resumed subprocess run use the very same kernels."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread here and in the subprocesses (conftest.py), so an in-process reference
+# run and a killed-and-resumed subprocess run use the very same kernels.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digits(n: int = 300):

@@ -30,13 +30,7 @@ from fed_distill.synthesis.stacked import (
     try_stack,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _small_kwargs(name: str) -> dict:

@@ -36,6 +36,9 @@ from fed_distill.synthesis import (
     total_variation,
 )
 
+# tiny models: one intra-op thread (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "src" / "fed_distill" / "conf" / "synthesis"
 
 # ------------------------------------------------------------------------------------ losses
@@ -268,15 +271,6 @@ def test_teacher_class_weights_rows():
 
 # Teachers trained on sklearn digits (8x8, real data): teacher i owns the classes in CLASSES[i].
 CLASSES = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [0, 2, 4, 6, 8]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These models are tiny: one intra-op thread is faster, and immune to a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from fed_distill.class_stats import (
 )
 from fed_distill.config import DatasetConfig, ModelConfig, UploadConfig, as_object, to_container
 from fed_distill.data.partition import Split, check_split, load_split, make_split, save_split
-from fed_distill.data.sources import Dataset, load_dataset
+from fed_distill.data.sources import Dataset, DatasetInfo, load_dataset
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import FedDistillError, SplitError
 from fed_distill.models import build_model
@@ -196,32 +196,11 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
     norm = Normalizer(info.mean, info.std)
     upload: UploadConfig = as_object(cfg.upload, UploadConfig)
 
-    seed_everything(cfg.seed)
-    init = build_model(mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs)
-    init_state = {k: v.clone() for k, v in init.state_dict().items()}
+    init, init_state = initial_teacher(mcfg, info, cfg.seed)
     _check_train_config(init, tcfg)  # a bad train.* value fails before teachers.json is written
-    spec = TeacherSpec(
-        mcfg.name,
-        dict(mcfg.kwargs),
-        info.num_classes,
-        info.channels,
-        info.image_size,
-        split.num_teachers,
-        info.name,
-        int(cfg.seed),
-    )
+    spec = teacher_spec(mcfg, info, split.num_teachers, cfg.seed)
     out = run_dir / "teachers"
-    # A teacher is reused only when everything that shaped it is unchanged.
-    fp = _fingerprint(
-        {
-            "spec": asdict(spec),
-            # how often checkpoints are written does not change the teacher
-            "train": {k: v for k, v in asdict(tcfg).items() if k != "checkpoint_every"},
-            "split": split.label_digest,
-            "split_seed": split.seed,
-            "clients": [[c.train, c.val] for c in split.clients[: split.num_teachers]],
-        }
-    )
+    fp = _teachers_fingerprint(spec, tcfg, split)
     save_json(asdict(spec), out / "teachers.json")
     if not upload.class_stats:  # the server must not find statistics of an earlier run
         for i in range(split.num_teachers):
@@ -234,24 +213,12 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
         ckpt = checkpoint_dir(run_dir) / f"teacher_{i}.safetensors"
         if cfg.force:
             remove_file(ckpt)  # force=true redoes the teacher from scratch
-        elif wpath.exists() and mpath.exists():
-            old = load_json(mpath, "teacher metrics")
-            if old.get("fingerprint") == fp:
-                print(
-                    f"teacher {i}: already trained (val {old['best_val_acc']:.4f}, test {old['test_acc']:.4f});"
-                    " force=true retrains"
-                )
-                if upload.class_stats and not (out / STATS_FILE.format(i)).is_file():
-                    model = build_model(
-                        mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs
-                    )
-                    load_weights(model, wpath)
-                    _write_class_stats(model.to(device), data, c, norm, device, out, i, upload)
+        else:
+            old = _reused_teacher(i, c, fp, out, mcfg, data, norm, device, upload)
+            if old is not None:
                 summary.append(old)
                 continue
-        model = build_model(
-            mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs
-        )
+        model = build_teacher(mcfg, info)
         model.load_state_dict(init_state)
         metrics = train_teacher(
             model,
@@ -281,6 +248,84 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
             f" ({metrics['train_time_s']:.1f}s)"
         )
         summary.append(metrics)
+    _print_teachers(summary)
+    print(f"{split.num_teachers} teachers in {out} ({time.perf_counter() - t_start:.1f}s)")
+    return summary
+
+
+def _reused_teacher(
+    i: int,
+    client: Any,
+    fp: str,
+    out: Path,
+    mcfg: ModelConfig,
+    data: Dataset,
+    norm: Normalizer,
+    device: torch.device,
+    upload: UploadConfig,
+) -> dict[str, Any] | None:
+    """Teacher ``i``'s metrics where a previous run trained it with the same fingerprint (its
+    class statistics written now if asked for and missing), else None."""
+    wpath, mpath = out / f"teacher_{i}.safetensors", out / f"metrics_teacher_{i}.json"
+    if not (wpath.exists() and mpath.exists()):
+        return None
+    old = load_json(mpath, "teacher metrics")
+    if old.get("fingerprint") != fp:
+        return None
+    print(
+        f"teacher {i}: already trained (val {old['best_val_acc']:.4f}, test {old['test_acc']:.4f});"
+        " force=true retrains"
+    )
+    if upload.class_stats and not (out / STATS_FILE.format(i)).is_file():
+        model = build_teacher(mcfg, data.info)
+        load_weights(model, wpath)
+        _write_class_stats(model.to(device), data, client, norm, device, out, i, upload)
+    return old
+
+
+def build_teacher(mcfg: ModelConfig, info: DatasetInfo) -> torch.nn.Module:
+    """A teacher of the configured architecture for the dataset (random weights)."""
+    return build_model(mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs)
+
+
+def initial_teacher(
+    mcfg: ModelConfig, info: DatasetInfo, seed: int
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The model every teacher starts from, seeded with the run's ``seed`` (which resets the
+    global RNGs), and a copy of its weights."""
+    seed_everything(seed)
+    init = build_teacher(mcfg, info)
+    return init, {k: v.clone() for k, v in init.state_dict().items()}
+
+
+def teacher_spec(mcfg: ModelConfig, info: DatasetInfo, num_teachers: int, seed: int) -> TeacherSpec:
+    return TeacherSpec(
+        mcfg.name,
+        dict(mcfg.kwargs),
+        info.num_classes,
+        info.channels,
+        info.image_size,
+        num_teachers,
+        info.name,
+        int(seed),
+    )
+
+
+def _teachers_fingerprint(spec: TeacherSpec, tcfg: TrainConfig, split: Split) -> str:
+    """A teacher is reused only when everything that shaped it is unchanged."""
+    return _fingerprint(
+        {
+            "spec": asdict(spec),
+            # how often checkpoints are written does not change the teacher
+            "train": {k: v for k, v in asdict(tcfg).items() if k != "checkpoint_every"},
+            "split": split.label_digest,
+            "split_seed": split.seed,
+            "clients": [[c.train, c.val] for c in split.clients[: split.num_teachers]],
+        }
+    )
+
+
+def _print_teachers(summary: list[dict[str, Any]]) -> None:
     print(
         format_table(
             ["teacher", "train", "val acc", "local test", "test acc"],
@@ -296,8 +341,28 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
             ],
         )
     )
-    print(f"{split.num_teachers} teachers in {out} ({time.perf_counter() - t_start:.1f}s)")
-    return summary
+
+
+def client_class_stats(
+    model: torch.nn.Module,
+    data: Dataset,
+    client: Any,
+    norm: Normalizer,
+    device: torch.device | str,
+    features: bool,
+) -> dict[str, torch.Tensor]:
+    """The client's side of the upload: per-class statistics of its teacher on all its labelled
+    images (train and val parts, those its label counts describe)."""
+    idx = torch.as_tensor(client.train + client.val, dtype=torch.long)
+    return compute_class_stats(
+        model,
+        data.train_x[idx],
+        data.train_y[idx],
+        norm,
+        data.info.num_classes,
+        device,
+        features=features,
+    )
 
 
 def _write_class_stats(
@@ -310,20 +375,10 @@ def _write_class_stats(
     i: int,
     upload: UploadConfig,
 ) -> float:
-    """The client's side of the upload: per-class statistics of its teacher on all its labelled
-    images (train and val parts, those its label counts describe) →
+    """Teacher ``i``'s class statistics (:func:`client_class_stats`) →
     ``out/class_stats_{i}.safetensors``; returns the seconds it took."""
     t0 = time.perf_counter()
-    idx = torch.as_tensor(client.train + client.val, dtype=torch.long)
-    stats = compute_class_stats(
-        model,
-        data.train_x[idx],
-        data.train_y[idx],
-        norm,
-        data.info.num_classes,
-        device,
-        features=upload.features,
-    )
+    stats = client_class_stats(model, data, client, norm, device, upload.features)
     save_class_stats(stats, out / STATS_FILE.format(i))
     return time.perf_counter() - t0
 

@@ -408,21 +408,25 @@ def revisit(
 ) -> FitResult | None:
     """Revisit (client): a few epochs of cross-entropy on the party's private data (joint labels).
 
-    No validation (a party has a handful of samples): the last weights are kept. ``epochs=0``
-    does nothing and returns None.
+    :func:`pretrain_public` without validation (a party has a handful of samples): the last
+    weights are kept. ``epochs=0`` does nothing and returns None.
     """
     if epochs < 1:
         return None
-    cfg = adam_config(epochs, batch_size, lr, crop_padding=crop_padding)
-    return _seeded_fit(
+    return pretrain_public(
         model,
         private_x,
         private_y,
-        (None, None),
-        cfg,
+        None,
+        None,
         normalizer,
-        with_head_l2(None, model, head_l2),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        patience=None,
+        crop_padding=crop_padding,
         hflip=hflip,
+        head_l2=head_l2,
         device=device,
         seed=seed,
         desc=desc,
@@ -450,7 +454,8 @@ def pretrain_public(
     desc: str = "public",
     progress: bool = False,
 ) -> FitResult:
-    """Transfer learning, step 1: fit the labelled public data; keep the best on validation."""
+    """Transfer learning, step 1: fit the labelled public data; keep the best on validation
+    (with ``val_x=None`` the last weights; :func:`revisit` is that on private data)."""
     cfg = adam_config(epochs, batch_size, lr, patience=patience, crop_padding=crop_padding)
     return _seeded_fit(
         model,

@@ -270,18 +270,7 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
     name = scfg.model or ctx.spec.model
     kwargs = dict(scfg.model_kwargs) if scfg.model else dict(ctx.spec.model_kwargs)
     ckpt_path = checkpoint_dir(run_dir) / "student.safetensors"
-    fp = _fingerprint(
-        {
-            "student": _without_checkpoint_every(cfg.student),
-            "synthesis": _without_checkpoint_every(cfg.synthesis),
-            "initial": (
-                tensors_digest(load_tensors(out / "initial.pt", "initial synthetic batches"))
-                if scfg.initial_batches > 0
-                else None
-            ),
-            **_inputs_digest(cfg, ctx),
-        }
-    )
+    fp = _student_fingerprint(cfg, scfg, ctx, out)
     if cfg.force:
         remove_file(ckpt_path)
     else:
@@ -293,40 +282,11 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
                 " force=true to redo"
             )
             return done
-    if scfg.initial_batches > 0:
-        pool = SyntheticPool.from_state(
-            load_tensors(out / "initial.pt", "initial synthetic batches"),
-            ctx.image_shape,
-            info.num_classes,
-        )
-    else:
-        pool = SyntheticPool()
-    seed_everything(cfg.seed + 1)
-    student = build_model(name, info.num_classes, info.channels, info.image_size, **kwargs)
-    if scfg.init == "fedavg":
-        if name != ctx.spec.model or kwargs != dict(ctx.spec.model_kwargs):
-            raise FedDistillError(
-                f"student.init=fedavg needs the teachers' architecture ({ctx.spec.model}), but"
-                f" the student is {name}; use student.init=random"
-            )
-        student.load_state_dict(fedavg_model(ctx).state_dict())
+    pool = _initial_pool(scfg, ctx, out)
+    student = _new_student(cfg, scfg, ctx, name, kwargs)
     # A different stream from generate-initial, so new batches are not copies of initial ones.
     synth = _synthesizer(cfg, ctx, seed=cfg.seed + 7919)
-    val_idx = torch.as_tensor([i for c in ctx.split.clients for i in c.val], dtype=torch.long)
-    val_idx = val_idx[
-        torch.randperm(len(val_idx), generator=torch.Generator().manual_seed(0))[:MAX_VAL]
-    ]
-    server = None
-    if scfg.server_data:
-        idx = [i for c in ctx.split.clients[ctx.split.num_teachers :] for i in c.train + c.val]
-        if not idx:
-            raise FedDistillError(
-                "student.server_data=true but the split has no server clients;"
-                " split again with split.server_clients=1"
-            )
-        t = torch.as_tensor(idx, dtype=torch.long)
-        server = (ctx.data.train_x[t], ctx.data.train_y[t])
-        print(f"server holds {len(idx)} real images of its own")
+    val = _validation_sample(ctx)
     res = distill(
         student,
         ctx.teachers,
@@ -338,8 +298,8 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
         device=ctx.device,
         seed=cfg.seed,
         test=(ctx.data.test_x, ctx.data.test_y),
-        val=(ctx.data.train_x[val_idx], ctx.data.train_y[val_idx]),
-        server_data=server,
+        val=val,
+        server_data=_server_data(scfg, ctx),
         num_classes=info.num_classes,
         shares=class_shares(ctx.class_counts),
         progress=cfg.progress,
@@ -347,6 +307,98 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
         checkpoint_every=scfg.checkpoint_every,
         checkpoint_meta={"fingerprint": fp},
     )
+    _save_student(out, student, pool, res, name, kwargs, fp)
+    remove_file(ckpt_path)
+    acc = res.metrics["test_acc"][-1]
+    print(
+        f"student ({name}): test accuracy {acc:.4f} after {scfg.epochs} epochs on {len(pool)} synthetic images"
+    )
+    return {"student": student, "result": res, "pool": pool}
+
+
+def _student_fingerprint(
+    cfg: DictConfig, scfg: StudentConfig, ctx: ServerContext, out: Path
+) -> str:
+    """What the student depends on: its and the synthesis settings (not how often they are
+    checkpointed), the initial batches by content, the split and the teachers."""
+    return _fingerprint(
+        {
+            "student": _without_checkpoint_every(cfg.student),
+            "synthesis": _without_checkpoint_every(cfg.synthesis),
+            "initial": (
+                tensors_digest(load_tensors(out / "initial.pt", "initial synthetic batches"))
+                if scfg.initial_batches > 0
+                else None
+            ),
+            **_inputs_digest(cfg, ctx),
+        }
+    )
+
+
+def _initial_pool(scfg: StudentConfig, ctx: ServerContext, out: Path) -> SyntheticPool:
+    """The pool the student starts from: generate-initial's batches, or none."""
+    if scfg.initial_batches == 0:
+        return SyntheticPool()
+    return SyntheticPool.from_state(
+        load_tensors(out / "initial.pt", "initial synthetic batches"),
+        ctx.image_shape,
+        ctx.data.info.num_classes,
+    )
+
+
+def _new_student(
+    cfg: DictConfig, scfg: StudentConfig, ctx: ServerContext, name: str, kwargs: dict[str, Any]
+) -> nn.Module:
+    """The student before distillation: seeded random weights, or one-shot FedAvg's."""
+    info = ctx.data.info
+    seed_everything(cfg.seed + 1)
+    student = build_model(name, info.num_classes, info.channels, info.image_size, **kwargs)
+    if scfg.init == "fedavg":
+        if name != ctx.spec.model or kwargs != dict(ctx.spec.model_kwargs):
+            raise FedDistillError(
+                f"student.init=fedavg needs the teachers' architecture ({ctx.spec.model}), but"
+                f" the student is {name}; use student.init=random"
+            )
+        student.load_state_dict(fedavg_model(ctx).state_dict())
+    return student
+
+
+def _validation_sample(ctx: ServerContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``MAX_VAL`` of the clients' validation images (a fixed draw), for the diagnostic
+    validation accuracy per student epoch."""
+    val_idx = torch.as_tensor([i for c in ctx.split.clients for i in c.val], dtype=torch.long)
+    val_idx = val_idx[
+        torch.randperm(len(val_idx), generator=torch.Generator().manual_seed(0))[:MAX_VAL]
+    ]
+    return ctx.data.train_x[val_idx], ctx.data.train_y[val_idx]
+
+
+def _server_data(
+    scfg: StudentConfig, ctx: ServerContext
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The server clients' real images (``student.server_data``), else None."""
+    if not scfg.server_data:
+        return None
+    idx = [i for c in ctx.split.clients[ctx.split.num_teachers :] for i in c.train + c.val]
+    if not idx:
+        raise FedDistillError(
+            "student.server_data=true but the split has no server clients;"
+            " split again with split.server_clients=1"
+        )
+    t = torch.as_tensor(idx, dtype=torch.long)
+    print(f"server holds {len(idx)} real images of its own")
+    return ctx.data.train_x[t], ctx.data.train_y[t]
+
+
+def _save_student(
+    out: Path,
+    student: nn.Module,
+    pool: SyntheticPool,
+    res: StudentResult,
+    name: str,
+    kwargs: dict[str, Any],
+    fp: str,
+) -> None:
     save_weights(student, out / "student.safetensors", metadata={"model": name})
     save_tensors(pool.state(), out / "dataset.pt")
     for t, d in res.di_metrics.items():
@@ -363,12 +415,6 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
         },
         out / "metrics.json",
     )
-    remove_file(ckpt_path)
-    acc = res.metrics["test_acc"][-1]
-    print(
-        f"student ({name}): test accuracy {acc:.4f} after {scfg.epochs} epochs on {len(pool)} synthetic images"
-    )
-    return {"student": student, "result": res, "pool": pool}
 
 
 def _finished_student(

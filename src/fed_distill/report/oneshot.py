@@ -161,18 +161,27 @@ def _read_teachers(o: OneshotRun) -> None:
     o.n_teachers = (spec or {}).get("num_teachers") or (o.split.num_teachers if o.split else 0)
     for i in range(o.n_teachers):
         p = tdir / f"metrics_teacher_{i}.json"
-        m = _read_json(p, f"teacher {i} metrics")
+        m = _read_object(p, f"teacher {i} metrics", ("train_loss", "train_acc", "val_acc"))
         if m is None:
             continue
-        _check(isinstance(m, dict), p, "must hold a JSON object")
-        for k in ("train_loss", "train_acc", "val_acc"):
-            if k in m:
-                _check_num_list(m[k], p, k)
         for k in ("test_acc", "local_test_acc", "best_val_acc"):
             _check_acc(m.get(k), p, k)
         for k in ("train_time_s", "best_epoch"):
             _check(m.get(k) is None or _is_num(m[k]), p, f"'{k}' must be a number")
         o.tmetrics[i] = m
+
+
+def _read_object(path: Path, what: str, lists: tuple[str, ...]) -> dict[str, Any] | None:
+    """A JSON object (None where the file is absent), its number lists ``lists`` checked where
+    present."""
+    d = _read_json(path, what)
+    if d is None:
+        return None
+    _check(isinstance(d, dict), path, "must hold a JSON object")
+    for k in lists:
+        if k in d:
+            _check_num_list(d[k], path, k)
+    return d
 
 
 def _read_student_metrics(sdir: Path) -> dict[str, Any] | None:
@@ -234,14 +243,9 @@ def _read_pool(o: OneshotRun) -> None:
 def _read_di(o: OneshotRun) -> None:
     for i in range(o.n_teachers):
         p = o.sdir / f"di_metrics_teacher_{i}.json"
-        d = _read_json(p, f"synthesis metrics of teacher {i}")
-        if d is None:
-            continue
-        _check(isinstance(d, dict), p, "must hold a JSON object")
-        for k in ("teacher_acc", "student_acc", "seconds"):
-            if k in d:
-                _check_num_list(d[k], p, k)
-        if d.get("teacher_acc"):
+        lists = ("teacher_acc", "student_acc", "seconds")
+        d = _read_object(p, f"synthesis metrics of teacher {i}", lists)
+        if d is not None and d.get("teacher_acc"):
             o.di[i] = d
 
 

@@ -167,6 +167,18 @@ def align_optimizer_state(opt: torch.optim.Optimizer) -> None:
                     opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
+def optimizer_state(opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+    """The optimiser's and the schedule's part of a checkpoint."""
+    return {"optimizer": opt.state_dict(), "schedule": sched.state_dict()}
+
+
+def load_optimizer_state(ckpt: Mapping[str, Any], opt: torch.optim.Optimizer, sched: Any) -> None:
+    """Undo :func:`optimizer_state` (the optimiser's state moved to its parameters' device)."""
+    opt.load_state_dict(ckpt["optimizer"])
+    align_optimizer_state(opt)
+    sched.load_state_dict(ckpt["schedule"])
+
+
 def load_resumable(
     path: str | Path | None, meta: Mapping[str, Any], what: str
 ) -> dict[str, Any] | None:
@@ -383,8 +395,7 @@ class _FitLoop:
         """The loop's part of a checkpoint."""
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "schedule": self.sched.state_dict(),
+            **optimizer_state(self.opt, self.sched),
             "scaler": self.scaler.state_dict(),
             "generator": self.gen.get_state(),
             "rng": rng_state(self.device),
@@ -392,9 +403,7 @@ class _FitLoop:
 
     def load(self, ckpt: Mapping[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        align_optimizer_state(self.opt)
-        self.sched.load_state_dict(ckpt["schedule"])
+        load_optimizer_state(ckpt, self.opt, self.sched)
         if ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.gen.set_state(ckpt["generator"])

@@ -28,9 +28,10 @@ from fed_distill.ensemble import ensemble_probs
 from fed_distill.errors import ConfigError, FedDistillError
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
 from fed_distill.train.fit import (
-    align_optimizer_state,
     evaluate,
+    load_optimizer_state,
     load_resumable,
+    optimizer_state,
     preferred_format,
     rng_state,
     set_rng_state,
@@ -228,8 +229,7 @@ class _Loop:
         """The loop's part of a checkpoint."""
         return {
             "student": self.student.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "schedule": self.sched.state_dict(),
+            **optimizer_state(self.opt, self.sched),
             "generator": self.gen.get_state(),
             "fresh_generator": self.fresh_gen.get_state(),
             "rng": rng_state(self.device),
@@ -237,9 +237,7 @@ class _Loop:
 
     def load(self, ckpt: Mapping[str, Any]) -> None:
         self.student.load_state_dict(ckpt["student"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        align_optimizer_state(self.opt)
-        self.sched.load_state_dict(ckpt["schedule"])
+        load_optimizer_state(ckpt, self.opt, self.sched)
         self.gen.set_state(ckpt["generator"])
         if "fresh_generator" in ckpt:  # absent from checkpoints of earlier versions
             self.fresh_gen.set_state(ckpt["fresh_generator"])

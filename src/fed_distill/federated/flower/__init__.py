@@ -2,8 +2,9 @@
 
 * :mod:`.client_app` -- the ``ClientApp``: one party/client, its private data and its model in
   the node's state; answers the server's messages with the protocol steps of ``federated/``.
-* :mod:`.server_app` -- the ``ServerApp``: drives one-shot FL or FedMD through Flower messages,
-  validates every reply on arrival and leaves faulty clients out with a logged reason.
+* :mod:`.server_app` -- the ``ServerApp``: drives one-shot FL or FedMD (:mod:`.server_fedmd`)
+  through Flower messages (:mod:`.exchange`), validates every reply on arrival and leaves faulty
+  clients out with a logged reason.
 * :mod:`.runner` -- ``fed-distill flower oneshot|fedmd``: Flower's simulation engine, or real
   processes (a SuperLink and N SuperNodes).
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -165,25 +166,45 @@ def fedmd_setup(msg: Message, context: Context) -> Message:
     return _reply(msg, {"test_logits": tr["test_logits"]}, **out)
 
 
+@dataclass
+class _RoundStep:
+    """What a round's message handler starts from: the message's config (its thread count set),
+    the party (checked against this node), the run's config, FedMD options, data and device,
+    the message's arrays and the party's model from this node's state."""
+
+    conf: Any
+    party: int
+    cfg: Any
+    c: Any
+    data: Any
+    device: torch.device
+    arrays: dict[str, torch.Tensor]
+    model: torch.nn.Module
+
+    @classmethod
+    def of(cls, msg: Message, context: Context) -> _RoundStep:
+        conf = msg.content["config"]
+        _threads(conf)
+        party = _check_party(msg, context)
+        cfg, c, data, _, device = _fedmd(str(context.state["run"]["cfg"]))
+        arrays = from_record(msg.content["arrays"])
+        return cls(conf, party, cfg, c, data, device, arrays, _party_model(context, party))
+
+
 @app.query("fedmd_scores")
 def fedmd_scores(msg: Message, context: Context) -> Message:
     """Communicate: class scores of the party's model on the public samples the server names."""
     from fed_distill.federated.fedmd import class_scores
 
-    conf = msg.content["config"]
-    _threads(conf)
-    party = _check_party(msg, context)
-    _, c, data, _, device = _fedmd(str(context.state["run"]["cfg"]))
-    idx = from_record(msg.content["arrays"])["idx"]
-    m = _party_model(context, party)
+    r = _RoundStep.of(msg, context)
     scores = {
         "scores": class_scores(
-            m,
-            data.public_x[idx],
-            data.public_norm,
-            kind=c.scores,
-            temperature=c.temperature,
-            device=device,
+            r.model,
+            r.data.public_x[r.arrays["idx"]],
+            r.data.public_norm,
+            kind=r.c.scores,
+            temperature=r.c.temperature,
+            device=r.device,
         )
     }
     kind, sleep_s = _fault(msg)
@@ -197,24 +218,20 @@ def fedmd_round(msg: Message, context: Context) -> Message:
     """Digest the consensus on the round's public subset, revisit the private data, evaluate."""
     from fed_distill.federated.fedmd import local_round
 
-    conf = msg.content["config"]
-    _threads(conf)
-    party = _check_party(msg, context)
-    cfg, c, data, _, device = _fedmd(str(context.state["run"]["cfg"]))
-    arrays = from_record(msg.content["arrays"])
-    m = _party_model(context, party)
+    r = _RoundStep.of(msg, context)
+    data = r.data
     logits, times = local_round(
-        m,
+        r.model,
         data,
-        party,
-        c,
-        data.public_x[arrays["idx"]],
-        arrays["consensus"],
-        int(conf["round"]),
-        device=device,
-        seed=int(cfg.seed),
+        r.party,
+        r.c,
+        data.public_x[r.arrays["idx"]],
+        r.arrays["consensus"],
+        int(r.conf["round"]),
+        device=r.device,
+        seed=int(r.cfg.seed),
     )
-    context.state["model"] = to_record(m.state_dict())
+    context.state["model"] = to_record(r.model.state_dict())
     from fed_distill.federated.fedmd import restricted_accuracy
 
     acc = restricted_accuracy(logits, data.test_y, data.offset, data.num_private)
@@ -228,12 +245,11 @@ def fedmd_round(msg: Message, context: Context) -> Message:
 def oneshot_teacher(msg: Message, context: Context) -> Message:
     """Train this client's teacher once from the server's initial weights on its partition,
     and upload the weights with the training metrics."""
-    from fed_distill.class_stats import compute_class_stats
     from fed_distill.config import DatasetConfig, as_object
     from fed_distill.data.partition import ClientSplit
     from fed_distill.data.transforms import Normalizer
     from fed_distill.models import build_model
-    from fed_distill.pipeline import load_data, train_teacher
+    from fed_distill.pipeline import client_class_stats, load_data, train_teacher
     from fed_distill.train.fit import TrainConfig
     from fed_distill.utils import resolve_device
 
@@ -282,16 +298,9 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
     if upload.get("class_stats", True):
         # per-class BN input statistics on the client's labelled images (class_stats.py)
         t0 = time.perf_counter()
-        tr = torch.as_tensor(part.train + part.val, dtype=torch.long)
-        stats = compute_class_stats(
-            model,
-            data.train_x[tr],
-            data.train_y[tr],
-            Normalizer(info.mean, info.std),
-            info.num_classes,
-            device,
-            features=bool(upload.get("features", False)),
-        )
+        norm = Normalizer(info.mean, info.std)
+        features = bool(upload.get("features", False))
+        stats = client_class_stats(model, data, part, norm, device, features)
         metrics["class_stats_s"] = time.perf_counter() - t0
         weights.update({f"{CLASS_STATS_PREFIX}{k}": v for k, v in stats.items()})
     kind, sleep_s = _fault(msg)
