@@ -159,7 +159,7 @@ def test_oneshot_end_to_end_on_digits(cli, tmp_path):
     m = json.loads((s / "metrics.json").read_text())
     assert len(m["test_acc"]) == 3 and all(k in m for k in ["loss", "train_acc", "val_acc"])
     ds = torch.load(s / "dataset.pt", weights_only=True)
-    assert ds["images"].shape[0] == 64 * (2 + 3)  # 2 initial + 1 new per epoch
+    assert ds["images"].shape[0] == 64 * (2 + 2 * 3)  # 2 initial + 2 new per epoch (student=long)
     assert "student" in out and "ensemble" in out
 
 

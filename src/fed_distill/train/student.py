@@ -259,7 +259,8 @@ def _optimizer(
         )
     else:
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * (cfg.new_batches_per_epoch + cfg.steps_per_epoch)
+    # at least 1: a student that takes no step (e.g. only evaluated from student.init=fedavg)
+    total_steps = max(1, cfg.epochs * (cfg.new_batches_per_epoch + cfg.steps_per_epoch))
     if cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
