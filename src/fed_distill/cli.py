@@ -6,11 +6,13 @@ starting with ``error:`` and exit with status 1; nothing earlier in ``run_dir`` 
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import time
 from collections.abc import Callable
+
+# The stages and the functions behind them live in the Python API (fed_distill.api).
+from fed_distill.api import STAGES
 
 USAGE = """usage: fed-distill STAGE [key=value ...] [--cfg] [--multirun]
        fed-distill data info|fetch NAME [data_dir=DIR]
@@ -29,34 +31,6 @@ Examples:
   fed-distill split --multirun seed=1,2,3 'run_dir=runs/s${{seed}}'
 """
 
-# stage name -> ("module:function", one-line help). Later protocols add their stages here.
-STAGES: dict[str, tuple[str, str]] = {
-    "split": (
-        "fed_distill.pipeline:run_split",
-        "partition a dataset among clients -> run_dir/split.json",
-    ),
-    "train-teachers": (
-        "fed_distill.pipeline:run_train_teachers",
-        "train one teacher per client of run_dir/split.json -> run_dir/teachers/",
-    ),
-    "generate-initial": (
-        "fed_distill.federated.oneshot:run_generate_initial",
-        "synthesise the initial (non-adaptive) batches from the teachers -> run_dir/student/initial.pt",
-    ),
-    "train-student": (
-        "fed_distill.federated.oneshot:run_train_student",
-        "distil the teachers into a student on a growing synthetic dataset -> run_dir/student/",
-    ),
-    "oneshot": (
-        "fed_distill.federated.oneshot:run_oneshot",
-        "the whole one-shot pipeline with baselines -> run_dir/results.json",
-    ),
-    "fedmd": (
-        "fed_distill.federated.fedmd_run:run_fedmd",
-        "FedMD: heterogeneous parties distil through class scores on public data -> run_dir/results.json",
-    ),
-}
-
 
 def _usage() -> str:
     width = max(len(s) for s in STAGES)
@@ -73,36 +47,19 @@ def _usage() -> str:
 
 
 def _stage_fn(stage: str) -> Callable:
-    target, _ = STAGES[stage]
-    module, fn = target.split(":")
-    return getattr(importlib.import_module(module), fn)
+    from fed_distill.api import stage_function
 
-
-def _prepare(cfg, overrides: list[str]):
-    """Mark which groups the user chose explicitly (stages that read an earlier split need it)."""
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        cfg._explicit_dataset = any(
-            o.split("=", 1)[0].lstrip("+~") in ("dataset", "dataset.name") for o in overrides
-        )
-    return cfg
+    return stage_function(stage)
 
 
 def run_stage(stage: str, overrides: list[str]) -> None:
-    """Compose the config and run one stage in this process."""
-    from fed_distill.config import compose_config
-    from fed_distill.utils import configure_threads
-    from fed_distill.validate import validate_config
-
-    cfg = compose_config(overrides)
-    validate_config(stage, cfg)  # every group the stage reads, and run_dir, before any work
-    configure_threads()
-    if not cfg.progress:
-        os.environ["FED_DISTILL_NO_PROGRESS"] = "1"
-    _stage_fn(stage)(_prepare(cfg, overrides))
+    """Compose the config and run one stage in this process (``fed_distill.run`` without the
+    return value), then print the stage's summary."""
+    from fed_distill.api import compose, execute
     from fed_distill.report import stage_summary
 
+    cfg = compose(stage, overrides)
+    execute(stage, cfg)
     summary = stage_summary(stage, cfg.run_dir)
     if summary:
         print(summary)
@@ -114,13 +71,11 @@ def _multirun(stage: str, overrides: list[str]) -> int:
     and the exit status is 1 if any job failed."""
     import hydra
 
+    from fed_distill.api import execute, mark_explicit
     from fed_distill.config import register_configs
     from fed_distill.errors import FedDistillError
-    from fed_distill.utils import configure_threads
-    from fed_distill.validate import validate_config
 
     register_configs()
-    fn = _stage_fn(stage)
     failed: list[str] = []
     swept = _check_sweep(overrides)
 
@@ -131,9 +86,7 @@ def _multirun(stage: str, overrides: list[str]) -> int:
         job_overrides = list(HydraConfig.get().overrides.task)
         label = _job_label(job_overrides, swept)
         try:
-            validate_config(stage, cfg)
-            configure_threads()
-            fn(_prepare(cfg, job_overrides))
+            execute(stage, mark_explicit(cfg, job_overrides))
         except FedDistillError as e:
             print(f"error: job {label}: {e}", file=sys.stderr)
             failed.append(label)

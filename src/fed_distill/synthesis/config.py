@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from fed_distill.errors import ConfigError
 
 SYNTHESIS_METHODS = ("deepinversion", "generator", "fast", "public")
+# further synthesis.method names: synthesizers registered from outside the package
+# (register_synthesizer adds them), e.g. a researcher's subclass (docs/api.md)
+REGISTERED_METHODS: set[str] = set()
 META_UPDATES = ("maml", "reptile")
 ENSEMBLES = ("weighted", "probs", "logits")
 GENERATOR_TARGETS = ("ensemble", "cycling")
@@ -109,7 +112,8 @@ class SynthesisConfig:
             if value not in options:
                 raise bad(f"{key} must be one of {', '.join(options)}, got '{value}'")
 
-        one_of("method", self.method, SYNTHESIS_METHODS)
+        extra = tuple(sorted(REGISTERED_METHODS - set(SYNTHESIS_METHODS)))
+        one_of("method", self.method, SYNTHESIS_METHODS + extra)
         one_of("mode", self.mode, SYNTHESIS_MODES)
         one_of("label_mode", self.label_mode, LABEL_MODES)
         one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)

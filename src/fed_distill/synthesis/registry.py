@@ -23,7 +23,7 @@ from torch import nn
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError
 from fed_distill.synthesis.base import Synthesizer
-from fed_distill.synthesis.config import SynthesisConfig
+from fed_distill.synthesis.config import REGISTERED_METHODS, SynthesisConfig
 
 # name -> (class, keyword arguments fixed for that name)
 _REGISTRY: dict[str, tuple[type[Synthesizer], dict[str, Any]]] = {}
@@ -36,12 +36,19 @@ def register_synthesizer(
     keyword arguments ``fixed`` besides the ones ``build_synthesizer`` offers."""
 
     def decorator(cls: type[Synthesizer]) -> type[Synthesizer]:
-        if name in _REGISTRY:
+        old = _REGISTRY.get(name)
+        # the same class defined again (a re-run notebook cell) replaces itself
+        if old is not None and _qualname(old[0]) != _qualname(cls):
             raise ConfigError(f"synthesizer name {name!r} is already registered")
         _REGISTRY[name] = (cls, fixed)
+        REGISTERED_METHODS.add(name)  # a valid synthesis.method from now on
         return cls
 
     return decorator
+
+
+def _qualname(cls: type) -> tuple[str, str]:
+    return cls.__module__, cls.__qualname__
 
 
 def list_synthesizers() -> list[str]:
