@@ -79,6 +79,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda[:N]
     progress: bool = True  # progress bars
     force: bool = False  # redo a finished stage
+    logger: str = "none"  # none | tensorboard (live curves under run_dir/tb/)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

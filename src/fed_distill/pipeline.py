@@ -37,6 +37,7 @@ from fed_distill.data.sources import Dataset, DatasetInfo, load_dataset
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import FedDistillError, SplitError
 from fed_distill.models import build_model
+from fed_distill.tracking import epoch_logger, log_scalars
 from fed_distill.train.fit import TrainConfig, evaluate, fit
 from fed_distill.utils import fork_seeded, resolve_device, seed_everything
 
@@ -230,6 +231,7 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
             device=device,
             seed=cfg.seed * 1000 + i,
             desc=f"teacher {i + 1}/{split.num_teachers}",
+            log_as=f"teacher_{i}",
             progress=cfg.progress,
             checkpoint_path=ckpt,
             checkpoint_meta={"fingerprint": fp, "teacher": i},
@@ -427,6 +429,7 @@ def train_teacher(
     device: torch.device | str,
     seed: int,
     desc: str = "teacher",
+    log_as: str | None = None,
     progress: bool = False,
     checkpoint_path: str | Path | None = None,
     checkpoint_meta: dict[str, Any] | None = None,
@@ -440,6 +443,7 @@ def train_teacher(
         torch.as_tensor(v, dtype=torch.long) for v in (client.train, client.val, client.test)
     )
     t0 = time.perf_counter()
+    log = epoch_logger(log_as) if log_as else None  # logger=tensorboard: a curve per epoch
     with fork_seeded(seed, device):
         res = fit(
             model,
@@ -457,8 +461,9 @@ def train_teacher(
             checkpoint_path=checkpoint_path,
             checkpoint_every=tcfg.checkpoint_every,
             checkpoint_meta=checkpoint_meta,
+            on_epoch=log,
         )
-    return {
+    metrics = {
         **res.history,
         "best_epoch": res.best_epoch,
         "best_val_acc": res.best_val_acc,
@@ -468,6 +473,10 @@ def train_teacher(
         "train_class_counts": client.train_class_counts,
         "train_time_s": time.perf_counter() - t0,
     }
+    if log_as:  # the kept checkpoint's accuracies, at its epoch
+        kept = {k: metrics[k] for k in ("local_test_acc", "test_acc")}
+        log_scalars(log_as, kept, res.best_epoch + 1)
+    return metrics
 
 
 def load_teachers(

@@ -34,10 +34,12 @@ STAGE_GROUPS: dict[str, tuple[str, ...]] = {
 def validate_config(stage: str, cfg: DictConfig) -> None:
     """Raise one ConfigError line if ``cfg`` cannot run ``stage``; creates ``run_dir`` if needed
     (every stage would) but writes nothing in it."""
+    from fed_distill.tracking import check_logger
     from fed_distill.utils import resolve_device
 
     groups = STAGE_GROUPS.get(stage, ())
     resolve_device(str(cfg.device))
+    check_logger(str(cfg.get("logger", "none")))
     info = _dataset_info(cfg, stage) if {"dataset", "model"} & set(groups) else None
     if "split" in groups:
         check_split_config(cfg.split, info.num_classes if info is not None else None)

@@ -39,6 +39,7 @@ from fed_distill.federated.fedmd import (
 )
 from fed_distill.federated.fedmd_data import FedMDData, build_fedmd_data
 from fed_distill.federated.fedmd_results import plot_fedmd, summary_table
+from fed_distill.tracking import log_scalars
 
 
 @dataclass
@@ -281,6 +282,18 @@ def one_round(run: FedMDRun, st: RunState, r: int) -> list[dict[str, Any]]:
     return left_out
 
 
+def _log_round(st: RunState, r: int) -> float:
+    """Round ``r``'s accuracies to the logger (logger=tensorboard); returns their mean."""
+    mean_now = float(np.mean([a[-1] for a in st.party_acc]))
+    row = {"mean_acc": mean_now, "round_s": st.round_times[-1] if r > 0 else None}
+    if st.ensemble:
+        row["ensemble_acc"] = st.ensemble[-1]
+    log_scalars("fedmd", row, r)
+    for i, acc in enumerate(st.party_acc):
+        log_scalars(f"party_{i}", {"private_acc": acc[-1]}, r)
+    return mean_now
+
+
 def rounds_phase(run: FedMDRun, st: RunState, alone: list[float]) -> None:
     """The collaboration rounds still to run, with a checkpoint every ``checkpoint_every``."""
     from fed_distill.utils import progress_bar
@@ -288,6 +301,8 @@ def rounds_phase(run: FedMDRun, st: RunState, alone: list[float]) -> None:
     c, every = run.c, run.c.checkpoint_every
     if not st.party_acc:
         st.party_acc = [[a] for a in alone]
+    if st.done["rounds"] == 0:
+        _log_round(st, 0)
     bar = progress_bar(
         range(st.done["rounds"] + 1, c.rounds + 1), desc="fedmd rounds", enabled=run.show
     )
@@ -295,7 +310,7 @@ def rounds_phase(run: FedMDRun, st: RunState, alone: list[float]) -> None:
         t_round = time.perf_counter()
         left_out = one_round(run, st, r)
         st.round_times.append(time.perf_counter() - t_round)
-        mean_now = float(np.mean([a[-1] for a in st.party_acc]))
+        mean_now = _log_round(st, r)
         bar.set_postfix(mean_acc=f"{mean_now:.4f}")
         if not run.show:
             print(

@@ -51,6 +51,7 @@ from fed_distill.pipeline import (
 )
 from fed_distill.synthesis import build_synthesizer
 from fed_distill.synthesis.config import SynthesisConfig
+from fed_distill.tracking import epoch_logger, log_scalars
 from fed_distill.train.fit import evaluate, load_resumable
 from fed_distill.train.student import StudentResult, SyntheticPool, distill
 from fed_distill.train.student_config import StudentConfig
@@ -214,8 +215,10 @@ def run_generate_initial(cfg: DictConfig) -> SyntheticPool:
     ):
         t0 = time.perf_counter()
         batch = synth.synthesize(None)
-        seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        seconds += dt
         pool.append(batch)
+        log_scalars("synthesis", _batch_scalars(batch, dt), len(pool.labels))
         print(
             f"initial batch {len(pool.labels)}/{scfg.initial_batches}: teachers {batch.teacher_ids}, "
             f"teacher accuracy on it {batch.stats.get('teacher_acc', float('nan')):.3f}, "
@@ -247,6 +250,10 @@ def run_generate_initial(cfg: DictConfig) -> SyntheticPool:
     remove_file(ckpt_path)
     print(f"{len(pool)} initial synthetic images in {seconds:.1f}s -> {out / 'initial.pt'}")
     return pool
+
+
+def _batch_scalars(batch: Any, seconds: float) -> dict[str, float]:
+    return {"initial_batch_s": seconds, "initial_teacher_acc": batch.stats.get("teacher_acc")}
 
 
 def run_train_student(cfg: DictConfig) -> dict[str, Any]:
@@ -303,6 +310,7 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
         num_classes=info.num_classes,
         shares=class_shares(ctx.class_counts),
         progress=cfg.progress,
+        on_epoch=epoch_logger("student"),  # logger=tensorboard: a curve per epoch
         checkpoint_path=ckpt_path,
         checkpoint_every=scfg.checkpoint_every,
         checkpoint_meta={"fingerprint": fp},
