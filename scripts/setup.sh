@@ -11,11 +11,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.fed-distill-installed"
-want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+# reinstall when the package's requirements or the tested versions change
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python" -c "import fed_distill" 2>/dev/null; then
   echo "setup: installing fed-distill and its dependencies into $VENV"
-  # torch==2.13.0 is pinned: pip takes the CPU build, never the multi-GB CUDA one.
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[dev]"
+  # constraints.txt: the exact versions tested here (torch is its CPU build, never the
+  # multi-GB CUDA one); pyproject.toml itself only gives ranges.
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
   echo "$want" > "$stamp"
 fi
 
