@@ -77,7 +77,8 @@ def test_list_and_info():
     names = list_datasets()
     assert names == sorted(names)
     expected = {"fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "emnist_letters"}
-    assert expected | {"digits", "mnist5k"} >= set(names) >= expected | {"digits"}
+    user = {"npz", "folder"}  # a user's own data (tests/test_user_data.py)
+    assert expected | user | {"digits", "mnist5k"} >= set(names) >= expected | user | {"digits"}
     assert dataset_info("cifar10").num_classes == 10 and dataset_info("cifar10").hflip
     assert dataset_info("svhn").hflip is False
     assert dataset_info("cifar100").num_classes == 100

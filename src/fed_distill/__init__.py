@@ -28,6 +28,7 @@ _PUBLIC = {
     "DatasetInfo": "fed_distill.data",
     "load_dataset": "fed_distill.data",
     "list_datasets": "fed_distill.data",
+    "register_dataset": "fed_distill.data",
     "make_split": "fed_distill.data.partition",
     "Normalizer": "fed_distill.data.transforms",
     "build_model": "fed_distill.models",

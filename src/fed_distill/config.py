@@ -32,7 +32,8 @@ class DatasetConfig:
     name: str = "fashion_mnist"
     data_dir: str | None = None
     download: bool = True
-    image_size: int | None = None  # digits only: upsample the 8x8 images to this size
+    image_size: int | None = None  # digits: upsample the 8x8 images; folder: resize to NxN
+    path: str | None = None  # dataset=npz: the .npz file; dataset=folder: the folder
     label: str = "fine"  # cifar100 only: fine | coarse
 
 
@@ -91,24 +92,28 @@ class Config:
     experiment: str | None = None  # name of the preset applied (set by experiment=NAME)
 
 
-_REGISTERED = False
+_STORED: set[tuple[str, str]] = set()
 
 
 def register_configs() -> None:
-    """Put the schema and the generated dataset/model options into Hydra's ConfigStore."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
+    """Put the schema and the generated dataset/model options into Hydra's ConfigStore; names
+    registered since the last call (``register_dataset`` / ``register_model`` from Python) are
+    added on the next one."""
     from fed_distill.data.sources import list_datasets
     from fed_distill.models import list_models
 
     cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    for name in list_datasets():
-        cs.store(group="dataset", name=name, node=DatasetConfig(name=name))
-    for name in list_models():
-        cs.store(group="model", name=name, node=ModelConfig(name=name))
-    _REGISTERED = True
+    if not _STORED:
+        cs.store(name="base_config", node=Config)
+        _STORED.add(("", "base_config"))
+    for group, names, node in (
+        ("dataset", list_datasets(), DatasetConfig),
+        ("model", list_models(), ModelConfig),
+    ):
+        for name in names:
+            if (group, name) not in _STORED:
+                cs.store(group=group, name=name, node=node(name=name))
+                _STORED.add((group, name))
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

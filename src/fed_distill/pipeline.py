@@ -33,7 +33,7 @@ from fed_distill.class_stats import (
 )
 from fed_distill.config import DatasetConfig, ModelConfig, UploadConfig, as_object, to_container
 from fed_distill.data.partition import Split, check_split, load_split, make_split, save_split
-from fed_distill.data.sources import Dataset, DatasetInfo, load_dataset
+from fed_distill.data.sources import Dataset, DatasetInfo, load_dataset, source_options
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import FedDistillError, SplitError
 from fed_distill.models import build_model
@@ -46,10 +46,13 @@ from fed_distill.utils import fork_seeded, resolve_device, seed_everything
 def dataset_options(ds: DatasetConfig) -> dict[str, Any]:
     """The options that change what a dataset *is* (recorded in split.json)."""
     opts: dict[str, Any] = {}
-    if ds.name == "digits" and ds.image_size:
+    accepted = source_options(ds.name)
+    if ds.image_size and "image_size" in accepted:
         opts["image_size"] = int(ds.image_size)
     if ds.name == "cifar100" and ds.label != "fine":
         opts["label"] = ds.label
+    if ds.path is not None:  # your own data; a built-in dataset rejects it with one line
+        opts["path"] = str(Path(ds.path).expanduser().resolve())
     return opts
 
 

@@ -10,6 +10,7 @@ from fed_distill.data.sources import (
     find_dataset_dir,
     list_datasets,
     load_dataset,
+    register_dataset,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "find_dataset_dir",
     "list_datasets",
     "load_dataset",
+    "register_dataset",
 ]

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fed_distill.data import bundled, formats
+from fed_distill.data import bundled, formats, user
 from fed_distill.data.dataset import DIGIT_NAMES, Dataset, DatasetInfo
 from fed_distill.data.download import ENV_VAR, Download, fetch_into
 from fed_distill.data.download import safe_extract_tar as safe_extract_tar  # re-exported
@@ -264,8 +264,18 @@ _SOURCES: dict[str, _Source] = {
             read=bundled.read_mnist5k,
             bundled=lambda: bundled.mnist5k_file().parent,
         ),
+        # a user's own images (data/user.py): dataset=npz|folder dataset.path=...
+        _Source("npz", user.npz_info, user.read_npz, {"path": None}, bundled=user.no_files),
+        _Source(
+            "folder",
+            user.folder_info,
+            user.read_folder,
+            {"path": None, "image_size": None},
+            bundled=user.no_files,
+        ),
     )
 }
+_BUILT_IN = frozenset(_SOURCES)
 
 
 def _source(name: str) -> _Source:
@@ -344,6 +354,43 @@ def _missing_error(src: _Source, data_dir: str | os.PathLike[str] | None) -> Dat
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`, sorted."""
     return sorted(_SOURCES)
+
+
+def source_options(name: str) -> tuple[str, ...]:
+    """The options ``name`` accepts (empty for an unknown name)."""
+    src = _SOURCES.get(name) if isinstance(name, str) else None
+    return tuple(src.options) if src is not None else ()
+
+
+def register_dataset(
+    name: str, path: str | os.PathLike[str], image_size: int | None = None
+) -> DatasetInfo:
+    """Your own images as ``dataset=NAME``: ``path`` is an .npz file or a folder with
+    ``train/`` and ``test/`` (formats in ``data/user.py``; ``image_size`` resizes a folder's
+    images). The data are read and checked now; returns their :class:`DatasetInfo`. Registering
+    a name again replaces it; the built-in names are taken."""
+    from functools import partial
+
+    if not isinstance(name, str) or not name.isidentifier() or name in _BUILT_IN:
+        raise DatasetError(
+            f"register_dataset: {name!r} is not a free dataset name; use an identifier other"
+            f" than {', '.join(sorted(_BUILT_IN))}"
+        )
+    kind = user.kind_of(path)
+    options: dict[str, Any] = {"path": str(Path(path).expanduser().resolve())}
+    if kind == "folder":
+        options["image_size"] = image_size
+    elif image_size is not None:
+        raise DatasetError("register_dataset: image_size applies to a folder, not an .npz file")
+    info, read = (
+        (user.npz_info, user.read_npz) if kind == "npz" else (user.folder_info, user.read_folder)
+    )
+    src = _Source(
+        name, partial(info, name=name), partial(read, name=name), options, bundled=user.no_files
+    )
+    info_now = src.info(options)  # read and checked before the name is taken
+    _SOURCES[name] = src
+    return info_now
 
 
 def dataset_info(name: str, **options: Any) -> DatasetInfo:
