@@ -133,3 +133,15 @@ def benchmark_module():
         return module
 
     return load
+
+
+@pytest.fixture
+def restore_datasets():
+    """Datasets a test registers (``register_dataset``) are gone after it: other tests list the
+    built-in ones."""
+    from fed_distill.data import sources
+
+    before = dict(sources._SOURCES)
+    yield
+    sources._SOURCES.clear()
+    sources._SOURCES.update(before)

@@ -88,11 +88,12 @@ def test_registered_synthesizer_is_a_valid_method_and_reregistering_the_same_cla
 def _doc_blocks() -> str:
     text = (ROOT / "docs" / "api.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) >= 3, "docs/api.md lost its example"
+    assert len(blocks) >= 4, "docs/api.md lost its example"
     return "\n".join(blocks)
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("restore_datasets")
 def test_docs_api_example_runs(tmp_path, monkeypatch, capsys):
     """The walk-through of docs/api.md, executed as written (in a fresh folder)."""
     monkeypatch.chdir(tmp_path)
@@ -101,5 +102,6 @@ def test_docs_api_example_runs(tmp_path, monkeypatch, capsys):
     assert re.search(r"student 0\.\d{3}, ensemble 0\.\d{3}", out)
     assert "error: split.num_clients must be >= 1, got 0" in out
     assert "torch.Size([8, 10])" in out
+    assert "10 1 8" in out  # the registered npz of "Your own data"
     results = json.loads((tmp_path / "runs/api_demo/results.json").read_text())
     assert results["config"]["synthesis"]["method"] == "noise"

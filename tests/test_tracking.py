@@ -85,15 +85,8 @@ def test_missing_tensorboard_is_one_line_before_any_work(cli, tmp_path, monkeypa
 @pytest.mark.slow
 def test_fedmd_logs_every_round(cli, tmp_path):
     pytest.importorskip("tensorboard")
-    code, _, err = cli(
-        "fedmd",
-        "fedmd=quick",
-        "fedmd.rounds=2",
-        "fedmd.parties=[fedmd_1,fedmd_6]",
-        "logger=tensorboard",
-        "progress=false",
-        f"run_dir={tmp_path}",
-    )
+    two_rounds = ["fedmd=quick", "fedmd.rounds=2", "fedmd.parties=[fedmd_1,fedmd_6]"]
+    code, _, err = cli("fedmd", *two_rounds, "logger=tensorboard", f"run_dir={tmp_path}")
     assert code == 0, err
     r = json.loads((tmp_path / "results.json").read_text())
     s = read_scalars(tmp_path)

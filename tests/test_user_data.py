@@ -215,18 +215,7 @@ def test_folder_oneshot_end_to_end_from_the_command_line(cli, tmp_path, digits):
 
 
 # ----------------------------------------------------------------------------- from Python
-@pytest.fixture
-def restore_registry():
-    """Datasets registered by a test are gone after it (other tests list the built-in ones)."""
-    from fed_distill.data import sources
-
-    before = dict(sources._SOURCES)
-    yield
-    sources._SOURCES.clear()
-    sources._SOURCES.update(before)
-
-
-@pytest.mark.usefixtures("restore_registry")
+@pytest.mark.usefixtures("restore_datasets")
 def test_register_dataset_makes_a_dataset_option(tmp_path, digits):
     import fed_distill
 
