@@ -222,36 +222,18 @@ def digest_loss(
 
 def _seeded_fit(
     model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    val: tuple[torch.Tensor | None, torch.Tensor | None],
+    xy: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor] | None,
     cfg: TrainConfig,
     normalizer: Normalizer,
-    loss_fn: Callable,
-    *,
-    hflip: bool = False,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    desc: str = "",
-    progress: bool = False,
+    loss_fn: Callable | None,
+    **kwargs: Any,
 ) -> FitResult:
-    """``fit`` under this step's own seed: every FedMD training step goes through here."""
-    with seeded(seed, device):
-        return fit(
-            model,
-            x,
-            y,
-            val[0],
-            val[1],
-            cfg,
-            normalizer,
-            hflip=hflip,
-            device=device,
-            seed=seed,
-            desc=desc,
-            progress=progress,
-            loss_fn=loss_fn,
-        )
+    """``fit`` under this step's own seed (``kwargs``: fit's ``device``, ``seed``, ``hflip``,
+    ``desc``; no progress bar unless asked): every FedMD training step goes through here."""
+    kwargs.setdefault("progress", False)
+    with seeded(kwargs["seed"], kwargs.get("device", "cpu")):
+        return fit(model, *xy, *(val or (None, None)), cfg, normalizer, loss_fn=loss_fn, **kwargs)
 
 
 def digest(
@@ -276,29 +258,23 @@ def digest(
     """
     cfg = adam_config(epochs, batch_size, lr)
     loss_fn = with_head_l2(digest_loss(loss, scores, temperature), model, head_l2)
+    xy = (public_x, consensus.float())
     return _seeded_fit(
-        model,
-        public_x,
-        consensus.float(),
-        (None, None),
-        cfg,
-        normalizer,
-        loss_fn,
-        device=device,
-        seed=seed,
-        desc="digest",
+        model, xy, None, cfg, normalizer, loss_fn, device=device, seed=seed, desc="digest"
     )
 
 
 def revisit(
     model: torch.nn.Module,
-    private_x: torch.Tensor,
-    private_y: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
     normalizer: Normalizer,
     *,
     epochs: int = 2,
     batch_size: int = 5,
     lr: float = 1e-3,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    patience: int | None = None,
     crop_padding: int = 0,
     hflip: bool = False,
     head_l2: float = 0.0,
@@ -307,71 +283,19 @@ def revisit(
     desc: str = "revisit",
     progress: bool = False,
 ) -> FitResult | None:
-    """Revisit (client): a few epochs of cross-entropy on the party's private data (joint labels).
+    """Revisit (client): a few epochs of cross-entropy (+ the head L2) on labelled data, joint
+    labels; without ``val`` the last weights are kept (a party has a handful of samples).
 
-    :func:`pretrain_public` without validation (a party has a handful of samples): the last
-    weights are kept. ``epochs=0`` does nothing and returns None.
+    Transfer learning's public step is this on the public data with ``val`` (its held-out part):
+    the weights with the best validation accuracy are kept, early stopping after ``patience``
+    epochs without progress. ``epochs=0`` does nothing and returns None.
     """
     if epochs < 1:
         return None
-    return pretrain_public(
-        model,
-        private_x,
-        private_y,
-        None,
-        None,
-        normalizer,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        patience=None,
-        crop_padding=crop_padding,
-        hflip=hflip,
-        head_l2=head_l2,
-        device=device,
-        seed=seed,
-        desc=desc,
-        progress=progress,
-    )
-
-
-def pretrain_public(
-    model: torch.nn.Module,
-    public_x: torch.Tensor,
-    public_y: torch.Tensor,
-    val_x: torch.Tensor | None,
-    val_y: torch.Tensor | None,
-    normalizer: Normalizer,
-    *,
-    epochs: int = 20,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    patience: int | None = 3,
-    crop_padding: int = 0,
-    hflip: bool = False,
-    head_l2: float = 0.0,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    desc: str = "public",
-    progress: bool = False,
-) -> FitResult:
-    """Transfer learning, step 1: fit the labelled public data; keep the best on validation
-    (with ``val_x=None`` the last weights; :func:`revisit` is that on private data)."""
     cfg = adam_config(epochs, batch_size, lr, patience=patience, crop_padding=crop_padding)
-    return _seeded_fit(
-        model,
-        public_x,
-        public_y,
-        (val_x, val_y),
-        cfg,
-        normalizer,
-        with_head_l2(None, model, head_l2),
-        hflip=hflip,
-        device=device,
-        seed=seed,
-        desc=desc,
-        progress=progress,
-    )
+    loss_fn = with_head_l2(None, model, head_l2)
+    kwargs = dict(hflip=hflip, device=device, seed=seed, desc=desc, progress=progress)
+    return _seeded_fit(model, (x, y), val, cfg, normalizer, loss_fn, **kwargs)
 
 
 def private_test_accuracy(
@@ -388,16 +312,14 @@ def revisit_private(
     data: FedMDData,
     c: FedMDConfig,
     xy: tuple[torch.Tensor, torch.Tensor],
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    device: torch.device | str,
-    seed: int,
-    desc: str = "revisit",
-    progress: bool = False,
+    schedule: tuple[int, int, float],
+    **kwargs: Any,
 ) -> FitResult | None:
-    """:func:`revisit` on private-task data ``xy`` with the run's head L2, crop and flip."""
+    """:func:`revisit` on private-task data ``xy`` for ``schedule`` = (epochs, batch size, lr),
+    with the run's head L2, crop and flip (``kwargs``: revisit's device, seed, desc, progress)."""
+    epochs, batch_size, lr = schedule
+    crop = c.crop_padding
+    hflip = bool(crop) and data.private_hflip
     return revisit(
         model,
         *xy,
@@ -406,12 +328,9 @@ def revisit_private(
         batch_size=batch_size,
         lr=lr,
         head_l2=c.head_l2,
-        crop_padding=c.crop_padding,
-        hflip=bool(c.crop_padding) and data.private_hflip,
-        device=device,
-        seed=seed,
-        desc=desc,
-        progress=progress,
+        crop_padding=crop,
+        hflip=hflip,
+        **kwargs,
     )
 
 
@@ -449,17 +368,9 @@ def local_round(
         seed=step_seed(seed, party, 10, round_),
     )
     t1 = time.perf_counter()
-    revisit_private(
-        model,
-        data,
-        c,
-        (data.private_x[party], data.private_y[party]),
-        epochs=c.revisit_epochs,
-        batch_size=c.revisit_batch_size,
-        lr=round_lr(c),
-        device=device,
-        seed=step_seed(seed, party, 11, round_),
-    )
+    schedule = (c.revisit_epochs, c.revisit_batch_size, round_lr(c))
+    seed_ = step_seed(seed, party, 11, round_)
+    revisit_private(model, data, c, data.party(party), schedule, device=device, seed=seed_)
     t2 = time.perf_counter()
     logits = predict_logits(model, data.test_x, data.private_norm, device)
     times = {"digest": t1 - t0, "revisit": t2 - t1, "evaluate": time.perf_counter() - t2}

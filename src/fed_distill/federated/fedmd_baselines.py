@@ -13,9 +13,9 @@ import torch
 
 from fed_distill.federated.config import FedMDConfig
 from fed_distill.federated.fedmd import (
-    pretrain_public,
     private_test_accuracy,
     restricted_accuracy,
+    revisit,
     revisit_private,
     round_lr,
     step_seed,
@@ -41,19 +41,16 @@ def transfer_learning(
     starting point of the pooled baseline) and ``test_logits`` on the private test task.
     """
     crop = c.crop_padding
-    public_x, public_y = data.public_labelled()  # unlabelled public images: alignment only
-    res = pretrain_public(
+    res = revisit(
         model,
-        public_x,
-        public_y,
-        data.public_val_x if len(data.public_val_y) else None,
-        data.public_val_y if len(data.public_val_y) else None,
+        *data.public_labelled(),  # unlabelled public images: alignment only
         data.public_norm,
+        val=data.public_val(),
+        patience=c.public_patience,
         epochs=c.public_epochs,
         batch_size=c.public_batch_size,
         lr=c.lr,
         head_l2=c.head_l2,
-        patience=c.public_patience,
         crop_padding=crop,
         hflip=bool(crop) and data.public_hflip,
         device=device,
@@ -63,19 +60,10 @@ def transfer_learning(
     )
     public_state = copy.deepcopy(res.state_dict)
     after_public = private_test_accuracy(model, data, device)
-    revisit_private(
-        model,
-        data,
-        c,
-        (data.private_x[party], data.private_y[party]),
-        epochs=c.private_epochs,
-        batch_size=c.private_batch_size,
-        lr=c.lr,
-        device=device,
-        seed=step_seed(seed, party, 2),
-        desc=f"party {party} private",
-        progress=progress,
-    )
+    schedule = (c.private_epochs, c.private_batch_size, c.lr)
+    desc = f"party {party} private"
+    kwargs = dict(device=device, seed=step_seed(seed, party, 2), desc=desc, progress=progress)
+    revisit_private(model, data, c, data.party(party), schedule, **kwargs)
     test_logits = predict_logits(model, data.test_x, data.private_norm, device)
     alone = restricted_accuracy(test_logits, data.test_y, data.offset, data.num_private)
     return {
@@ -99,18 +87,10 @@ def pooled_baseline(
 ) -> float:
     """Upper bound for one architecture: ``model`` (public-pretrained weights) trained on the
     union of every party's private data, evaluated on the private test task."""
-    revisit_private(
-        model,
-        data,
-        c,
-        data.pooled(),
-        epochs=c.pooled_epochs,
-        batch_size=c.pooled_batch_size,
-        lr=c.lr,
-        device=device,
-        seed=step_seed(seed, party, 3),
-        desc=f"party {party} pooled",
-    )
+    schedule = (c.pooled_epochs, c.pooled_batch_size, c.lr)
+    seed_ = step_seed(seed, party, 3)
+    desc = f"party {party} pooled"
+    revisit_private(model, data, c, data.pooled(), schedule, device=device, seed=seed_, desc=desc)
     return private_test_accuracy(model, data, device)
 
 
@@ -126,15 +106,7 @@ def alone_extended(
     for as many epochs as the rounds' revisits add up to; private test accuracy."""
     if not (c.extended_alone and c.rounds * c.revisit_epochs > 0):
         return None
-    revisit_private(
-        model,
-        data,
-        c,
-        (data.private_x[party], data.private_y[party]),
-        epochs=c.rounds * c.revisit_epochs,
-        batch_size=c.revisit_batch_size,
-        lr=round_lr(c),
-        device=device,
-        seed=step_seed(seed, party, 4),
-    )
+    schedule = (c.rounds * c.revisit_epochs, c.revisit_batch_size, round_lr(c))
+    seed_ = step_seed(seed, party, 4)
+    revisit_private(model, data, c, data.party(party), schedule, device=device, seed=seed_)
     return private_test_accuracy(model, data, device)
