@@ -45,6 +45,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -298,65 +299,84 @@ def revisit(
     return _seeded_fit(model, (x, y), val, cfg, normalizer, loss_fn, **kwargs)
 
 
-def private_test_accuracy(
-    model: torch.nn.Module, data: FedMDData, device: torch.device | str
-) -> float:
-    """The model's accuracy on the private test task (:func:`private_accuracy`)."""
-    return private_accuracy(
-        model, data.test_x, data.test_y, data.private_norm, data.offset, data.num_private, device
-    )
+@dataclass(frozen=True)
+class Party:
+    """Party ``index`` of a run: the run's data and FedMD options, the device, and the run's
+    seed, from which each of the party's steps derives its own (:meth:`seed_for`)."""
 
+    index: int
+    data: FedMDData
+    c: FedMDConfig
+    device: torch.device | str = "cpu"
+    seed: int = 0
 
-def revisit_private(
-    model: torch.nn.Module,
-    data: FedMDData,
-    c: FedMDConfig,
-    xy: tuple[torch.Tensor, torch.Tensor],
-    schedule: tuple[int, int, float],
-    **kwargs: Any,
-) -> FitResult | None:
-    """:func:`revisit` on private-task data ``xy`` for ``schedule`` = (epochs, batch size, lr),
-    with the run's head L2, crop and flip (``kwargs``: revisit's device, seed, desc, progress)."""
-    epochs, batch_size, lr = schedule
-    crop = c.crop_padding
-    hflip = bool(crop) and data.private_hflip
-    return revisit(
-        model,
-        *xy,
-        data.private_norm,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        head_l2=c.head_l2,
-        crop_padding=crop,
-        hflip=hflip,
-        **kwargs,
-    )
+    def seed_for(self, *keys: int) -> int:
+        """The seed of this party's step ``keys`` (stage, and round where there is one)."""
+        return step_seed(self.seed, self.index, *keys)
+
+    def own_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This party's private images and joint labels."""
+        return self.data.private_x[self.index], self.data.private_y[self.index]
+
+    def test_accuracy(self, model: torch.nn.Module) -> float:
+        """``model``'s accuracy on the private test task (:func:`private_accuracy`)."""
+        d = self.data
+        return private_accuracy(
+            model, d.test_x, d.test_y, d.private_norm, d.offset, d.num_private, self.device
+        )
+
+    def test_logits(self, model: torch.nn.Module) -> torch.Tensor:
+        """``model``'s logits on the private test task."""
+        return predict_logits(model, self.data.test_x, self.data.private_norm, self.device)
+
+    def revisit(
+        self,
+        model: torch.nn.Module,
+        xy: tuple[torch.Tensor, torch.Tensor],
+        schedule: tuple[int, int, float],
+        stage: tuple[int, ...],
+        **kwargs: Any,
+    ) -> FitResult | None:
+        """:func:`revisit` on private-task data ``xy`` for ``schedule`` = (epochs, batch size,
+        lr), seeded for ``stage``, with the run's head L2, crop and flip (``kwargs``: revisit's
+        desc, progress)."""
+        epochs, batch_size, lr = schedule
+        c, crop = self.c, self.c.crop_padding
+        return revisit(
+            model,
+            *xy,
+            self.data.private_norm,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            head_l2=c.head_l2,
+            crop_padding=crop,
+            hflip=bool(crop) and self.data.private_hflip,
+            device=self.device,
+            seed=self.seed_for(*stage),
+            **kwargs,
+        )
 
 
 def local_round(
     model: torch.nn.Module,
-    data: FedMDData,
-    party: int,
-    c: FedMDConfig,
+    party: Party,
     subset_x: torch.Tensor,
     consensus: torch.Tensor,
     round_: int,
-    *,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One party's side of round ``round_`` after the consensus arrives: digest, revisit, then
     the logits on the private test task. Returns the logits and the seconds of each step.
 
     The in-process rounds (``fedmd_run``) and the Flower client both call this, with the same seeds.
     """
+    c = party.c
     t0 = time.perf_counter()
     digest(
         model,
         subset_x,
         consensus,
-        data.public_norm,
+        party.data.public_norm,
         epochs=c.digest_epochs,
         batch_size=c.digest_batch_size,
         lr=round_lr(c),
@@ -364,15 +384,14 @@ def local_round(
         loss=c.digest_loss,
         scores=c.scores,
         temperature=c.temperature,
-        device=device,
-        seed=step_seed(seed, party, 10, round_),
+        device=party.device,
+        seed=party.seed_for(10, round_),
     )
     t1 = time.perf_counter()
     schedule = (c.revisit_epochs, c.revisit_batch_size, round_lr(c))
-    seed_ = step_seed(seed, party, 11, round_)
-    revisit_private(model, data, c, data.party(party), schedule, device=device, seed=seed_)
+    party.revisit(model, party.own_data(), schedule, (11, round_))
     t2 = time.perf_counter()
-    logits = predict_logits(model, data.test_x, data.private_norm, device)
+    logits = party.test_logits(model)
     times = {"digest": t1 - t0, "revisit": t2 - t1, "evaluate": time.perf_counter() - t2}
     return logits, times
 

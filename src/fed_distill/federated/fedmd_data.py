@@ -78,10 +78,6 @@ class FedMDData:
             return self.public_x, self.public_y
         return self.public_x[keep], self.public_y[keep]
 
-    def party(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Party ``k``'s private images and joint labels."""
-        return self.private_x[k], self.private_y[k]
-
     def public_val(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The held-out public part transfer learning selects on (None when there is none)."""
         return (self.public_val_x, self.public_val_y) if len(self.public_val_y) else None
