@@ -28,24 +28,16 @@ from fed_distill.errors import ConfigError, FedDistillError, ProtocolError
 from fed_distill.federated.fedmd import aggregate, validate_scores
 from fed_distill.report import write_report
 
-TINY = [
-    *FAST_TRAIN,
-    "train.epochs=1",
-    "synthesis.iterations=5",
-    "synthesis.batch_size=32",
-    "student.epochs=1",
-    "student.initial_batches=1",
-    "student.steps_per_epoch=2",
-    "student.batch_size=32",
-]
-STUDENT = [
-    "device=cpu",
+# the smallest synthesis and student: 5 steps a batch, one initial batch, one epoch of 2 steps
+SMALL_STUDENT = [
     "synthesis.iterations=5",
     "synthesis.batch_size=32",
     "student.epochs=1",
     "student.initial_batches=1",
     "student.steps_per_epoch=2",
 ]
+TINY = [*FAST_TRAIN, "train.epochs=1", *SMALL_STUDENT, "student.batch_size=32"]
+STUDENT = ["device=cpu", *SMALL_STUDENT]
 
 
 @pytest.fixture(scope="module")

@@ -18,45 +18,49 @@ from fed_distill.artifacts import read_weights
 from fed_distill.data.sources import find_dataset_dir
 
 
+def _split(cli, run_dir, *overrides: str) -> dict:
+    """`fed-distill split` into ``run_dir`` (which must succeed); the split.json it wrote."""
+    code, _, err = cli("split", *overrides, f"run_dir={run_dir}")
+    assert code == 0, err
+    return json.loads((run_dir / "split.json").read_text())
+
+
+def _teacher_metrics(run_dir, n: int) -> list[dict]:
+    """The metrics files of teachers 0 .. n-1."""
+    return [
+        json.loads((run_dir / "teachers" / f"metrics_teacher_{i}.json").read_text())
+        for i in range(n)
+    ]
+
+
 @pytest.mark.accuracy
 def test_split_then_train_teachers_on_digits(cli, tmp_path):
-    code, out, err = cli(
-        "split",
+    split = _split(
+        cli,
+        tmp_path,
         "dataset=digits",
         "split=dirichlet",
         "split.alpha=0.3",
         "split.num_clients=7",
         "seed=3",
-        f"run_dir={tmp_path}",
     )
-    assert code == 0, err
-    split = json.loads((tmp_path / "split.json").read_text())
     assert split["dataset"] == "digits" and len(split["clients"]) == 7
     assert (tmp_path / "split.png").stat().st_size > 1000
     code, out, err = cli("train-teachers", f"run_dir={tmp_path}", *FAST_TRAIN)
     assert code == 0, err
-    for i in range(7):
-        m = json.loads((tmp_path / "teachers" / f"metrics_teacher_{i}.json").read_text())
+    metrics = _teacher_metrics(tmp_path, 7)
+    for i, m in enumerate(metrics):
         for key in ["train_loss", "train_acc", "val_acc", "local_test_acc", "test_acc"]:
             assert key in m
         assert 0.0 <= m["test_acc"] <= 1.0
         assert f"teacher {i}:" in out
         assert read_weights(tmp_path / "teachers" / f"teacher_{i}.safetensors")
     # local test accuracy is far above chance: teachers learnt their clients' data
-    local = [
-        json.loads((tmp_path / "teachers" / f"metrics_teacher_{i}.json").read_text())[
-            "local_test_acc"
-        ]
-        for i in range(7)
-    ]
-    assert np.mean(local) > 0.5
+    assert np.mean([m["local_test_acc"] for m in metrics]) > 0.5
 
 
 def test_teachers_share_one_initialisation_and_rerun_is_reused(cli, tmp_path):
-    assert (
-        cli("split", "dataset=digits", "split=iid", "split.num_clients=2", f"run_dir={tmp_path}")[0]
-        == 0
-    )
+    _split(cli, tmp_path, "dataset=digits", "split=iid", "split.num_clients=2")
     args = (
         "train-teachers",
         f"run_dir={tmp_path}",
@@ -82,27 +86,20 @@ def test_teachers_share_one_initialisation_and_rerun_is_reused(cli, tmp_path):
     find_dataset_dir("fashion_mnist") is None, reason="Fashion-MNIST files not installed"
 )
 def test_fashion_mnist_split_and_one_teacher(cli, tmp_path):
-    code, _, err = cli(
-        "split",
+    split = _split(
+        cli,
+        tmp_path,
         "dataset=fashion_mnist",
         "split=dirichlet",
         "split.alpha=0.5",
         "split.num_clients=20",
-        f"run_dir={tmp_path}",
     )
-    assert code == 0, err
-    split = json.loads((tmp_path / "split.json").read_text())
     assert sum(len(c["train"]) + len(c["val"]) for c in split["clients"]) == 60000
     code, out, err = cli(
         "train-teachers", f"run_dir={tmp_path}", "train.epochs=1", "train.min_steps=0", "device=cpu"
     )
     assert code == 0, err
-    accs = [
-        json.loads((tmp_path / "teachers" / f"metrics_teacher_{i}.json").read_text())[
-            "local_test_acc"
-        ]
-        for i in range(20)
-    ]
+    accs = [m["local_test_acc"] for m in _teacher_metrics(tmp_path, 20)]
     assert np.mean(accs) > 0.5  # one epoch on ~2.7k images per client
 
 
@@ -146,10 +143,7 @@ def test_bad_input_one_line(cli, tmp_path, args, expected):
 
 
 def test_failed_split_keeps_the_earlier_one(cli, tmp_path):
-    assert (
-        cli("split", "dataset=digits", "split=iid", "split.num_clients=3", f"run_dir={tmp_path}")[0]
-        == 0
-    )
+    _split(cli, tmp_path, "dataset=digits", "split=iid", "split.num_clients=3")
     before = (tmp_path / "split.json").read_bytes()
     _one_line_error(*cli("split", "dataset=digits", "split.alpha=0", f"run_dir={tmp_path}"))
     assert (tmp_path / "split.json").read_bytes() == before
@@ -161,10 +155,7 @@ def test_train_teachers_without_split(cli, tmp_path):
 
 
 def test_split_made_for_another_dataset(cli, tmp_path):
-    assert (
-        cli("split", "dataset=digits", "split=iid", "split.num_clients=2", f"run_dir={tmp_path}")[0]
-        == 0
-    )
+    _split(cli, tmp_path, "dataset=digits", "split=iid", "split.num_clients=2")
     line = _one_line_error(*cli("train-teachers", f"run_dir={tmp_path}", "dataset=mnist5k"))
     assert "made for dataset 'digits'" in line
     # a split file edited to claim another dataset of the same name is caught by its labels

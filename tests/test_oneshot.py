@@ -114,22 +114,20 @@ TINY = [
 ]
 
 
+def _oneshot_digits(cli, run_dir, *overrides: str) -> tuple[str, dict]:
+    """`fed-distill oneshot dataset=digits` with TINY and ``overrides`` (which must succeed):
+    its output and results.json."""
+    code, out, err = cli("oneshot", "dataset=digits", f"run_dir={run_dir}", *TINY, *overrides)
+    assert code == 0, err
+    return out, json.loads((run_dir / "results.json").read_text())
+
+
 @pytest.mark.accuracy
 def test_oneshot_end_to_end_on_digits(cli, tmp_path):
-    code, out, err = cli(
-        "oneshot",
-        "dataset=digits",
-        "split=iid",
-        "split.num_clients=3",
-        "seed=1",
-        f"run_dir={tmp_path}",
-        *TINY,
-        # TINY's 10 pool steps per epoch left the student at 0.17-0.28 at one thread (seeds
-        # 0-2): too close to chance for any threshold; 60 steps cost seconds
-        "student.steps_per_epoch=60",
-    )
-    assert code == 0, err
-    r = json.loads((tmp_path / "results.json").read_text())
+    # TINY's 10 pool steps per epoch left the student at 0.17-0.28 at one thread (seeds 0-2):
+    # too close to chance for any threshold; 60 steps cost seconds
+    steps = "student.steps_per_epoch=60"
+    out, r = _oneshot_digits(cli, tmp_path, "split=iid", "split.num_clients=3", "seed=1", steps)
     for key in [
         "teacher_acc",
         "ensemble_acc",
@@ -165,23 +163,12 @@ def test_oneshot_end_to_end_on_digits(cli, tmp_path):
 
 @pytest.mark.accuracy
 def test_half_data_server_with_weights(cli, tmp_path):
-    code, _, err = cli(
-        "oneshot",
-        "dataset=digits",
-        "split=heter",
-        "split.unif_percentage=0.0",
-        "split.num_clients=2",
-        "split.server_clients=1",
-        "student.server_data=true",
-        "student.class_weights=[1,1,1,1,1,10,10,10,10,10]",
-        f"run_dir={tmp_path}",
-        *TINY,
-        # TINY's 10 pool steps per epoch left the student within a few points of the teacher
-        # (below it with one thread, above with two); enough steps to learn the server's classes
-        "student.steps_per_epoch=40",
-    )
-    assert code == 0, err
-    r = json.loads((tmp_path / "results.json").read_text())
+    # TINY's 10 pool steps per epoch left the student within a few points of the teacher
+    # (below it with one thread, above with two); enough steps to learn the server's classes
+    heter = ["split=heter", "split.unif_percentage=0.0", "split.num_clients=2"]
+    server = ["split.server_clients=1", "student.server_data=true"]
+    weights = "student.class_weights=[1,1,1,1,1,10,10,10,10,10]"
+    _, r = _oneshot_digits(cli, tmp_path, *heter, *server, weights, "student.steps_per_epoch=40")
     assert len(r["teacher_acc"]) == 1
     # the teacher knows classes 0-4 only; the server's real data (classes 5-9) lifts the student above it
     assert r["student_acc"] > r["teacher_acc"][0]

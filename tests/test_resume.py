@@ -325,6 +325,15 @@ def _weights_equal(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), (a, k)
 
 
+def _same_results(ref: Path, run: Path, *keys: str) -> tuple[dict, dict]:
+    """Both runs' results.json, after checking that they agree on ``keys``."""
+    a = json.loads((ref / "results.json").read_text())
+    b = json.loads((run / "results.json").read_text())
+    for key in keys:
+        assert a[key] == b[key], key
+    return a, b
+
+
 def test_oneshot_killed_twice_then_rerun_matches_an_uninterrupted_run(tmp_path, cli):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert cli(*ONESHOT, f"run_dir={ref}")[0] == 0  # the uninterrupted reference, in-process
@@ -347,17 +356,8 @@ def test_oneshot_killed_twice_then_rerun_matches_an_uninterrupted_run(tmp_path, 
     assert "student: resuming from epoch 3/4" in out
     assert not any(ckpts.iterdir())  # every checkpoint removed once its stage finished
 
-    a = json.loads((ref / "results.json").read_text())
-    b = json.loads((run / "results.json").read_text())
-    for key in (
-        "teacher_acc",
-        "teacher_local_acc",
-        "ensemble_acc_by_method",
-        "fedavg_acc",
-        "student_acc",
-        "synthetic_images",
-    ):
-        assert a[key] == b[key], key
+    oneshot_keys = ["teacher_acc", "teacher_local_acc", "ensemble_acc_by_method", "fedavg_acc"]
+    a, b = _same_results(ref, run, *oneshot_keys, "student_acc", "synthetic_images")
     assert a["student_curve"]["test_acc"] == b["student_curve"]["test_acc"]
     for i in range(2):
         name = f"teachers/teacher_{i}.safetensors"
@@ -385,18 +385,8 @@ def test_fedmd_killed_twice_then_rerun_matches_an_uninterrupted_run(tmp_path, cl
     assert resumed and int(resumed.group(1)) >= 1, out
     assert not ckpt.exists()
 
-    a = json.loads((ref / "results.json").read_text())
-    b = json.loads((run / "results.json").read_text())
-    for key in (
-        "party_acc",
-        "alone_acc",
-        "pooled_acc",
-        "alone_extended_acc",
-        "ensemble_acc",
-        "consensus_distance",
-        "public_val_acc",
-    ):
-        assert a[key] == b[key], key
+    fedmd_keys = ["party_acc", "alone_acc", "pooled_acc", "alone_extended_acc"]
+    _same_results(ref, run, *fedmd_keys, "ensemble_acc", "consensus_distance", "public_val_acc")
     for i in range(3):
         _weights_equal(
             ref / f"parties/party_{i}.safetensors", run / f"parties/party_{i}.safetensors"

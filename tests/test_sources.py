@@ -182,20 +182,21 @@ def test_cut_gzip_stream(tmp_path):
         load_dataset("mnist", data_dir=tmp_path, download=False)
 
 
-def test_wrong_magic(tmp_path):
+@pytest.mark.parametrize(
+    "name, file, labels, message",
+    [
+        # a label file (magic 2049) where the images belong
+        ("fashion_mnist", "train-images", 6, "magic number 2049, expected 2051"),
+        ("mnist", "train-labels", 5, "6 images but"),  # one label short
+    ],
+)
+def test_idx_file_replaced_by_a_label_file(tmp_path, name, file, labels, message):
     write_idx_set(tmp_path)
-    y = np.zeros(6, np.uint8)
-    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(y, 2049)))
-    with pytest.raises(DatasetError, match="magic number 2049, expected 2051"):
-        load_dataset("fashion_mnist", data_dir=tmp_path, download=False)
-
-
-def test_label_count_mismatch(tmp_path):
-    write_idx_set(tmp_path)
-    y = np.zeros(5, np.uint8)
-    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(y, 2049)))
-    with pytest.raises(DatasetError, match="6 images but"):
-        load_dataset("mnist", data_dir=tmp_path, download=False)
+    y = np.zeros(labels, np.uint8)
+    kind = "idx3" if file.endswith("images") else "idx1"
+    (tmp_path / f"{file}-{kind}-ubyte.gz").write_bytes(gzip.compress(idx_bytes(y, 2049)))
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(name, data_dir=tmp_path, download=False)
 
 
 def test_missing_files(tmp_path, no_system_dirs):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -222,36 +223,18 @@ def digest_loss(
 
 def _seeded_fit(
     model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    val: tuple[torch.Tensor | None, torch.Tensor | None],
+    xy: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor] | None,
     cfg: TrainConfig,
     normalizer: Normalizer,
-    loss_fn: Callable,
-    *,
-    hflip: bool = False,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    desc: str = "",
-    progress: bool = False,
+    loss_fn: Callable | None,
+    **kwargs: Any,
 ) -> FitResult:
-    """``fit`` under this step's own seed: every FedMD training step goes through here."""
-    with seeded(seed, device):
-        return fit(
-            model,
-            x,
-            y,
-            val[0],
-            val[1],
-            cfg,
-            normalizer,
-            hflip=hflip,
-            device=device,
-            seed=seed,
-            desc=desc,
-            progress=progress,
-            loss_fn=loss_fn,
-        )
+    """``fit`` under this step's own seed (``kwargs``: fit's ``device``, ``seed``, ``hflip``,
+    ``desc``; no progress bar unless asked): every FedMD training step goes through here."""
+    kwargs.setdefault("progress", False)
+    with seeded(kwargs["seed"], kwargs.get("device", "cpu")):
+        return fit(model, *xy, *(val or (None, None)), cfg, normalizer, loss_fn=loss_fn, **kwargs)
 
 
 def digest(
@@ -276,29 +259,23 @@ def digest(
     """
     cfg = adam_config(epochs, batch_size, lr)
     loss_fn = with_head_l2(digest_loss(loss, scores, temperature), model, head_l2)
+    xy = (public_x, consensus.float())
     return _seeded_fit(
-        model,
-        public_x,
-        consensus.float(),
-        (None, None),
-        cfg,
-        normalizer,
-        loss_fn,
-        device=device,
-        seed=seed,
-        desc="digest",
+        model, xy, None, cfg, normalizer, loss_fn, device=device, seed=seed, desc="digest"
     )
 
 
 def revisit(
     model: torch.nn.Module,
-    private_x: torch.Tensor,
-    private_y: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
     normalizer: Normalizer,
     *,
     epochs: int = 2,
     batch_size: int = 5,
     lr: float = 1e-3,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    patience: int | None = None,
     crop_padding: int = 0,
     hflip: bool = False,
     head_l2: float = 0.0,
@@ -307,137 +284,99 @@ def revisit(
     desc: str = "revisit",
     progress: bool = False,
 ) -> FitResult | None:
-    """Revisit (client): a few epochs of cross-entropy on the party's private data (joint labels).
+    """Revisit (client): a few epochs of cross-entropy (+ the head L2) on labelled data, joint
+    labels; without ``val`` the last weights are kept (a party has a handful of samples).
 
-    :func:`pretrain_public` without validation (a party has a handful of samples): the last
-    weights are kept. ``epochs=0`` does nothing and returns None.
+    Transfer learning's public step is this on the public data with ``val`` (its held-out part):
+    the weights with the best validation accuracy are kept, early stopping after ``patience``
+    epochs without progress. ``epochs=0`` does nothing and returns None.
     """
     if epochs < 1:
         return None
-    return pretrain_public(
-        model,
-        private_x,
-        private_y,
-        None,
-        None,
-        normalizer,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        patience=None,
-        crop_padding=crop_padding,
-        hflip=hflip,
-        head_l2=head_l2,
-        device=device,
-        seed=seed,
-        desc=desc,
-        progress=progress,
-    )
-
-
-def pretrain_public(
-    model: torch.nn.Module,
-    public_x: torch.Tensor,
-    public_y: torch.Tensor,
-    val_x: torch.Tensor | None,
-    val_y: torch.Tensor | None,
-    normalizer: Normalizer,
-    *,
-    epochs: int = 20,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    patience: int | None = 3,
-    crop_padding: int = 0,
-    hflip: bool = False,
-    head_l2: float = 0.0,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    desc: str = "public",
-    progress: bool = False,
-) -> FitResult:
-    """Transfer learning, step 1: fit the labelled public data; keep the best on validation
-    (with ``val_x=None`` the last weights; :func:`revisit` is that on private data)."""
     cfg = adam_config(epochs, batch_size, lr, patience=patience, crop_padding=crop_padding)
-    return _seeded_fit(
-        model,
-        public_x,
-        public_y,
-        (val_x, val_y),
-        cfg,
-        normalizer,
-        with_head_l2(None, model, head_l2),
-        hflip=hflip,
-        device=device,
-        seed=seed,
-        desc=desc,
-        progress=progress,
-    )
+    loss_fn = with_head_l2(None, model, head_l2)
+    kwargs = dict(hflip=hflip, device=device, seed=seed, desc=desc, progress=progress)
+    return _seeded_fit(model, (x, y), val, cfg, normalizer, loss_fn, **kwargs)
 
 
-def private_test_accuracy(
-    model: torch.nn.Module, data: FedMDData, device: torch.device | str
-) -> float:
-    """The model's accuracy on the private test task (:func:`private_accuracy`)."""
-    return private_accuracy(
-        model, data.test_x, data.test_y, data.private_norm, data.offset, data.num_private, device
-    )
+@dataclass(frozen=True)
+class Party:
+    """Party ``index`` of a run: the run's data and FedMD options, the device, and the run's
+    seed, from which each of the party's steps derives its own (:meth:`seed_for`)."""
 
+    index: int
+    data: FedMDData
+    c: FedMDConfig
+    device: torch.device | str = "cpu"
+    seed: int = 0
 
-def revisit_private(
-    model: torch.nn.Module,
-    data: FedMDData,
-    c: FedMDConfig,
-    xy: tuple[torch.Tensor, torch.Tensor],
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    device: torch.device | str,
-    seed: int,
-    desc: str = "revisit",
-    progress: bool = False,
-) -> FitResult | None:
-    """:func:`revisit` on private-task data ``xy`` with the run's head L2, crop and flip."""
-    return revisit(
-        model,
-        *xy,
-        data.private_norm,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        head_l2=c.head_l2,
-        crop_padding=c.crop_padding,
-        hflip=bool(c.crop_padding) and data.private_hflip,
-        device=device,
-        seed=seed,
-        desc=desc,
-        progress=progress,
-    )
+    def seed_for(self, *keys: int) -> int:
+        """The seed of this party's step ``keys`` (stage, and round where there is one)."""
+        return step_seed(self.seed, self.index, *keys)
+
+    def own_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This party's private images and joint labels."""
+        return self.data.private_x[self.index], self.data.private_y[self.index]
+
+    def test_accuracy(self, model: torch.nn.Module) -> float:
+        """``model``'s accuracy on the private test task (:func:`private_accuracy`)."""
+        d = self.data
+        return private_accuracy(
+            model, d.test_x, d.test_y, d.private_norm, d.offset, d.num_private, self.device
+        )
+
+    def test_logits(self, model: torch.nn.Module) -> torch.Tensor:
+        """``model``'s logits on the private test task."""
+        return predict_logits(model, self.data.test_x, self.data.private_norm, self.device)
+
+    def revisit(
+        self,
+        model: torch.nn.Module,
+        xy: tuple[torch.Tensor, torch.Tensor],
+        schedule: tuple[int, int, float],
+        stage: tuple[int, ...],
+        **kwargs: Any,
+    ) -> FitResult | None:
+        """:func:`revisit` on private-task data ``xy`` for ``schedule`` = (epochs, batch size,
+        lr), seeded for ``stage``, with the run's head L2, crop and flip (``kwargs``: revisit's
+        desc, progress)."""
+        epochs, batch_size, lr = schedule
+        c, crop = self.c, self.c.crop_padding
+        return revisit(
+            model,
+            *xy,
+            self.data.private_norm,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            head_l2=c.head_l2,
+            crop_padding=crop,
+            hflip=bool(crop) and self.data.private_hflip,
+            device=self.device,
+            seed=self.seed_for(*stage),
+            **kwargs,
+        )
 
 
 def local_round(
     model: torch.nn.Module,
-    data: FedMDData,
-    party: int,
-    c: FedMDConfig,
+    party: Party,
     subset_x: torch.Tensor,
     consensus: torch.Tensor,
     round_: int,
-    *,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One party's side of round ``round_`` after the consensus arrives: digest, revisit, then
     the logits on the private test task. Returns the logits and the seconds of each step.
 
     The in-process rounds (``fedmd_run``) and the Flower client both call this, with the same seeds.
     """
+    c = party.c
     t0 = time.perf_counter()
     digest(
         model,
         subset_x,
         consensus,
-        data.public_norm,
+        party.data.public_norm,
         epochs=c.digest_epochs,
         batch_size=c.digest_batch_size,
         lr=round_lr(c),
@@ -445,23 +384,14 @@ def local_round(
         loss=c.digest_loss,
         scores=c.scores,
         temperature=c.temperature,
-        device=device,
-        seed=step_seed(seed, party, 10, round_),
+        device=party.device,
+        seed=party.seed_for(10, round_),
     )
     t1 = time.perf_counter()
-    revisit_private(
-        model,
-        data,
-        c,
-        (data.private_x[party], data.private_y[party]),
-        epochs=c.revisit_epochs,
-        batch_size=c.revisit_batch_size,
-        lr=round_lr(c),
-        device=device,
-        seed=step_seed(seed, party, 11, round_),
-    )
+    schedule = (c.revisit_epochs, c.revisit_batch_size, round_lr(c))
+    party.revisit(model, party.own_data(), schedule, (11, round_))
     t2 = time.perf_counter()
-    logits = predict_logits(model, data.test_x, data.private_norm, device)
+    logits = party.test_logits(model)
     times = {"digest": t1 - t0, "revisit": t2 - t1, "evaluate": time.perf_counter() - t2}
     return logits, times
 

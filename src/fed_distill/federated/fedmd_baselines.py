@@ -11,28 +11,11 @@ from typing import Any
 
 import torch
 
-from fed_distill.federated.config import FedMDConfig
-from fed_distill.federated.fedmd import (
-    pretrain_public,
-    private_test_accuracy,
-    restricted_accuracy,
-    revisit_private,
-    round_lr,
-    step_seed,
-)
-from fed_distill.federated.fedmd_data import FedMDData
-from fed_distill.train.fit import predict_logits
+from fed_distill.federated.fedmd import Party, restricted_accuracy, revisit, round_lr
 
 
 def transfer_learning(
-    model: torch.nn.Module,
-    data: FedMDData,
-    party: int,
-    c: FedMDConfig,
-    *,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    progress: bool = False,
+    model: torch.nn.Module, party: Party, progress: bool = False
 ) -> dict[str, Any]:
     """Transfer learning for one party: public data, then its private data.
 
@@ -40,101 +23,55 @@ def transfer_learning(
     after both steps), the epochs run, ``public_state`` (weights after the public step, the
     starting point of the pooled baseline) and ``test_logits`` on the private test task.
     """
-    crop = c.crop_padding
-    public_x, public_y = data.public_labelled()  # unlabelled public images: alignment only
-    res = pretrain_public(
+    c, data, crop = party.c, party.data, party.c.crop_padding
+    res = revisit(
         model,
-        public_x,
-        public_y,
-        data.public_val_x if len(data.public_val_y) else None,
-        data.public_val_y if len(data.public_val_y) else None,
+        *data.public_labelled(),  # unlabelled public images: alignment only
         data.public_norm,
+        val=data.public_val(),
+        patience=c.public_patience,
         epochs=c.public_epochs,
         batch_size=c.public_batch_size,
         lr=c.lr,
         head_l2=c.head_l2,
-        patience=c.public_patience,
         crop_padding=crop,
         hflip=bool(crop) and data.public_hflip,
-        device=device,
-        seed=step_seed(seed, party, 1),
-        desc=f"party {party} public",
+        device=party.device,
+        seed=party.seed_for(1),
+        desc=f"party {party.index} public",
         progress=progress,
     )
     public_state = copy.deepcopy(res.state_dict)
-    after_public = private_test_accuracy(model, data, device)
-    revisit_private(
-        model,
-        data,
-        c,
-        (data.private_x[party], data.private_y[party]),
-        epochs=c.private_epochs,
-        batch_size=c.private_batch_size,
-        lr=c.lr,
-        device=device,
-        seed=step_seed(seed, party, 2),
-        desc=f"party {party} private",
-        progress=progress,
-    )
-    test_logits = predict_logits(model, data.test_x, data.private_norm, device)
-    alone = restricted_accuracy(test_logits, data.test_y, data.offset, data.num_private)
+    after_public = party.test_accuracy(model)
+    schedule = (c.private_epochs, c.private_batch_size, c.lr)
+    desc = f"party {party.index} private"
+    party.revisit(model, party.own_data(), schedule, (2,), desc=desc, progress=progress)
+    test_logits = party.test_logits(model)
     return {
         "public_val_acc": res.best_val_acc,
         "public_epochs_run": len(res.history.get("train_loss", [])),
         "private_acc_after_public": after_public,
-        "alone_acc": alone,
+        "alone_acc": restricted_accuracy(test_logits, data.test_y, data.offset, data.num_private),
         "public_state": public_state,
         "test_logits": test_logits,
     }
 
 
-def pooled_baseline(
-    model: torch.nn.Module,
-    data: FedMDData,
-    party: int,
-    c: FedMDConfig,
-    *,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-) -> float:
+def pooled_baseline(model: torch.nn.Module, party: Party) -> float:
     """Upper bound for one architecture: ``model`` (public-pretrained weights) trained on the
     union of every party's private data, evaluated on the private test task."""
-    revisit_private(
-        model,
-        data,
-        c,
-        data.pooled(),
-        epochs=c.pooled_epochs,
-        batch_size=c.pooled_batch_size,
-        lr=c.lr,
-        device=device,
-        seed=step_seed(seed, party, 3),
-        desc=f"party {party} pooled",
-    )
-    return private_test_accuracy(model, data, device)
+    c = party.c
+    schedule = (c.pooled_epochs, c.pooled_batch_size, c.lr)
+    party.revisit(model, party.data.pooled(), schedule, (3,), desc=f"party {party.index} pooled")
+    return party.test_accuracy(model)
 
 
-def alone_extended(
-    model: torch.nn.Module,
-    data: FedMDData,
-    party: int,
-    c: FedMDConfig,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-) -> float | None:
+def alone_extended(model: torch.nn.Module, party: Party) -> float | None:
     """Control for one party: the alone model (changed in place) trained on its own private data
     for as many epochs as the rounds' revisits add up to; private test accuracy."""
+    c = party.c
     if not (c.extended_alone and c.rounds * c.revisit_epochs > 0):
         return None
-    revisit_private(
-        model,
-        data,
-        c,
-        (data.private_x[party], data.private_y[party]),
-        epochs=c.rounds * c.revisit_epochs,
-        batch_size=c.revisit_batch_size,
-        lr=round_lr(c),
-        device=device,
-        seed=step_seed(seed, party, 4),
-    )
-    return private_test_accuracy(model, data, device)
+    schedule = (c.rounds * c.revisit_epochs, c.revisit_batch_size, round_lr(c))
+    party.revisit(model, party.own_data(), schedule, (4,))
+    return party.test_accuracy(model)

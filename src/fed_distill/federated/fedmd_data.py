@@ -78,6 +78,10 @@ class FedMDData:
             return self.public_x, self.public_y
         return self.public_x[keep], self.public_y[keep]
 
+    def public_val(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The held-out public part transfer learning selects on (None when there is none)."""
+        return (self.public_val_x, self.public_val_y) if len(self.public_val_y) else None
+
     def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The union of every party's private data (the pooled upper bound trains on it)."""
         return torch.cat(self.private_x), torch.cat(self.private_y)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from fed_distill.artifacts import save_checkpoint
 from fed_distill.federated.config import FedMDConfig, check_fedmd_config
 from fed_distill.federated.fedmd import (
+    Party,
     build_party_model,
     class_scores,
     local_round,
@@ -84,6 +85,10 @@ class FedMDRun:
     show: bool  # progress bars
     ckpt_path: Path
     meta: dict[str, Any]
+
+    def party(self, i: int) -> Party:
+        """Party ``i`` of this run (what its steps need besides its model)."""
+        return Party(i, self.data, self.c, self.device, self.seed)
 
     def new_model(self, i: int) -> torch.nn.Module:
         """Party ``i``'s model as first built (the same seed in every runner)."""
@@ -182,9 +187,7 @@ def transfer_phase(run: FedMDRun, st: RunState) -> None:
         if i < st.done["transfer"]:
             continue  # restored from the checkpoint
         m = run.new_model(i).to(run.device)
-        tr = transfer_learning(
-            m, run.data, i, run.c, device=run.device, seed=run.seed, progress=run.show
-        )
+        tr = transfer_learning(m, run.party(i), progress=run.show)
         print(
             f"{run.names[i]}: public val {tr['public_val_acc']:.4f} "
             f"({tr['public_epochs_run']} epochs), private test after public "
@@ -211,7 +214,7 @@ def transfer_phase(run: FedMDRun, st: RunState) -> None:
 def baselines_phase(run: FedMDRun, st: RunState) -> None:
     """Pooled (each architecture on all private data: the upper bound) and alone extended (each
     alone model trained on as many more private epochs as the rounds give: the control)."""
-    c, data, device, seed = run.c, run.data, run.device, run.seed
+    c = run.c
     t0 = time.perf_counter()
     if c.pooled:
         for i in range(len(run.archs)):
@@ -219,7 +222,7 @@ def baselines_phase(run: FedMDRun, st: RunState) -> None:
                 continue
             m = run.new_model(i)
             m.load_state_dict(st.transfer[i]["public_state"])
-            st.pooled[i] = pooled_baseline(m.to(device), data, i, c, device=device, seed=seed)
+            st.pooled[i] = pooled_baseline(m.to(run.device), run.party(i))
             del m
             st.done["pooled"] = i + 1
             save_state(run, st)
@@ -229,7 +232,7 @@ def baselines_phase(run: FedMDRun, st: RunState) -> None:
         for i in range(len(run.archs)):
             if i < st.done["extended"]:
                 continue
-            st.extended[i] = alone_extended(copy.deepcopy(st.models[i]), data, i, c, device, seed)
+            st.extended[i] = alone_extended(copy.deepcopy(st.models[i]), run.party(i))
             st.done["extended"] = i + 1
             save_state(run, st)
     _add_time(st, "alone_extended", t0)
@@ -267,9 +270,7 @@ def one_round(run: FedMDRun, st: RunState, r: int) -> list[dict[str, Any]]:
 
     logit_sum = torch.zeros(len(data.test_y), data.num_outputs)
     for i, m in enumerate(models):
-        logits, times = local_round(
-            m, data, i, c, subset_x, consensus, r, device=device, seed=run.seed
-        )
+        logits, times = local_round(m, run.party(i), subset_x, consensus, r)
         st.party_acc[i].append(
             restricted_accuracy(logits, data.test_y, data.offset, data.num_private)
         )

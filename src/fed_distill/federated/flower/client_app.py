@@ -126,7 +126,7 @@ def fedmd_setup(msg: Message, context: Context) -> Message:
     alone-extended. The model stays in this node's state."""
     import copy
 
-    from fed_distill.federated.fedmd import build_party_model, step_seed
+    from fed_distill.federated.fedmd import Party, build_party_model, step_seed
     from fed_distill.federated.fedmd_baselines import (
         alone_extended,
         pooled_baseline,
@@ -143,7 +143,8 @@ def fedmd_setup(msg: Message, context: Context) -> Message:
     m = build_party_model(archs[party], data, c.width_scale, seed=step_seed(seed, party, 0)).to(
         device
     )
-    tr = transfer_learning(m, data, party, c, device=device, seed=seed)
+    me = Party(party, data, c, device, seed)
+    tr = transfer_learning(m, me)
     out: dict[str, Any] = {
         "public_val_acc": tr["public_val_acc"],
         "public_epochs_run": tr["public_epochs_run"],
@@ -155,11 +156,11 @@ def fedmd_setup(msg: Message, context: Context) -> Message:
         t0 = time.perf_counter()
         p = build_party_model(archs[party], data, c.width_scale, seed=step_seed(seed, party, 0))
         p.load_state_dict(tr["public_state"])
-        out["pooled_acc"] = pooled_baseline(p.to(device), data, party, c, device=device, seed=seed)
+        out["pooled_acc"] = pooled_baseline(p.to(device), me)
         out["pooled_s"] = time.perf_counter() - t0
     if bool(conf.get("extended", False)):
         t0 = time.perf_counter()
-        out["alone_extended_acc"] = alone_extended(copy.deepcopy(m), data, party, c, device, seed)
+        out["alone_extended_acc"] = alone_extended(copy.deepcopy(m), me)
         out["alone_extended_s"] = time.perf_counter() - t0
     context.state["model"] = to_record(m.state_dict())
     return _reply(msg, {"test_logits": tr["test_logits"]}, **out)
@@ -215,21 +216,13 @@ def fedmd_scores(msg: Message, context: Context) -> Message:
 @app.train("fedmd_round")
 def fedmd_round(msg: Message, context: Context) -> Message:
     """Digest the consensus on the round's public subset, revisit the private data, evaluate."""
-    from fed_distill.federated.fedmd import local_round
+    from fed_distill.federated.fedmd import Party, local_round
 
     r = _RoundStep.of(msg, context)
     data = r.data
-    logits, times = local_round(
-        r.model,
-        data,
-        r.party,
-        r.c,
-        data.public_x[r.arrays["idx"]],
-        r.arrays["consensus"],
-        int(r.conf["round"]),
-        device=r.device,
-        seed=int(r.cfg.seed),
-    )
+    me = Party(r.party, data, r.c, r.device, int(r.cfg.seed))
+    subset_x, consensus = data.public_x[r.arrays["idx"]], r.arrays["consensus"]
+    logits, times = local_round(r.model, me, subset_x, consensus, int(r.conf["round"]))
     context.state["model"] = to_record(r.model.state_dict())
     from fed_distill.federated.fedmd import restricted_accuracy
 
