@@ -156,6 +156,10 @@ def test_bad_npz_stops_the_cli_before_any_work(cli, tmp_path):
                        f"run_dir={tmp_path / 'r'}")  # fmt: skip
     assert code == 1 and err.count("\n") == 1 and err.startswith("error: dataset=npz:")
     assert not (tmp_path / "r" / "split.json").exists()
+    code, _, err = cli(
+        "split", "dataset=digits", f"dataset.path={tmp_path}", f"run_dir={tmp_path / 'r'}"
+    )
+    assert code == 1 and err.count("\n") == 1 and "dataset.path is for your own data" in err
 
 
 # ----------------------------------------------------------------------------- folder

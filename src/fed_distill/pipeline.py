@@ -35,7 +35,7 @@ from fed_distill.config import DatasetConfig, ModelConfig, UploadConfig, as_obje
 from fed_distill.data.partition import Split, check_split, load_split, make_split, save_split
 from fed_distill.data.sources import Dataset, DatasetInfo, load_dataset, source_options
 from fed_distill.data.transforms import Normalizer
-from fed_distill.errors import FedDistillError, SplitError
+from fed_distill.errors import ConfigError, FedDistillError, SplitError
 from fed_distill.models import build_model
 from fed_distill.tracking import epoch_logger, log_scalars
 from fed_distill.train.fit import TrainConfig, evaluate, fit
@@ -51,7 +51,12 @@ def dataset_options(ds: DatasetConfig) -> dict[str, Any]:
         opts["image_size"] = int(ds.image_size)
     if ds.name == "cifar100" and ds.label != "fine":
         opts["label"] = ds.label
-    if ds.path is not None:  # your own data; a built-in dataset rejects it with one line
+    if ds.path is not None and "path" not in accepted:
+        raise ConfigError(
+            f"dataset.path is for your own data (dataset=npz or dataset=folder), not"
+            f" dataset={ds.name}; drop it (dataset.data_dir=DIR says where built-in files are)"
+        )
+    if ds.path is not None:
         opts["path"] = str(Path(ds.path).expanduser().resolve())
     return opts
 
