@@ -92,13 +92,17 @@ def test_presets_bring_their_student_and_an_explicit_student_wins():
     assert compose_config([]).synthesis.method == "deepinversion"
 
 
-def test_bad_peer_settings_are_one_line_config_errors():
-    with pytest.raises(ConfigError, match="coboost_weights"):
-        SynthesisConfig(method="coboost", coboost_weights="clients").validate()
-    with pytest.raises(ConfigError, match="coboost_mu_decay"):
-        SynthesisConfig(method="coboost", coboost_mu_decay=0.0).validate()
-    with pytest.raises(ConfigError, match="never takes a step"):
-        StudentConfig(fresh_step=False, steps_per_epoch=0).validate()
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: SynthesisConfig(method="coboost", coboost_weights="clients"), "coboost_weights"),
+        (lambda: SynthesisConfig(method="coboost", coboost_mu_decay=0.0), "coboost_mu_decay"),
+        (lambda: StudentConfig(fresh_step=False, steps_per_epoch=0), "never takes a step"),
+    ],
+)
+def test_bad_peer_settings_are_one_line_config_errors(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make().validate()
 
 
 class _Reader(nn.Module):
@@ -215,3 +219,20 @@ def test_peer_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path, metho
     if ref_weights is not None:
         assert torch.equal(ref_weights, synth.weights)
         assert not torch.equal(ref_weights, _setup(method, **kw)[2].weights)  # re-fitted
+
+
+def test_peers_benchmark_rows_report_final_best_and_time_to_reach(benchmark_module):
+    peers = benchmark_module("peers")
+
+    def run(acc, minutes):
+        curve = {"test_acc": acc, "elapsed_s": [60.0 * m for m in minutes]}
+        return {"results": {"student_acc": acc[-1], "ensemble_acc": 0.9}, "curve": curve}
+
+    runs = {
+        "default": run([0.5, 0.7, 0.8], [1, 2, 3]),
+        "dense": run([0.6, 0.75, 0.65], [10, 20, 30]),
+    }
+    rows = {r[1]: r for r in peers.rows_for(0.5, runs)}
+    assert rows["dense"][4:7] == ["65.00", "75.00", "30.0"]  # final, best over rounds, minutes
+    assert rows["dense"][8] == "2.0 (0.07 of its time)"  # the default passed 65 % at 2 min
+    assert rows["default"][8] == "—" and rows["default"][2] == "yes"

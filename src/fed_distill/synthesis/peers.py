@@ -36,15 +36,12 @@ import time
 from contextlib import ExitStack
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fed_distill.data.transforms import Normalizer
 from fed_distill.ensemble import ensemble_probs
 from fed_distill.synthesis.base import SyntheticBatch, frozen_student
-from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.generator import GeneratorSynthesizer
 from fed_distill.synthesis.registry import register_synthesizer
 
@@ -122,26 +119,27 @@ class _PeerSynthesizer(GeneratorSynthesizer):
     per-class targets of :class:`GeneratorSynthesizer`; a round = one re-initialised generator."""
 
     recipe = ""
+    pool: Any = None  # the student's pool (bind_pool)
+    _weights: torch.Tensor | None = None
 
-    def __init__(
-        self,
-        cfg: SynthesisConfig,
-        teachers: list[nn.Module],
-        class_counts: np.ndarray,
-        image_shape: tuple[int, int, int],
-        normalizer: Normalizer,
-        hflip: bool = False,
-        device: torch.device | str = "cpu",
-        seed: int = 0,
-        class_stats: list[dict[str, torch.Tensor] | None] | None = None,
-    ) -> None:
-        super().__init__(
-            cfg, teachers, class_counts, image_shape, normalizer, hflip, device, seed,
-            meta=False, class_stats=class_stats,
-        )  # fmt: skip
-        self.can_sample = False  # the generator is re-initialised every round
-        self.pool: Any = None
-        self.weights: torch.Tensor | None = None
+    # The generator is re-initialised every round: there is no trained generator to sample
+    # from. (GeneratorSynthesizer.__init__ assigns the flag; this class keeps it False.)
+    @property
+    def can_sample(self) -> bool:  # type: ignore[override]
+        return False
+
+    @can_sample.setter
+    def can_sample(self, value: bool) -> None:
+        pass
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """Co-Boosting's re-fitted ensemble weights (None: the ``ensemble`` rule)."""
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: torch.Tensor | None) -> None:
+        self._weights = value
 
     def bind_pool(self, pool: Any) -> None:
         self.pool = pool
@@ -226,7 +224,7 @@ class _PeerSynthesizer(GeneratorSynthesizer):
             self.weights = state["ensemble_weights"].to(self.device)
 
 
-@register_synthesizer("dense")
+@register_synthesizer("dense", meta=False)
 class DenseSynthesizer(_PeerSynthesizer):
     """``synthesis.method=dense``: DENSE's published recipe (see the module docstring)."""
 
@@ -251,19 +249,25 @@ class DenseSynthesizer(_PeerSynthesizer):
         return probs, ce, bn, adv
 
 
-@register_synthesizer("coboost")
+@register_synthesizer("coboost", meta=False)
 class CoBoostSynthesizer(_PeerSynthesizer):
     """``synthesis.method=coboost``: Co-Boosting (see the module docstring)."""
 
     recipe = "coboost"
 
-    def __init__(self, cfg: SynthesisConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(cfg, *args, **kwargs)
-        t = len(self.teachers)
-        if cfg.coboost_weights == "client":
-            self.weights = torch.full((t,), 1.0 / t, device=self.device)
-        else:  # client_class: start from the class shares
-            self.weights = self.shares.clone()
+    @property
+    def weights(self) -> torch.Tensor:
+        if self._weights is None:  # published: 1/T per client; client_class: the class shares
+            t = len(self.teachers)
+            if self.cfg.coboost_weights == "client":
+                self._weights = torch.full((t,), 1.0 / t, device=self.device)
+            else:
+                self._weights = self.shares.clone()
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: torch.Tensor | None) -> None:
+        self._weights = value
 
     def student_probs(self, logits: torch.Tensor, temperature: float) -> torch.Tensor | None:
         assert self.weights is not None
