@@ -17,7 +17,8 @@ peer's final accuracy; writes one time-to-accuracy figure with every curve.
     .venv/bin/python benchmarks/peers.py --reuse default dense  # re-read finished rows
 
 Each finished row is saved as OUT/alpha*/ROW.json; --reuse reads it back instead of rerunning
-it, so the rows can be run in separate sittings.
+it, and --resume continues the run directories in OUT (an interrupted student resumes from its
+last round), so the published 200 rounds can be carried over several sittings.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def run_method(label: str, src: Path, out: Path, alpha: float, args) -> dict:
         extra.append(f"student.epochs={args.default_epochs}")
     key = f"peers:{label}"
     bench.SYNTHESIZERS[key] = []  # run_one looks its overrides up by name; they come in `extra`
-    return bench.run_one(key, src, out, alpha, args.seed, extra)
+    return bench.run_one(key, src, out, alpha, args.seed, extra, keep=args.resume)
 
 
 def rows_for(alpha: float, runs: dict) -> list[list]:
@@ -135,6 +136,11 @@ def main() -> int:
     ap.add_argument("--figures", default="docs/figures", help="where the figure goes")
     ap.add_argument("--teachers", default=None, help="copy split.json + teachers/ from DIR/alpha*/")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run directories already in OUT (an interrupted student resumes)",
+    )
     ap.add_argument("--reuse", nargs="*", default=[], help="rows read from OUT/alpha*/ROW.json")
     ap.add_argument("overrides", nargs="*", help="extra fed-distill overrides (after --)")
     args = ap.parse_args()
