@@ -2,6 +2,8 @@
 presets, Co-Boosting's ensemble-weight re-fit and hard-sample perturbation, and a student loop
 that resumes from a checkpoint exactly as an uninterrupted one."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -236,3 +238,32 @@ def test_peers_benchmark_rows_report_final_best_and_time_to_reach(benchmark_modu
     assert rows["dense"][4:7] == ["65.00", "75.00", "30.0"]  # final, best over rounds, minutes
     assert rows["dense"][8] == "2.0 (0.07 of its time)"  # the default passed 65 % at 2 min
     assert rows["default"][8] == "—" and rows["default"][2] == "yes"
+
+
+@pytest.mark.parametrize("method", [pytest.param("dense", marks=pytest.mark.slow), "coboost"])
+def test_oneshot_with_a_peer_records_every_round_and_the_best_selected_on_test(
+    cli, tmp_path, method
+):
+    code, _, err = cli(
+        "oneshot",
+        "dataset=digits",
+        "split=iid",
+        "split.num_clients=2",
+        "seed=1",
+        f"run_dir={tmp_path}",
+        "train.epochs=2",
+        "train.min_steps=20",
+        "device=cpu",
+        f"synthesis={method}",
+        "synthesis.batch_size=32",
+        "synthesis.iterations=3",
+        "synthesis.ngf=8",
+        "student.epochs=2",
+    )
+    assert code == 0, err
+    r = json.loads((tmp_path / "results.json").read_text())
+    curve = r["student_curve"]
+    assert len(curve["test_acc"]) == len(curve["elapsed_s"]) == 2
+    assert curve["best_test_acc_selected_on_test"] == max(curve["test_acc"])
+    assert r["config"]["student"]["pool_passes"] == 1  # the preset brought its student
+    assert r["synthetic_images"] == 64
