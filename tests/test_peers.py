@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import FAST_TRAIN
 from fed_distill.artifacts import load_checkpoint
 from fed_distill.config import compose_config
 from fed_distill.data.transforms import Normalizer
@@ -244,22 +245,9 @@ def test_peers_benchmark_rows_report_final_best_and_time_to_reach(benchmark_modu
 def test_oneshot_with_a_peer_records_every_round_and_the_best_selected_on_test(
     cli, tmp_path, method
 ):
-    code, _, err = cli(
-        "oneshot",
-        "dataset=digits",
-        "split=iid",
-        "split.num_clients=2",
-        "seed=1",
-        f"run_dir={tmp_path}",
-        "train.epochs=2",
-        "train.min_steps=20",
-        "device=cpu",
-        f"synthesis={method}",
-        "synthesis.batch_size=32",
-        "synthesis.iterations=3",
-        "synthesis.ngf=8",
-        "student.epochs=2",
-    )
+    small = "synthesis.batch_size=32 synthesis.iterations=3 synthesis.ngf=8 student.epochs=2"
+    data = f"dataset=digits split=iid split.num_clients=2 seed=1 run_dir={tmp_path}"
+    code, _, err = cli("oneshot", *data.split(), *FAST_TRAIN, f"synthesis={method}", *small.split())
     assert code == 0, err
     r = json.loads((tmp_path / "results.json").read_text())
     curve = r["student_curve"]
