@@ -93,12 +93,23 @@ def prepare_teachers(base: Path, alpha: float, seed: int, teachers_from: Path | 
     return src
 
 
-def run_one(name: str, src: Path, run_dir: Path, alpha: float, seed: int, extra: list[str]):
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    shutil.copy2(src / "split.json", run_dir / "split.json")
-    shutil.copytree(src / "teachers", run_dir / "teachers")
+def run_one(
+    name: str,
+    src: Path,
+    run_dir: Path,
+    alpha: float,
+    seed: int,
+    extra: list[str],
+    keep: bool = False,
+):
+    """``fed-distill oneshot`` on a copy of ``src``'s teachers in ``run_dir`` (made afresh, or
+    with ``keep`` an existing one continued: the student resumes from its checkpoint)."""
+    if not (keep and (run_dir / "teachers").is_dir()):
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        shutil.copy2(src / "split.json", run_dir / "split.json")
+        shutil.copytree(src / "teachers", run_dir / "teachers")
     overrides = [
         "dataset=fashion_mnist",
         "split=dirichlet",

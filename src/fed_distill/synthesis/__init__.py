@@ -29,6 +29,8 @@ _LAZY = {
     "GeneratorSynthesizer": "generator",
     "ImageGenerator": "generator",
     "adversarial_loss": "generator",
+    "DenseSynthesizer": "peers",
+    "CoBoostSynthesizer": "peers",
     "PublicDataSynthesizer": "public",
     "load_unlabeled_images": "public",
     "teacher_class_weights": "inputs",
@@ -50,7 +52,13 @@ __all__ = ["SynthesisConfig", *sorted((*_LAZY, *_REGISTRY_NAMES))]
 def __getattr__(name: str) -> Any:
     if name in _REGISTRY_NAMES:
         # imported for their side effect: each registers its synthesis.method names
-        from fed_distill.synthesis import deepinversion, generator, public, registry  # noqa: F401
+        from fed_distill.synthesis import (  # noqa: F401
+            deepinversion,
+            generator,
+            peers,
+            public,
+            registry,
+        )
 
         return getattr(registry, name)
     if name in _LAZY:

@@ -69,6 +69,19 @@ class Synthesizer(ABC):
         optimisation). ``student.fresh`` mixes such images into the student's pool steps."""
         return None
 
+    def bind_pool(self, pool: Any) -> None:
+        """The student loop hands over its synthetic pool (``len(pool)``, ``pool.tensors()`` →
+        (images, labels)) before the first batch; a synthesizer that learns from the images
+        made so far keeps it (Co-Boosting re-fits its ensemble weights on them). Default:
+        ignored."""
+        return None
+
+    def student_probs(self, logits: torch.Tensor, temperature: float) -> torch.Tensor | None:
+        """The synthesizer's own rule for the student's soft labels from (T, N, C) teacher
+        logits at ``temperature`` (Co-Boosting: its re-fitted ensemble weights), or None: the
+        student's ``ensemble`` rule."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Everything that decides the *next* batches (RNG states, cursors, trained generator
         networks and their optimisers), as tensors and plain values, so that a resumed run

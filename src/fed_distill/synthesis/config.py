@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 from fed_distill.errors import ConfigError
 
-SYNTHESIS_METHODS = ("deepinversion", "generator", "fast", "public")
+SYNTHESIS_METHODS = ("deepinversion", "generator", "fast", "public", "dense", "coboost")
 # further synthesis.method names: synthesizers registered from outside the package
 # (register_synthesizer adds them), e.g. a researcher's subclass (docs/api.md)
 REGISTERED_METHODS: set[str] = set()
+COBOOST_WEIGHTS = ("client", "client_class")
 META_UPDATES = ("maml", "reptile")
 ENSEMBLES = ("weighted", "probs", "logits")
 GENERATOR_TARGETS = ("ensemble", "cycling")
@@ -94,6 +95,16 @@ class SynthesisConfig:
     adv_scale: float = 1.0  # weight of the adversarial term (student-ensemble disagreement)
     bn_momentum: float = 0.9  # fast: momentum of the tracked BN statistics (0 = off)
     meta_update: str = "maml"  # fast: first-order MAML or Reptile update of the meta-generator
+    # dense / coboost (the peers' recipes, synthesis/peers.py; sources in docs/peers.md):
+    # max gradient norm of the generator's step (0 = none; Co-Boosting: 10)
+    grad_clip: float = 0.0
+    hardness: float = 1.0  # coboost: exponent h of the hard-sample CE weight (1 - p_y)^h
+    # coboost: the re-fitted ensemble weights, one per client on its logits (`client`, as
+    # published) or one per client and class on its softmax, starting at the class shares
+    # (`client_class`, our class-share rule with re-fitted shares)
+    coboost_weights: str = "client"
+    coboost_mu: float = 0.01  # coboost: size of the weights' signed gradient step
+    coboost_mu_decay: float = 0.99  # coboost: the step shrinks by this factor every round
     # How the teachers' outputs combine into the target of the generator's CE and adversarial
     # terms and FedDF's pseudo-labels: weighted (class shares) | probs | logits.
     ensemble: str = "weighted"
@@ -121,6 +132,7 @@ class SynthesisConfig:
         one_of("meta_update", self.meta_update, META_UPDATES)
         one_of("ensemble", self.ensemble, ENSEMBLES)
         one_of("target", self.target, GENERATOR_TARGETS)
+        one_of("coboost_weights", self.coboost_weights, COBOOST_WEIGHTS)
         for key in ("batch_size", "iterations", "num_teachers", "nz", "ngf", "class_stats_min"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -159,9 +171,14 @@ class SynthesisConfig:
             "oh_scale",
             "adv_scale",
             "feature_scale",
+            "grad_clip",
+            "hardness",
+            "coboost_mu",
         ):
             if not getattr(self, key) >= 0:  # also rejects NaN
                 raise bad(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 < self.coboost_mu_decay <= 1.0:
+            raise bad(f"coboost_mu_decay must be in (0, 1], got {self.coboost_mu_decay}")
         if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
             raise bad(f"jitter must be an integer >= 0, got {self.jitter!r}")
         if self.class_weighted_ce and self.mode == "ensemble":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,18 +174,40 @@ class _Loop:
     cw: torch.Tensor | None  # per-class loss weights
     shares: torch.Tensor | None
     real: tuple[torch.Tensor, torch.Tensor] | None  # the server's own real data, if any
+    # the synthesizer's own rule for the soft labels (Synthesizer.student_probs)
+    combine: Callable[[torch.Tensor, float], torch.Tensor | None] | None = None
+
+    def probs(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The teachers' soft labels on ``x`` (with autograd: the perturbation needs it)."""
+        logits = torch.stack([t(x) for t in self.teachers])
+        own = self.combine(logits, temperature) if self.combine is not None else None
+        if own is not None:
+            return own
+        return ensemble_probs(logits, self.cfg.ensemble, self.shares, temperature)
+
+    def perturb(self, x: torch.Tensor) -> torch.Tensor:
+        """Co-Boosting's hard-sample perturbation: a signed-gradient step of size
+        ``perturb`` on the images along a random direction of the soft labels."""
+        x = x.detach().requires_grad_(True)
+        p = self.probs(x, self.cfg.temperature)
+        u = (torch.rand(p.shape, generator=self.gen) * 2 - 1).to(p.device)
+        (g,) = torch.autograd.grad((u * p).sum(), x)
+        return (x + self.cfg.perturb * g.sign()).detach()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One student step on ``x``; the images beyond ``len(y)`` (fresh generator samples)
         take the ensemble's top class as their label. Returns (loss, accuracy), on device."""
         cfg, student, cw = self.cfg, self.student, self.cw
         x, y = x.to(self.device, memory_format=self.fmt), y.to(self.device)
+        if cfg.perturb > 0:
+            x = self.perturb(x)
         student.train()
         s_logits = student(x)
         targets = None
         if cfg.loss == "kl" or len(y) < len(x):
             t = cfg.temperature if cfg.loss == "kl" else 1.0
-            targets = teacher_targets(self.teachers, x, t, cfg.ensemble, self.shares)
+            with torch.no_grad():
+                targets = self.probs(x, t)
         if len(y) < len(x):
             y = torch.cat([y, targets[len(y) :].argmax(1)])
         w = cw[y] if cw is not None else None
@@ -199,8 +221,11 @@ class _Loop:
             raise FedDistillError(f"student loss became {loss.item()}; lower student.lr")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.clip_grad > 0:
+            nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
         self.opt.step()
-        self.sched.step()
+        if cfg.pool_passes == 0:  # else the schedule steps once per epoch
+            self.sched.step()
         return loss.detach(), (s_logits.detach().argmax(1) == y).float().mean()
 
     def _real_loss(self) -> torch.Tensor:
@@ -255,12 +280,18 @@ def _optimizer(
     params = list(student.parameters())
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
         )
     else:
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # at least 1: a student that takes no step (e.g. only evaluated from student.init=fedavg)
     total_steps = max(1, cfg.epochs * (cfg.new_batches_per_epoch + cfg.steps_per_epoch))
+    if cfg.pool_passes:  # pool passes grow with the pool: the schedule counts epochs
+        total_steps = cfg.epochs
     if cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
@@ -333,6 +364,8 @@ def distill(
         except NotImplementedError as e:
             print(f"student: no checkpoints ({e})")
             checkpoint_path = None
+    loop.combine = synthesizer.student_probs
+    synthesizer.bind_pool(pool)
     ckpt = load_resumable(checkpoint_path, meta, "student")
     if ckpt is not None:
         start = _resume(ckpt, loop, synthesizer, pool, res, num_classes)
@@ -420,14 +453,13 @@ def _train_epoch(
         res.synthesis_seconds += time.perf_counter() - t0
         res.synthesized_images += len(batch)
         record_batch_metrics(res.di_metrics, batch, loop.teachers, loop.student, loop.device)
-        loss, acc = loop.step(batch.images, batch.labels)  # use the fresh batch at once
-        losses.append(loss)
-        accs.append(acc)
+        if cfg.fresh_step:
+            loss, acc = loop.step(batch.images, batch.labels)  # use the fresh batch at once
+            losses.append(loss)
+            accs.append(acc)
         pool.append(batch)
     x_all, y_all = pool.tensors()
-    for _ in range(cfg.steps_per_epoch):
-        n_pool = min(cfg.batch_size - n_fresh, len(y_all))
-        idx = torch.randint(0, len(y_all), (n_pool,), generator=loop.gen)
+    for idx in _pool_batches(loop, len(y_all), n_fresh):
         xb, yb = x_all[idx], y_all[idx]
         if n_fresh:
             fresh = synthesizer.sample(n_fresh, loop.fresh_gen)
@@ -436,12 +468,26 @@ def _train_epoch(
         loss, acc = loop.step(xb, yb)
         losses.append(loss)
         accs.append(acc)
+    if cfg.pool_passes:
+        loop.sched.step()
     return {
         "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
         "train_acc": float(torch.stack(accs).mean()) if accs else float("nan"),
         "pool_size": float(len(y_all)),
         "synthesis_s": res.synthesis_seconds,
     }
+
+
+def _pool_batches(loop: _Loop, n: int, n_fresh: int) -> Iterator[torch.Tensor]:
+    """The pool indices of an epoch's pool steps: ``pool_passes`` shuffled passes, or
+    ``steps_per_epoch`` random draws (drawn lazily, step by step, from the loop's generator)."""
+    cfg = loop.cfg
+    if cfg.pool_passes:
+        for _ in range(cfg.pool_passes):
+            yield from torch.randperm(n, generator=loop.gen).split(cfg.batch_size)
+        return
+    for _ in range(cfg.steps_per_epoch):
+        yield torch.randint(0, n, (min(cfg.batch_size - n_fresh, n),), generator=loop.gen)
 
 
 def _checkpoint(

@@ -49,6 +49,18 @@ class StudentConfig:
     # (synthesis=generator only): new images at the cost of one generator forward, labelled by
     # the teachers like the rest; 0 = every image from the pool.
     fresh: float = 0.0
+    # Each epoch, after the new batches: this many shuffled passes over the whole pool in
+    # batches of `batch_size` instead of `steps_per_epoch` random draws (DENSE's and
+    # Co-Boosting's KD: one pass a round); the cosine schedule then steps once per epoch.
+    # 0 = off.
+    pool_passes: int = 0
+    fresh_step: bool = True  # one step on each new batch at once, before the pool steps
+    nesterov: bool = True  # SGD with Nesterov momentum
+    clip_grad: float = 0.0  # max gradient norm of a student step (0 = no clipping)
+    # Co-Boosting's hard-sample perturbation of every batch the student sees:
+    # x + perturb * sign(grad_x sum(u * soft labels at `temperature`)), u ~ U(-1, 1), in
+    # normalised-pixel units (0 = off)
+    perturb: float = 0.0
     augment: bool = True  # random roll (jitter) and flip of pool batches
     jitter: int = 2
     server_data: bool = False  # train also on the real data of split clients without a teacher
@@ -70,6 +82,7 @@ class StudentConfig:
             "steps_per_epoch",
             "jitter",
             "checkpoint_every",
+            "pool_passes",
         ):
             if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 0):
                 raise ConfigError(
@@ -99,6 +112,13 @@ class StudentConfig:
             isinstance(self.fresh, (int, float)) and 0 <= self.fresh <= 1
         ):
             raise ConfigError(f"student.fresh must be a fraction in [0, 1], got {self.fresh!r}")
+        if not (self.clip_grad >= 0 and self.perturb >= 0):
+            raise ConfigError("student.clip_grad and student.perturb must be >= 0")
+        if self.steps_per_epoch == 0 and self.pool_passes == 0 and not self.fresh_step:
+            raise ConfigError(
+                "student.fresh_step=false with steps_per_epoch=0 and pool_passes=0: the"
+                " student never takes a step"
+            )
         if self.class_weights is not None and not all(w >= 0 for w in self.class_weights):
             raise ConfigError("student.class_weights must be non-negative")
         return self

@@ -1,0 +1,257 @@
+"""The peers' recipes (synthesis=dense, synthesis=coboost): their loss terms by hand, their
+presets, Co-Boosting's ensemble-weight re-fit and hard-sample perturbation, and a student loop
+that resumes from a checkpoint exactly as an uninterrupted one."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import FAST_TRAIN
+from fed_distill.artifacts import load_checkpoint
+from fed_distill.config import compose_config
+from fed_distill.data.transforms import Normalizer
+from fed_distill.ensemble import ensemble_probs
+from fed_distill.errors import ConfigError
+from fed_distill.models import build_model
+from fed_distill.synthesis import SynthesisConfig, build_synthesizer
+from fed_distill.synthesis.base import SyntheticBatch
+from fed_distill.synthesis.generator import ImageGenerator
+from fed_distill.synthesis.peers import (
+    crop_flip,
+    dense_adversarial,
+    hardness_ce,
+    reset_generator,
+    weighted_ensemble,
+)
+from fed_distill.train.student import SyntheticPool, distill
+from fed_distill.train.student_config import StudentConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NORM = Normalizer((0.5,), (0.25,))
+
+
+def test_crop_flip_shifts_each_image_by_its_own_offset_with_zero_padding():
+    x = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4) + 1
+    off = torch.tensor([[1, 1], [0, 2]])  # pad 1: (1, 1) is the identity crop
+    out = crop_flip(x, 1, off, torch.tensor([False, False]))
+    assert torch.equal(out[0], x[0])
+    # image 1: one row down (top row is padding), one column left (right column is padding)
+    expect = torch.zeros(1, 4, 4)
+    expect[:, 1:, :3] = x[1, :, :3, 1:]
+    assert torch.equal(out[1], expect)
+    flipped = crop_flip(x, 0, torch.zeros(2, 2, dtype=torch.long), torch.tensor([True, False]))
+    assert torch.equal(flipped[0], x[0].flip(2)) and torch.equal(flipped[1], x[1])
+
+
+def test_dense_adversarial_counts_only_samples_where_student_and_teacher_disagree():
+    t = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+    s = torch.log(torch.tensor([[0.2, 0.8], [0.9, 0.1]]))  # sample 0 disagrees, 1 agrees
+    kl0 = 0.7 * np.log(0.7 / 0.2) + 0.3 * np.log(0.3 / 0.8)
+    assert dense_adversarial(t, s).item() == pytest.approx(-kl0 / 2, rel=1e-5)
+
+
+def test_hardness_ce_weights_each_sample_by_one_minus_its_label_probability():
+    p = torch.tensor([[0.9, 0.1], [0.25, 0.75]])
+    y = torch.tensor([0, 0])
+    expect = (0.1**2 * -np.log(0.9) + 0.75**2 * -np.log(0.25)) / 2
+    assert hardness_ce(p, y, 2.0).item() == pytest.approx(expect, rel=1e-5)
+    assert hardness_ce(p, y, 0.0).item() == pytest.approx(F.nll_loss(p.log(), y).item())
+
+
+def test_weighted_ensemble_per_client_and_per_client_class():
+    logits = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    equal = weighted_ensemble(logits, torch.full((3,), 0.2))
+    assert torch.allclose(equal, ensemble_probs(logits, "logits"))
+    only_first = weighted_ensemble(logits, torch.tensor([1.0, 0.0, 0.0]), temperature=2.0)
+    assert torch.allclose(only_first, F.softmax(logits[0] / 2, dim=1))
+    shares = torch.rand(3, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(
+        weighted_ensemble(logits, shares), ensemble_probs(logits, "weighted", shares)
+    )
+
+
+def test_reset_generator_is_seeded_and_matches_the_published_initialisation():
+    nets = [ImageGenerator(16, (1, 8, 8), 8) for _ in range(2)]
+    for net in nets:
+        reset_generator(net, torch.Generator().manual_seed(5))
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    w = nets[0].fc.weight
+    assert abs(w.std().item() - 0.02) < 0.005 and nets[0].fc.bias.abs().max() == 0
+
+
+def test_presets_bring_their_student_and_an_explicit_student_wins():
+    for name in ("dense", "coboost"):
+        cfg = compose_config([f"synthesis={name}"])
+        assert cfg.synthesis.method == name and cfg.student.pool_passes == 1
+        assert cfg.student.epochs == 200 and not cfg.student.fresh_step
+    assert compose_config(["synthesis=dense"]).student.temperature == 20.0
+    assert compose_config(["synthesis=coboost"]).student.perturb > 0
+    assert compose_config(["synthesis=dense", "student=long"]).student.pool_passes == 0
+    assert compose_config([]).synthesis.method == "deepinversion"
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: SynthesisConfig(method="coboost", coboost_weights="clients"), "coboost_weights"),
+        (lambda: SynthesisConfig(method="coboost", coboost_mu_decay=0.0), "coboost_mu_decay"),
+        (lambda: StudentConfig(fresh_step=False, steps_per_epoch=0), "never takes a step"),
+    ],
+)
+def test_bad_peer_settings_are_one_line_config_errors(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make().validate()
+
+
+class _Reader(nn.Module):
+    """A teacher whose logits are 10 × the first pixel row read through a class permutation."""
+
+    def __init__(self, perm: list[int]) -> None:
+        super().__init__()
+        self.register_buffer("perm", torch.tensor(perm))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 10 * x[:, 0, 0, :][:, self.perm]
+
+
+@pytest.mark.parametrize("mode", ["client", "client_class"])
+def test_coboost_refit_moves_weight_to_the_teacher_that_labels_the_pool_right(mode):
+    k = 4
+    good, bad = _Reader(list(range(k))), _Reader([1, 2, 3, 0])
+    cfg = SynthesisConfig(
+        method="coboost", batch_size=8, bn_scale=0.0, coboost_weights=mode, coboost_mu=0.05
+    )
+    counts = np.ones((2, k), dtype=np.int64)
+    synth = build_synthesizer(cfg, [good, bad], counts, (1, 4, 4), NORM, False, "cpu", seed=0)
+    y = torch.arange(16) % k
+    x = torch.zeros(16, 1, 4, 4)
+    x[torch.arange(16), 0, 0, y] = 1.0
+    pool = SyntheticPool()
+    pool.append(SyntheticBatch(x, y, [0, 1]))
+    synth.bind_pool(pool)
+    before = synth.weights.clone()
+    logits = torch.stack([good(x), bad(x)])
+
+    def pool_ce(w):
+        return F.nll_loss(weighted_ensemble(logits, w).log(), y).item()
+
+    synth.batches = 1
+    synth._after_round()
+    w = synth.weights
+    assert w.shape == before.shape and (w >= 0).all() and (w <= 1).all()
+    assert (w[0] > before[0]).all() and (w[1] < before[1]).all()
+    assert pool_ce(w) < pool_ce(before)
+
+
+def _setup(method: str, **synth_kw):
+    torch.manual_seed(0)
+    teachers = [build_model("cnn_small", 10, 1, 8, width=8).eval() for _ in range(2)]
+    counts = np.array([[5] * 5 + [1] * 5, [1] * 5 + [5] * 5])
+    scfg = SynthesisConfig(
+        method=method, batch_size=16, iterations=3, nz=8, ngf=4, lr=0.01, jitter=2, **synth_kw
+    )
+    synth = build_synthesizer(scfg, teachers, counts, (1, 8, 8), NORM, True, "cpu", seed=7)
+    student = build_model("cnn_small", 10, 1, 8, width=8, dropout=0.2)
+    cfg = StudentConfig(
+        epochs=4,
+        initial_batches=0,
+        fresh_step=False,
+        steps_per_epoch=0,
+        pool_passes=1,
+        batch_size=12,
+        nesterov=False,
+        schedule="cosine",
+        ensemble="logits",
+        clip_grad=10.0 if method == "coboost" else 0.0,
+        perturb=0.03 if method == "coboost" else 0.0,
+    )
+    return student, teachers, synth, SyntheticPool(), cfg
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "method,kw",
+    [
+        ("dense", {"flip": True}),
+        ("coboost", {"bn_scale": 0.0, "grad_clip": 10.0}),
+        ("coboost", {"coboost_weights": "client_class", "bn_scale": 1.0}),
+    ],
+)
+def test_peer_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path, method, kw):
+    digits = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8)
+    kw_d = dict(
+        normalizer=NORM,
+        hflip=True,
+        device="cpu",
+        seed=3,
+        test=(digits, torch.arange(50) % 10),
+        progress=False,
+    )
+    student, teachers, synth, pool, cfg = _setup(method, **kw)
+    ref = distill(student, teachers, synth, pool, cfg, **kw_d)
+    ref_state = {k: v.clone() for k, v in student.state_dict().items()}
+    ref_weights = None if synth.weights is None else synth.weights.clone()
+    assert ref.metrics["pool_size"] == [16.0, 32.0, 48.0, 64.0]  # every round's batch is kept
+
+    def stop_at_2(epoch, row):
+        if epoch == 2:
+            raise Stop
+
+    ckpt = tmp_path / "student.safetensors"
+    student, teachers, synth, pool, cfg = _setup(method, **kw)
+    with pytest.raises(Stop):
+        distill(
+            student, teachers, synth, pool, cfg, checkpoint_path=ckpt, on_epoch=stop_at_2, **kw_d
+        )
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    student, teachers, synth, pool, cfg = _setup(method, **kw)
+    torch.manual_seed(1234)  # restored from the checkpoint
+    res = distill(student, teachers, synth, pool, cfg, checkpoint_path=ckpt, **kw_d)
+    assert res.metrics["loss"] == ref.metrics["loss"]
+    assert res.metrics["test_acc"] == ref.metrics["test_acc"]
+    for k, v in ref_state.items():
+        assert torch.equal(v, student.state_dict()[k]), k
+    if ref_weights is not None:
+        assert torch.equal(ref_weights, synth.weights)
+        assert not torch.equal(ref_weights, _setup(method, **kw)[2].weights)  # re-fitted
+
+
+def test_peers_benchmark_rows_report_final_best_and_time_to_reach(benchmark_module):
+    peers = benchmark_module("peers")
+
+    def run(acc, minutes):
+        curve = {"test_acc": acc, "elapsed_s": [60.0 * m for m in minutes]}
+        return {"results": {"student_acc": acc[-1], "ensemble_acc": 0.9}, "curve": curve}
+
+    runs = {
+        "default": run([0.5, 0.7, 0.8], [1, 2, 3]),
+        "dense": run([0.6, 0.75, 0.65], [10, 20, 30]),
+    }
+    rows = {r[1]: r for r in peers.rows_for(0.5, runs)}
+    assert rows["dense"][4:7] == ["65.00", "75.00", "30.0"]  # final, best over rounds, minutes
+    assert rows["dense"][8] == "2.0 (0.07 of its time)"  # the default passed 65 % at 2 min
+    assert rows["default"][8] == "—" and rows["default"][2] == "yes"
+
+
+@pytest.mark.parametrize("method", [pytest.param("dense", marks=pytest.mark.slow), "coboost"])
+def test_oneshot_with_a_peer_records_every_round_and_the_best_selected_on_test(
+    cli, tmp_path, method
+):
+    small = "synthesis.batch_size=32 synthesis.iterations=3 synthesis.ngf=8 student.epochs=2"
+    data = f"dataset=digits split=iid split.num_clients=2 seed=1 run_dir={tmp_path}"
+    code, _, err = cli("oneshot", *data.split(), *FAST_TRAIN, f"synthesis={method}", *small.split())
+    assert code == 0, err
+    r = json.loads((tmp_path / "results.json").read_text())
+    curve = r["student_curve"]
+    assert len(curve["test_acc"]) == len(curve["elapsed_s"]) == 2
+    assert curve["best_test_acc_selected_on_test"] == max(curve["test_acc"])
+    assert r["config"]["student"]["pool_passes"] == 1  # the preset brought its student
+    assert r["synthetic_images"] == 64
