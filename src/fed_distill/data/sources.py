@@ -150,44 +150,59 @@ def _idx_downloads(base: str, md5s: tuple[str, str, str, str]) -> tuple[Download
     )
 
 
+def _idx_source(
+    name: str,
+    info: DatasetInfo,
+    *,
+    subdirs: tuple[str, ...],
+    system_dir: str,
+    base_url: str,
+    md5s: tuple[str, str, str, str],
+    hint: str = "",
+) -> _Source:
+    """An MNIST-style dataset: the four IDX files, found in ``subdirs`` or ``system_dir``."""
+    return _Source(
+        name,
+        info=lambda opts: info,
+        read=formats.read_idx_source,
+        required=_idx_required(),
+        subdirs=subdirs,
+        system_dirs=(system_dir,),
+        downloads=_idx_downloads(base_url, md5s),
+        hint=hint,
+    )
+
+
 _SOURCES: dict[str, _Source] = {
     s.name: s
     for s in (
-        _Source(
+        _idx_source(
             "fashion_mnist",
-            info=lambda opts: _FASHION_INFO,
-            read=formats.read_idx_source,
-            required=_idx_required(),
+            _FASHION_INFO,
             subdirs=("fashion-mnist", "FashionMNIST/raw"),
-            system_dirs=("/usr/share/datasets/fashion-mnist",),
+            system_dir="/usr/share/datasets/fashion-mnist",
             # md5s published by Zalando Research in the Fashion-MNIST README.
-            downloads=_idx_downloads(
-                "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-                (
-                    "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                    "25c81989df183df01b3e8a0aad5dffbe",
-                    "bef4ecab320f06d8554ea6380940ec79",
-                    "bb300cfdad3c16e7a12a480ee83cd310",
-                ),
+            base_url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            md5s=(
+                "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "25c81989df183df01b3e8a0aad5dffbe",
+                "bef4ecab320f06d8554ea6380940ec79",
+                "bb300cfdad3c16e7a12a480ee83cd310",
             ),
             hint="`apt-get install dataset-fashion-mnist`",
         ),
-        _Source(
+        _idx_source(
             "mnist",
-            info=lambda opts: _MNIST_INFO,
-            read=formats.read_idx_source,
-            required=_idx_required(),
+            _MNIST_INFO,
             subdirs=("mnist", "MNIST/raw"),
-            system_dirs=("/usr/share/datasets/mnist",),
+            system_dir="/usr/share/datasets/mnist",
             # The mirror and md5s torchvision uses.
-            downloads=_idx_downloads(
-                "https://ossci-datasets.s3.amazonaws.com/mnist/",
-                (
-                    "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                    "d53e105ee54ea40749a09fcbcd1e9432",
-                    "9fb629c4189551a2d022fa330f9573f3",
-                    "ec29112dd5afa0611ce80d1b7f02629c",
-                ),
+            base_url="https://ossci-datasets.s3.amazonaws.com/mnist/",
+            md5s=(
+                "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "d53e105ee54ea40749a09fcbcd1e9432",
+                "9fb629c4189551a2d022fa330f9573f3",
+                "ec29112dd5afa0611ce80d1b7f02629c",
             ),
         ),
         _Source(
