@@ -62,6 +62,7 @@ from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.inputs import (
     balanced_labels,
     frozen_copies,
+    has_bn,
     label_probs,
     synthesis_inputs,
     teacher_class_weights,
@@ -117,6 +118,8 @@ class DeepInversion(Synthesizer):
         self.counts = counts
         self.owned = counts > 0  # (T, C) bool, CPU
         self.teachers = frozen_copies(teachers, self.device, need_bn=cfg.bn_scale > 0)
+        # a teacher without BN layers adds CE and competition terms only (no hooks)
+        self.bn_teachers = {i for i, t in enumerate(self.teachers) if has_bn(t)}
         # per teacher, per BN layer: (K, C) class targets (None: the global BN statistics)
         self.class_targets = teachers_class_targets(self.teachers, class_stats, cfg)
         self._shares_dev = class_shares(counts).to(self.device)
@@ -328,7 +331,11 @@ class DeepInversion(Synthesizer):
                 # one hook set on the grouped net: a (T,) vector of per-teacher terms
                 hooks = {-1: stack.enter_context(StackedBNHooks(stacked, self.class_targets))}
             elif cfg.bn_scale > 0:
-                hooks = {t: stack.enter_context(self._bn_hooks(t)) for t in active}
+                hooks = {
+                    t: stack.enter_context(self._bn_hooks(t))
+                    for t in active
+                    if t in self.bn_teachers
+                }
             self._set_classes(hooks, y)
             step_loss = partial(
                 self._step_loss, active, draws, y, hooks, student if adaptive else None
@@ -394,7 +401,7 @@ class DeepInversion(Synthesizer):
             t = active[0]
             logits = self._teacher_logits(t, xj)
             ce = self._ce(t, logits, y)
-            bn = hooks[t].loss(cfg.first_bn_multiplier).reshape(()) if hooks else self._zero
+            bn = hooks[t].loss(cfg.first_bn_multiplier).reshape(()) if t in hooks else self._zero
             comp = self._comp(logits, s_logits)
         tv = total_variation(x)
         l2 = l2_prior(x)
@@ -416,13 +423,13 @@ class DeepInversion(Synthesizer):
         for t in drawn:
             logits = self._teacher_logits(t, xj)
             ces.append(self._ce(t, logits, y))
-            if hooks:
+            if t in hooks:
                 bns.append(hooks[t].loss(self.cfg.first_bn_multiplier).reshape(()))
             if s_logits is not None:
                 comps.append(competition_loss(logits, s_logits, self.cfg.temperature))
         k = len(drawn)
         ce = torch.stack(ces).sum() / k
-        bn = torch.stack(bns).sum() / k if hooks else self._zero
+        bn = torch.stack(bns).sum() / k if bns else self._zero
         comp = torch.stack(comps).sum() / k if s_logits is not None else self._zero
         return ce, bn, comp
 
@@ -445,7 +452,7 @@ class DeepInversion(Synthesizer):
             bn = hooks[-1].loss(cfg.first_bn_multiplier).mean()
         else:
             bn = torch.stack(
-                [hooks[t].loss(cfg.first_bn_multiplier).reshape(()) for t in active]
+                [hooks[t].loss(cfg.first_bn_multiplier).reshape(()) for t in active if t in hooks]
             ).mean()
         return ce, bn, self._comp(logits, s_logits)
 
