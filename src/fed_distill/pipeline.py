@@ -239,7 +239,7 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
         save_json(metrics, mpath)
         remove_file(ckpt)  # the finished teacher is on disk: its checkpoint has done its job
         print(
-            f"teacher {i} ({archs[i][0]}): {len(c.train)} train samples, best epoch {metrics['best_epoch'] + 1}, val"
+            f"teacher {i}: {archs[i][0]}, {len(c.train)} train samples, best epoch {metrics['best_epoch'] + 1}, val"
             f" {metrics['best_val_acc']:.4f}, local test {metrics['local_test_acc']:.4f}, test {metrics['test_acc']:.4f}"
             f" ({metrics['train_time_s']:.1f}s)"
         )

@@ -17,7 +17,7 @@ from fed_distill.artifacts import load_json, load_weights
 from fed_distill.config import ModelConfig, as_object, to_container
 from fed_distill.data.sources import DatasetInfo
 from fed_distill.errors import ConfigError, FedDistillError, ModelError
-from fed_distill.models import build_model, describe, mixed, teacher_architectures
+from fed_distill.models import build_model, describe, list_models, mixed, teacher_architectures
 from fed_distill.models.families import Architecture
 from fed_distill.utils import seed_everything
 
@@ -155,6 +155,10 @@ def _read_spec(tdir: Path) -> TeacherSpec:
         raise FedDistillError(
             f"{tdir / 'teachers.json'} is malformed ({', '.join(bad)} has the wrong"
             " type or value); rerun train-teachers"
+        )
+    if spec.model not in list_models():  # the student's default architecture
+        raise ModelError(
+            f"{tdir / 'teachers.json'}: unknown model '{spec.model}'; rerun train-teachers"
         )
     return spec
 
