@@ -48,24 +48,15 @@ def with_defaults(overrides: list[str]) -> list[str]:
     return [d for d in MAIN_JOB if d.split("=", 1)[0] not in keys] + overrides
 
 
+SETTING = ["dataset=fashion_mnist", "split=dirichlet", "split.num_clients=5"]  # DENSE's Table 1
 HETERO = "fmnist_hetero_5"  # the heterogeneous row: five different architectures
 
 
 def run_row(run_dir: Path, alpha: float, seed: int, overrides: list[str]) -> dict:
     """One ``fed-distill oneshot`` run; its results.json with the benchmark's timings."""
     t0 = time.perf_counter()
-    run_stage(
-        "oneshot",
-        [
-            "dataset=fashion_mnist",
-            "split=dirichlet",
-            f"split.alpha={alpha}",
-            "split.num_clients=5",
-            f"seed={seed}",
-            f"run_dir={run_dir}",
-            *with_defaults(overrides),
-        ],
-    )
+    setting = [*SETTING, f"split.alpha={alpha}", f"seed={seed}", f"run_dir={run_dir}"]
+    run_stage("oneshot", [*setting, *with_defaults(overrides)])
     r = json.loads((run_dir / "results.json").read_text())
     r["bench_wall_s"] = time.perf_counter() - t0
     # Teacher training time as recorded when the teachers were trained (a rerun reuses them).
