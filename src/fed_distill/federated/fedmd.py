@@ -32,17 +32,18 @@ step, and an L2 penalty of 1e-3 on the output layer's weights in every loss (``h
 their ``kernel_regularizer=l2(1e-3)``), which keeps the exchanged logits on a moderate scale.
 
 Every protocol step is a plain function of tensors and a model (what a client or the server
-computes); :func:`fed_distill.federated.fedmd_run.run_fedmd` chains them in one process, phase
-by phase, and the Flower runner calls the same functions on separate machines. Each step seeds its own RNG from its arguments, so results do
-not depend on the order in which parties are processed.
+computes): the client's steps are here, the server's (validate, aggregate, draw the subset) in
+:mod:`~fed_distill.federated.fedmd_server`, transfer learning and the baselines in
+:mod:`~fed_distill.federated.fedmd_baselines`. :func:`fed_distill.federated.fedmd_run.run_fedmd`
+chains them in one process, phase by phase, and the Flower runner calls the same functions on
+separate machines. Each step seeds its own RNG from its arguments, so results do not depend on
+the order in which parties are processed.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -51,9 +52,16 @@ import torch
 import torch.nn.functional as F
 
 from fed_distill.data.transforms import Normalizer
-from fed_distill.errors import ConfigError, ModelError, ProtocolError
-from fed_distill.federated.config import AGGREGATES, FedMDConfig
-from fed_distill.federated.fedmd_data import FedMDData, stratified_subset
+from fed_distill.errors import ConfigError, ModelError
+from fed_distill.federated.config import FedMDConfig
+from fed_distill.federated.fedmd_data import FedMDData
+from fed_distill.federated.fedmd_server import (  # noqa: F401  (re-exported: the protocol's steps)
+    aggregate,
+    collect_scores,
+    consensus_distance,
+    draw_public_subset,
+    validate_scores,
+)
 from fed_distill.train.fit import FitResult, TrainConfig, fit, predict_logits
 
 # ============================================================================ small helpers
@@ -185,113 +193,6 @@ def class_scores(
     if kind == "softmax":
         return F.softmax(logits / temperature, dim=1)
     raise ConfigError(f"fedmd.scores must be logits or softmax, got '{kind}'")
-
-
-def validate_scores(scores: Any, expected_shape: Sequence[int], party: str | int) -> torch.Tensor:
-    """Check one party's message (server side): a finite float tensor of ``expected_shape``.
-
-    Raises :class:`ProtocolError` with a one-line message naming the party; returns the scores
-    as float32 on the CPU.
-    """
-    who = party if isinstance(party, str) else f"party {party}"
-    expected = tuple(int(s) for s in expected_shape)
-    if not isinstance(scores, torch.Tensor):
-        raise ProtocolError(
-            f"{who}: class scores must be a tensor of shape {expected}, got {type(scores).__name__}"
-        )
-    if not torch.is_floating_point(scores):
-        raise ProtocolError(f"{who}: class scores must be floating point, got dtype {scores.dtype}")
-    if tuple(scores.shape) != expected:
-        raise ProtocolError(
-            f"{who}: class scores have shape {tuple(scores.shape)}, expected {expected} "
-            "(public subset size x number of outputs)"
-        )
-    finite = torch.isfinite(scores)
-    if not bool(finite.all()):
-        n_nan = int(torch.isnan(scores).sum())
-        n_inf = int((~finite).sum()) - n_nan
-        raise ProtocolError(
-            f"{who}: class scores contain {n_nan} NaN and {n_inf} Inf values "
-            f"(of {scores.numel()}); the party's model has diverged"
-        )
-    return scores.detach().to("cpu", torch.float32)
-
-
-def aggregate(
-    scores_list: Sequence[torch.Tensor],
-    method: str = "mean",
-    weights: Sequence[float] | None = None,
-    trim: float = 0.1,
-) -> torch.Tensor:
-    """Aggregate (server): the consensus of the parties' scores, element-wise.
-
-    * ``mean`` -- the paper's average; optional per-party ``weights`` (normalised to sum 1).
-    * ``median`` -- coordinate-wise median (the mean of the two middle values for an even count).
-    * ``trimmed_mean`` -- per coordinate, drop the ``floor(trim * n)`` lowest and highest values
-      and average the rest.
-
-    The robust options bound the influence of a few outlier parties.
-    """
-    if len(scores_list) == 0:
-        raise ProtocolError("aggregate: no party sent class scores")
-    if method not in AGGREGATES:
-        raise ConfigError(f"fedmd.aggregate must be one of {', '.join(AGGREGATES)}, got '{method}'")
-    stack = torch.stack([s.float() for s in scores_list])  # (P, N, C)
-    n = stack.shape[0]
-    if weights is not None:
-        if method != "mean":
-            raise ConfigError(f"aggregate weights only apply to mean, not '{method}'")
-        w = torch.as_tensor(list(weights), dtype=torch.float32)
-        if w.shape != (n,) or not bool(torch.isfinite(w).all()) or (w < 0).any() or w.sum() <= 0:
-            raise ConfigError(
-                f"aggregate weights must be {n} non-negative numbers with a positive sum, "
-                f"got {list(weights)}"
-            )
-        return torch.einsum("p,pnc->nc", w / w.sum(), stack)
-    if method == "mean":
-        return stack.mean(0)
-    ordered = stack.sort(dim=0).values
-    if method == "median":
-        mid = n // 2
-        return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-    if not 0 <= trim < 0.5:
-        raise ConfigError(f"fedmd.trim must be in [0, 0.5), got {trim}")
-    k = int(math.floor(trim * n))
-    return ordered[k : n - k].mean(0)
-
-
-def collect_scores(
-    messages: Sequence[Any],
-    expected_shape: Sequence[int],
-    party_names: Sequence[str],
-    on_invalid: str = "error",
-) -> tuple[list[torch.Tensor], list[int], list[dict[str, Any]]]:
-    """Validate every party's message (server side).
-
-    Returns the valid scores, the indices of the parties they came from, and the left-out
-    parties (``{"party", "reason"}``). ``on_invalid="error"`` raises the first ProtocolError;
-    ``"skip"`` leaves the party out of this round's consensus (at least one must remain).
-    """
-    valid, used, left_out = [], [], []
-    for i, (msg, name) in enumerate(zip(messages, party_names, strict=True)):
-        try:
-            valid.append(validate_scores(msg, expected_shape, name))
-            used.append(i)
-        except ProtocolError as e:
-            if on_invalid != "skip":
-                raise
-            left_out.append({"party": i, "reason": str(e)})
-    if not valid:
-        raise ProtocolError(
-            "every party's class scores were rejected this round: "
-            + "; ".join(d["reason"] for d in left_out)
-        )
-    return valid, used, left_out
-
-
-def consensus_distance(scores: torch.Tensor, consensus: torch.Tensor) -> float:
-    """Mean absolute difference between one party's scores and the consensus."""
-    return (scores.float() - consensus.float()).abs().mean().item()
 
 
 def digest_loss(
@@ -473,136 +374,44 @@ def pretrain_public(
     )
 
 
-def transfer_learning(
-    model: torch.nn.Module,
-    data: FedMDData,
-    party: int,
-    c: FedMDConfig,
-    *,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Transfer learning for one party: public data, then its private data.
-
-    Returns ``public_val_acc``, ``private_acc_after_public``, ``alone_acc`` (private test task
-    after both steps), the epochs run, ``public_state`` (weights after the public step, the
-    starting point of the pooled baseline) and ``test_logits`` on the private test task.
-    """
-    crop = c.crop_padding
-    public_x, public_y = data.public_labelled()  # unlabelled public images: alignment only
-    res = pretrain_public(
-        model,
-        public_x,
-        public_y,
-        data.public_val_x if len(data.public_val_y) else None,
-        data.public_val_y if len(data.public_val_y) else None,
-        data.public_norm,
-        epochs=c.public_epochs,
-        batch_size=c.public_batch_size,
-        lr=c.lr,
-        head_l2=c.head_l2,
-        patience=c.public_patience,
-        crop_padding=crop,
-        hflip=bool(crop) and data.public_hflip,
-        device=device,
-        seed=step_seed(seed, party, 1),
-        desc=f"party {party} public",
-        progress=progress,
-    )
-    public_state = copy.deepcopy(res.state_dict)
-    after_public = private_accuracy(
-        model, data.test_x, data.test_y, data.private_norm, data.offset, data.num_private, device
-    )
-    revisit(
-        model,
-        data.private_x[party],
-        data.private_y[party],
-        data.private_norm,
-        epochs=c.private_epochs,
-        batch_size=c.private_batch_size,
-        lr=c.lr,
-        head_l2=c.head_l2,
-        crop_padding=crop,
-        hflip=bool(crop) and data.private_hflip,
-        device=device,
-        seed=step_seed(seed, party, 2),
-        desc=f"party {party} private",
-        progress=progress,
-    )
-    test_logits = predict_logits(model, data.test_x, data.private_norm, device)
-    alone = restricted_accuracy(test_logits, data.test_y, data.offset, data.num_private)
-    return {
-        "public_val_acc": res.best_val_acc,
-        "public_epochs_run": len(res.history.get("train_loss", [])),
-        "private_acc_after_public": after_public,
-        "alone_acc": alone,
-        "public_state": public_state,
-        "test_logits": test_logits,
-    }
-
-
-def pooled_baseline(
-    model: torch.nn.Module,
-    data: FedMDData,
-    party: int,
-    c: FedMDConfig,
-    *,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
+def private_test_accuracy(
+    model: torch.nn.Module, data: FedMDData, device: torch.device | str
 ) -> float:
-    """Upper bound for one architecture: ``model`` (public-pretrained weights) trained on the
-    union of every party's private data, evaluated on the private test task."""
-    x, y = data.pooled()
-    crop = c.crop_padding
-    revisit(
-        model,
-        x,
-        y,
-        data.private_norm,
-        epochs=c.pooled_epochs,
-        batch_size=c.pooled_batch_size,
-        lr=c.lr,
-        head_l2=c.head_l2,
-        crop_padding=crop,
-        hflip=bool(crop) and data.private_hflip,
-        device=device,
-        seed=step_seed(seed, party, 3),
-        desc=f"party {party} pooled",
-    )
+    """The model's accuracy on the private test task (:func:`private_accuracy`)."""
     return private_accuracy(
         model, data.test_x, data.test_y, data.private_norm, data.offset, data.num_private, device
     )
 
 
-def alone_extended(
+def revisit_private(
     model: torch.nn.Module,
     data: FedMDData,
-    party: int,
     c: FedMDConfig,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-) -> float | None:
-    """Control for one party: the alone model (changed in place) trained on its own private data
-    for as many epochs as the rounds' revisits add up to; private test accuracy."""
-    if not (c.extended_alone and c.rounds * c.revisit_epochs > 0):
-        return None
-    revisit(
+    xy: tuple[torch.Tensor, torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    device: torch.device | str,
+    seed: int,
+    desc: str = "revisit",
+    progress: bool = False,
+) -> FitResult | None:
+    """:func:`revisit` on private-task data ``xy`` with the run's head L2, crop and flip."""
+    return revisit(
         model,
-        data.private_x[party],
-        data.private_y[party],
+        *xy,
         data.private_norm,
-        epochs=c.rounds * c.revisit_epochs,
-        batch_size=c.revisit_batch_size,
-        lr=round_lr(c),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
         head_l2=c.head_l2,
         crop_padding=c.crop_padding,
         hflip=bool(c.crop_padding) and data.private_hflip,
         device=device,
-        seed=step_seed(seed, party, 4),
-    )
-    return private_accuracy(
-        model, data.test_x, data.test_y, data.private_norm, data.offset, data.num_private, device
+        seed=seed,
+        desc=desc,
+        progress=progress,
     )
 
 
@@ -640,17 +449,14 @@ def local_round(
         seed=step_seed(seed, party, 10, round_),
     )
     t1 = time.perf_counter()
-    revisit(
+    revisit_private(
         model,
-        data.private_x[party],
-        data.private_y[party],
-        data.private_norm,
+        data,
+        c,
+        (data.private_x[party], data.private_y[party]),
         epochs=c.revisit_epochs,
         batch_size=c.revisit_batch_size,
         lr=round_lr(c),
-        head_l2=c.head_l2,
-        crop_padding=c.crop_padding,
-        hflip=bool(c.crop_padding) and data.private_hflip,
         device=device,
         seed=step_seed(seed, party, 11, round_),
     )
@@ -658,20 +464,6 @@ def local_round(
     logits = predict_logits(model, data.test_x, data.private_norm, device)
     times = {"digest": t1 - t0, "revisit": t2 - t1, "evaluate": time.perf_counter() - t2}
     return logits, times
-
-
-def draw_public_subset(public_y: torch.Tensor, size: int, seed: int, round_: int) -> np.ndarray:
-    """Indices of this round's stratified public subset (the same for every party).
-
-    Strata are the public labels; the unlabelled public images (label -1) form one stratum, so
-    no label of theirs is ever used.
-    """
-    if size > len(public_y):
-        raise ConfigError(
-            f"fedmd.public_subset_size={size} is larger than the public set ({len(public_y)})"
-        )
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 4242, int(round_)]))
-    return stratified_subset(public_y.numpy(), size, rng)
 
 
 # ============================================================================ parties

@@ -23,22 +23,22 @@ from omegaconf import DictConfig
 from fed_distill.artifacts import save_checkpoint
 from fed_distill.federated.config import FedMDConfig, check_fedmd_config
 from fed_distill.federated.fedmd import (
-    aggregate,
-    alone_extended,
     build_party_model,
     class_scores,
+    local_round,
+    party_architectures,
+    restricted_accuracy,
+    step_seed,
+)
+from fed_distill.federated.fedmd_baselines import alone_extended, pooled_baseline, transfer_learning
+from fed_distill.federated.fedmd_data import FedMDData, build_fedmd_data
+from fed_distill.federated.fedmd_results import plot_fedmd, summary_table
+from fed_distill.federated.fedmd_server import (
+    aggregate,
     collect_scores,
     consensus_distance,
     draw_public_subset,
-    local_round,
-    party_architectures,
-    pooled_baseline,
-    restricted_accuracy,
-    step_seed,
-    transfer_learning,
 )
-from fed_distill.federated.fedmd_data import FedMDData, build_fedmd_data
-from fed_distill.federated.fedmd_results import plot_fedmd, summary_table
 
 
 @dataclass

@@ -126,11 +126,10 @@ def fedmd_setup(msg: Message, context: Context) -> Message:
     alone-extended. The model stays in this node's state."""
     import copy
 
-    from fed_distill.federated.fedmd import (
+    from fed_distill.federated.fedmd import build_party_model, step_seed
+    from fed_distill.federated.fedmd_baselines import (
         alone_extended,
-        build_party_model,
         pooled_baseline,
-        step_seed,
         transfer_learning,
     )
 

@@ -19,16 +19,15 @@ from fed_distill.artifacts import save_json
 from fed_distill.config import as_object, to_container
 from fed_distill.errors import FlowerError, ProtocolError
 from fed_distill.federated.config import FedMDConfig, check_fedmd_config
-from fed_distill.federated.fedmd import (
+from fed_distill.federated.fedmd import party_architectures, restricted_accuracy
+from fed_distill.federated.fedmd_data import build_fedmd_data
+from fed_distill.federated.fedmd_results import plot_fedmd, summary_table
+from fed_distill.federated.fedmd_server import (
     aggregate,
     collect_scores,
     consensus_distance,
     draw_public_subset,
-    party_architectures,
-    restricted_accuracy,
 )
-from fed_distill.federated.fedmd_data import build_fedmd_data
-from fed_distill.federated.fedmd_results import plot_fedmd, summary_table
 from fed_distill.federated.flower.common import (
     FEDMD_ROUND,
     FEDMD_SCORES,
