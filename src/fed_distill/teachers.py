@@ -170,7 +170,11 @@ def _check_recorded_architecture(tdir: Path, i: int, arch: Architecture) -> None
     if not mpath.is_file():
         return
     rec = load_json(mpath, "teacher metrics")
-    if "model" in rec and (rec["model"], rec.get("model_kwargs", {})) != arch:
+    if (
+        isinstance(rec, dict)
+        and "model" in rec
+        and (rec["model"], rec.get("model_kwargs", {})) != arch
+    ):
         raise FedDistillError(
             f"{mpath} records architecture {describe([(rec['model'], rec.get('model_kwargs') or {})])}"
             f" but teachers.json gives teacher {i} {describe([arch])}; rerun train-teachers"
