@@ -4,6 +4,7 @@ synthesizer on mixed teachers (one without BatchNorm included), and a whole run 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -253,20 +254,81 @@ def test_every_synthesizer_works_with_mixed_teachers(mixed_teachers, kw, capsys)
             assert b.teacher_ids == [2] and b.stats["loss_bn"] == 0.0
 
 
-def test_mixed_ensemble_grouped_or_not_is_the_same(mixed_teachers):
-    """grouped=true with mixed architectures falls back to one teacher after another: the same
-    batch as grouped=false."""
-    teachers, counts, norm, _ = mixed_teachers
+@pytest.fixture(scope="module")
+def four_teachers(mixed_teachers):
+    """cnn_small, resnet8, and a second (differently trained) copy of each: two architectures."""
+    teachers, counts, norm, stats = mixed_teachers
+    twins = []
+    for t in teachers[:2]:
+        twin = copy.deepcopy(t)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(1.05)
+        twins.append(twin)
+    order = [teachers[0], teachers[1], twins[0], twins[1]]
+    return order, np.concatenate([counts[:2], counts[:2]]), norm, [*stats[:2], *stats[:2]]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    # the generator at a small lr, as in test_generator: rounding differences stay small
+    [dict(mode="ensemble"), dict(method="generator", lr=1e-3, nz=8, ngf=4)],
+    ids=["ensemble", "generator"],
+)
+def test_grouping_by_architecture_gives_the_same_batches(four_teachers, kw):
+    """grouped=true runs the teachers as one grouped network per architecture; the batches equal
+    those of grouped=false (one teacher after another)."""
+    from fed_distill.synthesis.arch_groups import ArchitectureGroups
+
+    teachers, counts, norm, stats = four_teachers
     batches = []
     for grouped in (True, False):
         cfg = SynthesisConfig(
-            batch_size=16, iterations=4, bn_scale=1.0, mode="ensemble", grouped=grouped
+            **{"batch_size": 16, "iterations": 4, "bn_scale": 1.0, "grouped": grouped, **kw}
         )
         synth = build_synthesizer(
-            cfg, teachers[:2], counts[:2], (1, 8, 8), norm, False, "cpu", seed=4
+            cfg, teachers, counts, (1, 8, 8), norm, False, "cpu", seed=4, class_stats=stats
         )
-        batches.append(synth.synthesize())
-    assert torch.allclose(batches[0].images, batches[1].images, atol=1e-5)
+        net = getattr(synth, "stacked", None) or getattr(synth, "grouped", None)
+        if grouped:
+            assert isinstance(net, ArchitectureGroups)
+            assert [ids for ids, _ in net.groups] == [[0, 2], [1, 3]]
+        else:
+            assert net is None
+        batches.append([synth.synthesize() for _ in range(2)])
+    for a, b in zip(*batches, strict=True):
+        assert a.teacher_ids == b.teacher_ids
+        assert torch.allclose(a.images, b.images, atol=1e-3)
+        assert a.stats["loss_bn"] == pytest.approx(b.stats["loss_bn"], rel=1e-3)
+
+
+def test_architecture_groups_equal_each_teacher_alone(four_teachers):
+    """One batch per teacher (parallel cycling's layout): logits and BN terms, per class, of
+    the groups equal every teacher's own."""
+    from fed_distill.class_stats import class_targets
+    from fed_distill.synthesis import BNFeatureHooks
+    from fed_distill.synthesis.arch_groups import (
+        ArchitectureGroupHooks,
+        try_group_by_architecture,
+    )
+
+    teachers, _, _, stats = four_teachers
+    targets = [class_targets(t, s, 1) for t, s in zip(teachers, stats, strict=True)]
+    groups, why = try_group_by_architecture(teachers, (1, 8, 8))
+    assert groups is not None, why
+    x = torch.randn(4, 6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(1))
+    w = torch.rand(4, 10)
+    with ArchitectureGroupHooks(groups, targets) as hooks:
+        hooks.set_classes(y, w)
+        logits = groups(x)
+        loss = hooks.loss(2.0)
+    for t, teacher in enumerate(teachers):
+        with BNFeatureHooks(teacher, class_targets=targets[t]) as h:
+            h.set_classes(y[t], w[t])
+            own = teacher(x[t])
+            assert torch.allclose(logits[t], own, atol=1e-4)
+            assert torch.allclose(loss[t], h.loss(2.0), rtol=1e-4, atol=1e-4)
 
 
 def test_no_teacher_with_bn_is_still_an_error(mixed_teachers):

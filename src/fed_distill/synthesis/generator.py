@@ -45,6 +45,11 @@ from torch import nn
 from fed_distill.class_stats import class_weights
 from fed_distill.data.transforms import Normalizer
 from fed_distill.ensemble import class_shares, ensemble_probs
+from fed_distill.synthesis.arch_groups import (
+    ArchitectureGroups,
+    grouped_bn_hooks,
+    try_group_by_architecture,
+)
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
 from fed_distill.synthesis.config import SynthesisConfig
@@ -139,7 +144,7 @@ class GeneratorSynthesizer(Synthesizer):
         # `synthesis.stacked` they run as one grouped network (auto: >1 thread or CUDA) or each
         # as a converted network with fused BN statistics (see synthesis/stacked.py). The
         # momentum-tracked statistics of `fast` need the plain hooks.
-        self.grouped: StackedTeachers | None = None
+        self.grouped: StackedTeachers | ArchitectureGroups | None = None
         self.fused: list[StackedTeachers | None] = [None] * len(self.teachers)
         if cfg.stacked and not (meta and cfg.bn_momentum > 0):
             fmt = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
@@ -149,6 +154,10 @@ class GeneratorSynthesizer(Synthesizer):
                 and cfg.target == "ensemble"
             ):
                 self.grouped, _ = try_stack(self.teachers, self.image_shape, fmt)
+                if self.grouped is None:  # mixed architectures: one group per architecture
+                    self.grouped, _ = try_group_by_architecture(
+                        self.teachers, self.image_shape, fmt
+                    )
             if self.grouped is None:
                 self.fused = [try_stack([t], self.image_shape, fmt)[0] for t in self.teachers]
         self.shares = class_shares(counts).to(self.device)
@@ -189,7 +198,7 @@ class GeneratorSynthesizer(Synthesizer):
         ct = self.class_targets
         with_bn = [(j, i) for j, i in enumerate(ids) if self.has_bn[i]]  # (position, teacher)
         if self.grouped is not None:
-            hooks = [stack.enter_context(StackedBNHooks(self.grouped, ct))]
+            hooks = [stack.enter_context(grouped_bn_hooks(self.grouped, ct))]
         else:
             hooks = [
                 stack.enter_context(
