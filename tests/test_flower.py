@@ -15,7 +15,10 @@ from fed_distill.artifacts import read_weights  # noqa: E402
 from fed_distill.cli import main  # noqa: E402
 from fed_distill.errors import ProtocolError  # noqa: E402
 from fed_distill.federated.flower.runner import FlowerOptions, run_flower  # noqa: E402
-from fed_distill.federated.flower.server_app import validate_weights  # noqa: E402
+from fed_distill.federated.flower.server_app import (  # noqa: E402
+    validate_architecture,
+    validate_weights,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -131,6 +134,19 @@ def test_uploaded_weights_are_validated():
         assert message in str(e.value)
 
 
+def test_uploaded_architecture_is_validated():
+    validate_architecture({"model": "resnet8", "model_kwargs": {}}, ("resnet8", {}), "client 1")
+    bad = [
+        ({"model": "cnn_small", "model_kwargs": {}}, "architecture cnn_small, expected resnet8"),
+        ({"model": "resnet8", "model_kwargs": {"width": 8}}, "expected resnet8"),
+        ({}, "architecture none, expected resnet8"),
+    ]
+    for metrics, message in bad:
+        with pytest.raises(ProtocolError, match="client 1") as e:
+            validate_architecture(metrics, ("resnet8", {}), "client 1")
+        assert message in str(e.value)
+
+
 # ----------------------------------------------------------------------------- simulation
 def test_fedmd_on_flower_simulation_equals_in_process(tmp_path):
     assert main(["fedmd", *FEDMD, f"run_dir={tmp_path / 'local'}"]) == 0
@@ -214,6 +230,22 @@ def test_oneshot_on_flower_simulation_equals_in_process(tmp_path):
         name = f"teachers/class_stats_{i}.safetensors"
         a, b = read_weights(tmp_path / "local" / name), read_weights(tmp_path / "sim" / name)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_oneshot_mixed_architectures_on_flower_equal_in_process(tmp_path):
+    """Each client trains its own architecture, sends it with its weights; same numbers."""
+    args = [*ONESHOT, "split.num_clients=3", "teachers.models=[cnn_small,resnet8]"]
+    assert main(["oneshot", *args, f"run_dir={tmp_path / 'local'}"]) == 0
+    flower = run_flower("oneshot", [*args, f"run_dir={tmp_path / 'sim'}"], FlowerOptions())
+    local = _results(tmp_path / "local")
+    assert flower["left_out"] == [] and flower["fedavg_acc"] is None and flower["fedavg_note"]
+    for key in ("teacher_acc", "teacher_local_acc", "ensemble_acc_by_method", "student_acc"):
+        _close(local[key], flower[key], key)
+    for i, name in enumerate(["cnn_small", "resnet8", "cnn_small"]):
+        m = json.loads((tmp_path / "sim" / "teachers" / f"metrics_teacher_{i}.json").read_text())
+        assert m["model"] == name and m["client"] == i
+    spec = json.loads((tmp_path / "sim" / "teachers" / "teachers.json").read_text())
+    assert [m["name"] for m in spec["models"]] == ["cnn_small", "resnet8", "cnn_small"]
 
 
 def test_oneshot_faulty_clients_are_left_out(tmp_path):

@@ -61,6 +61,15 @@ class ModelConfig:
 
 
 @dataclass
+class TeachersConfig:
+    """Per-client architectures (``models/families.py``): a list of registered names, each
+    optionally ``{name: NAME, kwargs: {...}}``, cycled over the clients, or a family
+    (``fedmd_family``); null = every teacher has the ``model=`` architecture."""
+
+    models: Any = None
+
+
+@dataclass
 class UploadConfig:
     """What a one-shot client uploads besides its teacher's weights and label counts."""
 
@@ -84,6 +93,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     student: StudentConfig = field(default_factory=StudentConfig)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,22 @@ from fed_distill.class_stats import (
 )
 from fed_distill.config import DatasetConfig, ModelConfig, UploadConfig, as_object, to_container
 from fed_distill.data.partition import Split, check_split, load_split, make_split, save_split
-from fed_distill.data.sources import Dataset, DatasetInfo, load_dataset, source_options
+from fed_distill.data.sources import Dataset, load_dataset, source_options
 from fed_distill.data.transforms import Normalizer
-from fed_distill.errors import ConfigError, FedDistillError, SplitError
-from fed_distill.models import build_model
+from fed_distill.errors import ConfigError, SplitError
+from fed_distill.models.families import Architecture
+from fed_distill.teachers import (  # noqa: F401 - the teacher stage's names, re-exported
+    TeacherSpec,
+    architecture_record,
+    build_teacher,
+    configured_architectures,
+    initial_teachers,
+    load_teachers,
+    teacher_spec,
+)
 from fed_distill.tracking import epoch_logger, log_scalars
 from fed_distill.train.fit import TrainConfig, evaluate, fit
-from fed_distill.utils import fork_seeded, resolve_device, seed_everything
+from fed_distill.utils import fork_seeded, resolve_device
 
 
 # ----------------------------------------------------------------------------- data
@@ -170,20 +179,6 @@ def plot_label_distribution(
 
 
 # ----------------------------------------------------------------------------- teachers
-@dataclass
-class TeacherSpec:
-    """What is needed to rebuild the teachers (``teachers/teachers.json``)."""
-
-    model: str
-    model_kwargs: dict[str, Any]
-    num_classes: int
-    in_channels: int
-    image_size: int
-    num_teachers: int
-    dataset: str
-    init_seed: int
-
-
 def checkpoint_dir(run_dir: str | Path) -> Path:
     """Where resumable mid-stage checkpoints live (deleted as each unit of work finishes)."""
     return Path(run_dir) / "checkpoints"
@@ -205,9 +200,10 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
     norm = Normalizer(info.mean, info.std)
     upload: UploadConfig = as_object(cfg.upload, UploadConfig)
 
-    init, init_state = initial_teacher(mcfg, info, cfg.seed)
-    _check_train_config(init, tcfg)  # a bad train.* value fails before teachers.json is written
-    spec = teacher_spec(mcfg, info, split.num_teachers, cfg.seed)
+    archs = configured_architectures(cfg, split.num_teachers)
+    inits = initial_teachers(archs, info, cfg.seed)
+    _check_train_config(inits[0][0], tcfg)  # a bad train.* value fails before teachers.json
+    spec = teacher_spec(mcfg, info, archs, cfg.seed)
     out = run_dir / "teachers"
     fp = _teachers_fingerprint(spec, tcfg, split)
     save_json(asdict(spec), out / "teachers.json")
@@ -223,12 +219,12 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
         if cfg.force:
             remove_file(ckpt)  # force=true redoes the teacher from scratch
         else:
-            old = _reused_teacher(i, c, fp, out, mcfg, data, norm, device, upload)
+            old = _reused_teacher(i, c, fp, out, archs[i], data, norm, device, upload)
             if old is not None:
                 summary.append(old)
                 continue
-        model = build_teacher(mcfg, info)
-        model.load_state_dict(init_state)
+        model = build_teacher(archs[i], info)
+        model.load_state_dict(inits[i][1])
         metrics = train_teacher(
             model,
             data,
@@ -244,16 +240,16 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
             checkpoint_path=ckpt,
             checkpoint_meta={"fingerprint": fp, "teacher": i},
         )
-        metrics["fingerprint"] = fp
+        metrics.update(fingerprint=fp, **architecture_record(archs[i]))
         if upload.class_stats:
             metrics["class_stats_s"] = _write_class_stats(
                 model, data, c, norm, device, out, i, upload
             )
-        save_weights(model, wpath, metadata={"model": mcfg.name, "teacher": str(i)})
+        save_weights(model, wpath, metadata={"model": archs[i][0], "teacher": str(i)})
         save_json(metrics, mpath)
         remove_file(ckpt)  # the finished teacher is on disk: its checkpoint has done its job
         print(
-            f"teacher {i}: {len(c.train)} train samples, best epoch {metrics['best_epoch'] + 1}, val"
+            f"teacher {i}: {archs[i][0]}, {len(c.train)} train samples, best epoch {metrics['best_epoch'] + 1}, val"
             f" {metrics['best_val_acc']:.4f}, local test {metrics['local_test_acc']:.4f}, test {metrics['test_acc']:.4f}"
             f" ({metrics['train_time_s']:.1f}s)"
         )
@@ -268,7 +264,7 @@ def _reused_teacher(
     client: Any,
     fp: str,
     out: Path,
-    mcfg: ModelConfig,
+    arch: Architecture,
     data: Dataset,
     norm: Normalizer,
     device: torch.device,
@@ -286,46 +282,32 @@ def _reused_teacher(
         f"teacher {i}: already trained (val {old['best_val_acc']:.4f}, test {old['test_acc']:.4f});"
         " force=true retrains"
     )
+    if "model" not in old:  # a teacher of a run before per-client architectures
+        old.update(architecture_record(arch))
+        save_json(old, mpath)
     if upload.class_stats and not (out / STATS_FILE.format(i)).is_file():
-        model = build_teacher(mcfg, data.info)
+        model = build_teacher(arch, data.info)
         load_weights(model, wpath)
         _write_class_stats(model.to(device), data, client, norm, device, out, i, upload)
     return old
 
 
-def build_teacher(mcfg: ModelConfig, info: DatasetInfo) -> torch.nn.Module:
-    """A teacher of the configured architecture for the dataset (random weights)."""
-    return build_model(mcfg.name, info.num_classes, info.channels, info.image_size, **mcfg.kwargs)
-
-
-def initial_teacher(
-    mcfg: ModelConfig, info: DatasetInfo, seed: int
-) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The model every teacher starts from, seeded with the run's ``seed`` (which resets the
-    global RNGs), and a copy of its weights."""
-    seed_everything(seed)
-    init = build_teacher(mcfg, info)
-    return init, {k: v.clone() for k, v in init.state_dict().items()}
-
-
-def teacher_spec(mcfg: ModelConfig, info: DatasetInfo, num_teachers: int, seed: int) -> TeacherSpec:
-    return TeacherSpec(
-        mcfg.name,
-        dict(mcfg.kwargs),
-        info.num_classes,
-        info.channels,
-        info.image_size,
-        num_teachers,
-        info.name,
-        int(seed),
-    )
-
-
 def _teachers_fingerprint(spec: TeacherSpec, tcfg: TrainConfig, split: Split) -> str:
     """A teacher is reused only when everything that shaped it is unchanged."""
+    shaped = asdict(spec)
+    if (
+        shaped["models"] is not None
+        and not spec.mixed
+        and spec.architectures()[0]
+        == (
+            spec.model,
+            spec.model_kwargs,
+        )
+    ):
+        shaped.pop("models")  # homogeneous: the fingerprint of before per-client architectures
     return _fingerprint(
         {
-            "spec": asdict(spec),
+            "spec": shaped,
             # how often checkpoints are written does not change the teacher
             "train": {k: v for k, v in asdict(tcfg).items() if k != "checkpoint_every"},
             "split": split.label_digest,
@@ -338,10 +320,11 @@ def _teachers_fingerprint(spec: TeacherSpec, tcfg: TrainConfig, split: Split) ->
 def _print_teachers(summary: list[dict[str, Any]]) -> None:
     print(
         format_table(
-            ["teacher", "train", "val acc", "local test", "test acc"],
+            ["teacher", "model", "train", "val acc", "local test", "test acc"],
             [
                 [
                     i,
+                    m.get("model", "?"),
                     m["num_train"],
                     f"{m['best_val_acc']:.4f}",
                     f"{m['local_test_acc']:.4f}",
@@ -417,7 +400,6 @@ def load_teacher_class_stats(
 def _check_train_config(model: torch.nn.Module, tcfg: TrainConfig) -> None:
     """Build the optimiser and schedule once: unknown names and invalid values (lr < 0) become
     one ConfigError line instead of a failure inside the first fit."""
-    from fed_distill.errors import ConfigError
     from fed_distill.train.fit import make_optimizer, make_schedule
 
     try:
@@ -485,39 +467,6 @@ def train_teacher(
         kept = {k: metrics[k] for k in ("local_test_acc", "test_acc")}
         log_scalars(log_as, kept, res.best_epoch + 1)
     return metrics
-
-
-def load_teachers(
-    run_dir: str | Path, device: torch.device | str = "cpu"
-) -> tuple[list[torch.nn.Module], TeacherSpec]:
-    """The uploaded teachers of ``run_dir`` in eval mode (weights checked against the architecture)."""
-    tdir = Path(run_dir) / "teachers"
-    if not (tdir / "teachers.json").is_file():
-        raise FedDistillError(
-            f"no teachers in {tdir}; run `fed-distill train-teachers run_dir={run_dir}` first"
-        )
-    raw = load_json(tdir / "teachers.json", "teachers.json")
-    try:
-        spec = TeacherSpec(**raw)
-    except TypeError as e:
-        raise FedDistillError(
-            f"{tdir / 'teachers.json'} is malformed ({e}); rerun train-teachers"
-        ) from None
-    ints = ("num_classes", "in_channels", "image_size", "num_teachers")
-    bad = [k for k in ints if type(getattr(spec, k)) is not int or getattr(spec, k) < 1]
-    if bad or not isinstance(spec.model, str) or not isinstance(spec.model_kwargs, dict):
-        raise FedDistillError(
-            f"{tdir / 'teachers.json'} is malformed ({', '.join(bad) or 'model'} has the wrong"
-            " type or value); rerun train-teachers"
-        )
-    teachers = []
-    for i in range(spec.num_teachers):
-        m = build_model(
-            spec.model, spec.num_classes, spec.in_channels, spec.image_size, **spec.model_kwargs
-        )
-        load_weights(m, tdir / f"teacher_{i}.safetensors")
-        teachers.append(m.to(device).eval())
-    return teachers, spec
 
 
 # ----------------------------------------------------------------------------- printing

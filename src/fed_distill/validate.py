@@ -45,6 +45,8 @@ def validate_config(stage: str, cfg: DictConfig) -> None:
         check_split_config(cfg.split, info.num_classes if info is not None else None)
     if "model" in groups and info is not None:
         _check_model(str(cfg.model.name), _kwargs(cfg.model.get("kwargs")), info, "model")
+    if "model" in groups:
+        _check_teacher_models(cfg, info)
     if "train" in groups:
         check_train_config(cfg)
     if "synthesis" in groups:
@@ -136,6 +138,22 @@ def _check_model(name: str, kwargs: dict[str, Any], info: Any, key: str):
         return build_model(name, info.num_classes, info.channels, info.image_size, **kwargs)
     except FedDistillError as e:
         raise ConfigError(f"{key}: {e}") from None
+
+
+def _check_teacher_models(cfg: DictConfig, info: Any) -> None:
+    """``teachers.models``: known names or families, each architecture buildable (where the
+    dataset is known)."""
+    from fed_distill.errors import ModelError
+    from fed_distill.models import parse_architectures
+
+    node = cfg.get("teachers")
+    value = _kwargs(node).get("models") if node is not None else None
+    try:
+        archs = parse_architectures(value)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
+    for pos, (name, kwargs) in enumerate(archs if info is not None and archs else []):
+        _check_model(name, kwargs, info, f"teachers.models[{pos}]")
 
 
 def _is_int(v: Any, minimum: int) -> bool:

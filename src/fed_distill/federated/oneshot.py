@@ -57,6 +57,8 @@ from fed_distill.train.student import StudentResult, SyntheticPool, distill
 from fed_distill.train.student_config import StudentConfig
 from fed_distill.utils import resolve_device, seed_everything
 
+# Why one-shot FedAvg has no number when the clients' architectures differ.
+FEDAVG_MIXED_NOTE = "the teachers' architectures differ, their weights cannot be averaged"
 MAX_VAL = 2000  # validation images evaluated per student epoch (diagnostic only)
 
 
@@ -362,9 +364,15 @@ def _new_student(
     seed_everything(cfg.seed + 1)
     student = build_model(name, info.num_classes, info.channels, info.image_size, **kwargs)
     if scfg.init == "fedavg":
-        if name != ctx.spec.model or kwargs != dict(ctx.spec.model_kwargs):
+        if ctx.spec.mixed:
+            # Presets set init=fedavg (student=generator); with mixed teachers there is no
+            # average to start from, so the run goes on from the seeded random weights.
+            print(f"note: student.init=fedavg ignored: {FEDAVG_MIXED_NOTE}; random init")
+            return student
+        arch = ctx.spec.architectures()[0]
+        if (name, kwargs) != arch:
             raise FedDistillError(
-                f"student.init=fedavg needs the teachers' architecture ({ctx.spec.model}), but"
+                f"student.init=fedavg needs the teachers' architecture ({arch[0]}), but"
                 f" the student is {name}; use student.init=random"
             )
         student.load_state_dict(fedavg_model(ctx).state_dict())
@@ -452,14 +460,13 @@ def _finished_student(
 def fedavg_model(ctx: ServerContext) -> nn.Module:
     """One-shot FedAvg: the teachers' weights averaged by their clients' data sizes.
     Meaningful only for one architecture from one shared initialisation, which train-teachers
-    guarantees (teachers.json records both)."""
+    guarantees (teachers.json records both); undefined for mixed architectures."""
+    if ctx.spec.mixed:
+        raise FedDistillError(f"one-shot FedAvg is not applicable: {FEDAVG_MIXED_NOTE}")
     sizes = [len(c.train) + len(c.val) for c in ctx.split.clients[: ctx.split.num_teachers]]
+    name, kwargs = ctx.spec.architectures()[0]
     avg = build_model(
-        ctx.spec.model,
-        ctx.spec.num_classes,
-        ctx.spec.in_channels,
-        ctx.spec.image_size,
-        **ctx.spec.model_kwargs,
+        name, ctx.spec.num_classes, ctx.spec.in_channels, ctx.spec.image_size, **kwargs
     )
     avg.load_state_dict(fedavg_state([t.state_dict() for t in ctx.teachers], sizes))
     return avg
@@ -486,7 +493,10 @@ def evaluate_oneshot(
     }
     out["ensemble_method"] = cfg.student.ensemble
     out["ensemble_acc"] = out["ensemble_acc_by_method"][cfg.student.ensemble]
-    out["fedavg_acc"] = evaluate(fedavg_model(ctx), tx, ty, norm, dev)
+    if ctx.spec.mixed:
+        out["fedavg_note"] = f"not applicable: {FEDAVG_MIXED_NOTE}"
+    else:
+        out["fedavg_acc"] = evaluate(fedavg_model(ctx), tx, ty, norm, dev)
     out["student_acc"] = evaluate(student, tx, ty, norm, dev) if student is not None else None
     return out
 
@@ -569,6 +579,8 @@ def print_summary(res: dict[str, Any]) -> None:
         ["student", _pct(res["student_acc"]), ""],
     ]
     print(format_table(["model", "test acc %", "local test %"], rows))
+    if res.get("fedavg_note"):
+        print(f"FedAvg (one-shot): {res['fedavg_note']}")
     times = ", ".join(f"{k} {v:.0f}s" for k, v in res["stage_times_s"].items())
     print(
         f"wall time {res['wall_time_s']:.0f}s ({times}); synthesis {res['synthetic_images']} images at"

@@ -3,6 +3,7 @@ first (:func:`load_oneshot`), then each section is written from it, one function
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from fed_distill.report.figures import (
 ONESHOT_KEYS = (
     "dataset.name",
     "model.name",
+    "teachers.models",
     "seed",
     "device",
     "train.epochs",
@@ -311,9 +313,11 @@ def _title_and_config(rep: Report, o: OneshotRun) -> None:
         if split is not None:
             rows.append(["`seed` (split)", f"`{split.seed}`"])
         if spec is not None:
-            rows.append(
-                ["teacher model", f"`{spec.get('model')}` {spec.get('model_kwargs') or ''}"]
-            )
+            models = spec.get("models") or [
+                {"name": spec.get("model"), "kwargs": spec.get("model_kwargs")}
+            ]
+            shown = sorted({f"`{m.get('name')}` {m.get('kwargs') or ''}".strip() for m in models})
+            rows.append(["teacher model", ", ".join(shown)])
         if smetrics is not None:
             rows.append(["student model", f"`{smetrics.get('model', '?')}`"])
     rep.add(md_table(["key", "value"], rows) if rows else "_No configuration recorded._")
@@ -330,13 +334,19 @@ def _teacher_rows(
     t_loc = (results or {}).get("teacher_local_acc") or [
         tmetrics.get(i, {}).get("local_test_acc") for i in range(n_teachers)
     ]
+    # per-client architectures: each teacher's model beside its name
+    mixed = (
+        len({json.dumps(m.get("model_kwargs")) + str(m.get("model")) for m in tmetrics.values()})
+        > 1
+    )
     for i, a in enumerate(t_acc):
         m = tmetrics.get(i, {})
         n = m.get(
             "num_train", len(split.clients[i].train) if split and i < split.num_clients else ""
         )
-        table.append([f"teacher {i}", n, _pct(a), _pct(t_loc[i] if i < len(t_loc) else None)])
-        acc_rows.append((f"teacher {i}", _f(a), "teacher"))
+        name = f"teacher {i}" + (f" ({m.get('model')})" if mixed else "")
+        table.append([name, n, _pct(a), _pct(t_loc[i] if i < len(t_loc) else None)])
+        acc_rows.append((name, _f(a), "teacher"))
     if t_acc and any(a is not None for a in t_acc):
         known = [a for a in t_acc if a is not None]
         mean_t = float(np.mean(known))
@@ -370,8 +380,12 @@ def _baseline_rows(
         if m != used:
             table.append([f"ensemble ({m})", "", _pct(a), ""])
             acc_rows.append((f"ensemble ({m})", _f(a), "ensemble"))
-    table.append(["FedAvg (one-shot)", "", _pct(results.get("fedavg_acc")), ""])
-    acc_rows.append(("FedAvg (one-shot)", _f(results.get("fedavg_acc")), "fedavg"))
+    fedavg, note = results.get("fedavg_acc"), results.get("fedavg_note")
+    if fedavg is None and note:  # mixed architectures: a dash with the reason, no bar
+        table.append(["FedAvg (one-shot)", "", f"— ({note})", ""])
+        return
+    table.append(["FedAvg (one-shot)", "", _pct(fedavg), ""])
+    acc_rows.append(("FedAvg (one-shot)", _f(fedavg), "fedavg"))
 
 
 def _results_section(rep: Report, o: OneshotRun) -> None:

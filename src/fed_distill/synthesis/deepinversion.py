@@ -56,12 +56,19 @@ from fed_distill.class_stats import class_weights
 from fed_distill.data.transforms import Normalizer
 from fed_distill.ensemble import class_shares
 from fed_distill.errors import ConfigError
+from fed_distill.synthesis.arch_groups import (
+    ArchitectureGroupHooks,
+    ArchitectureGroups,
+    grouped_bn_hooks,
+    try_group_by_architecture,
+)
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
 from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.inputs import (
     balanced_labels,
     frozen_copies,
+    has_bn,
     label_probs,
     synthesis_inputs,
     teacher_class_weights,
@@ -117,6 +124,8 @@ class DeepInversion(Synthesizer):
         self.counts = counts
         self.owned = counts > 0  # (T, C) bool, CPU
         self.teachers = frozen_copies(teachers, self.device, need_bn=cfg.bn_scale > 0)
+        # a teacher without BN layers adds CE and competition terms only (no hooks)
+        self.bn_teachers = {i for i, t in enumerate(self.teachers) if has_bn(t)}
         # per teacher, per BN layer: (K, C) class targets (None: the global BN statistics)
         self.class_targets = teachers_class_targets(self.teachers, class_stats, cfg)
         self._shares_dev = class_shares(counts).to(self.device)
@@ -125,7 +134,8 @@ class DeepInversion(Synthesizer):
         # with synthesis.grouped, where a step uses several teachers (ensemble, parallel
         # cycling) they run as ONE grouped network. Same math; a teacher that cannot be
         # converted runs as it is (plain BN + BNFeatureHooks).
-        self.stacked: StackedTeachers | None = None  # the grouped network of all teachers
+        # the grouped network of all teachers (by architecture where they differ)
+        self.stacked: StackedTeachers | ArchitectureGroups | None = None
         self.fast: list[StackedTeachers | None] = [None] * len(self.teachers)  # one each
         self.stacked_note = (
             self._convert_teachers() if cfg.stacked else "off (synthesis.stacked=false)"
@@ -157,6 +167,11 @@ class DeepInversion(Synthesizer):
         group = cfg.mode == "ensemble" or (cfg.mode == "cycling" and cfg.parallel)
         if group and use_grouped(cfg.grouped, self.device) and len(self.teachers) > 1:
             self.stacked, why = try_stack(self.teachers, self.image_shape, fmt)
+            if self.stacked is None:  # mixed architectures: one group per architecture
+                self.stacked, why_sets = try_group_by_architecture(
+                    self.teachers, self.image_shape, fmt
+                )
+                why = f"{why}; by architecture: {why_sets}"
             notes.append("grouped" if self.stacked is not None else f"not grouped: {why}")
             if self.stacked is None:
                 log.info("teachers not grouped, run one after another (%s)", why)
@@ -326,9 +341,13 @@ class DeepInversion(Synthesizer):
             hooks: dict = {}
             if cfg.bn_scale > 0 and stacked is not None:
                 # one hook set on the grouped net: a (T,) vector of per-teacher terms
-                hooks = {-1: stack.enter_context(StackedBNHooks(stacked, self.class_targets))}
+                hooks = {-1: stack.enter_context(grouped_bn_hooks(stacked, self.class_targets))}
             elif cfg.bn_scale > 0:
-                hooks = {t: stack.enter_context(self._bn_hooks(t)) for t in active}
+                hooks = {
+                    t: stack.enter_context(self._bn_hooks(t))
+                    for t in active
+                    if t in self.bn_teachers
+                }
             self._set_classes(hooks, y)
             step_loss = partial(
                 self._step_loss, active, draws, y, hooks, student if adaptive else None
@@ -358,7 +377,11 @@ class DeepInversion(Synthesizer):
         )
 
     def _agreement(
-        self, x: torch.Tensor, y: torch.Tensor, active: list[int], stacked: StackedTeachers | None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        active: list[int],
+        stacked: StackedTeachers | ArchitectureGroups | None,
     ) -> torch.Tensor:
         """How often the producing teachers (their mean logits) agree with the labels on ``x``."""
         with torch.inference_mode():
@@ -394,7 +417,7 @@ class DeepInversion(Synthesizer):
             t = active[0]
             logits = self._teacher_logits(t, xj)
             ce = self._ce(t, logits, y)
-            bn = hooks[t].loss(cfg.first_bn_multiplier).reshape(()) if hooks else self._zero
+            bn = hooks[t].loss(cfg.first_bn_multiplier).reshape(()) if t in hooks else self._zero
             comp = self._comp(logits, s_logits)
         tv = total_variation(x)
         l2 = l2_prior(x)
@@ -416,13 +439,13 @@ class DeepInversion(Synthesizer):
         for t in drawn:
             logits = self._teacher_logits(t, xj)
             ces.append(self._ce(t, logits, y))
-            if hooks:
+            if t in hooks:
                 bns.append(hooks[t].loss(self.cfg.first_bn_multiplier).reshape(()))
             if s_logits is not None:
                 comps.append(competition_loss(logits, s_logits, self.cfg.temperature))
         k = len(drawn)
         ce = torch.stack(ces).sum() / k
-        bn = torch.stack(bns).sum() / k if hooks else self._zero
+        bn = torch.stack(bns).sum() / k if bns else self._zero
         comp = torch.stack(comps).sum() / k if s_logits is not None else self._zero
         return ce, bn, comp
 
@@ -445,7 +468,7 @@ class DeepInversion(Synthesizer):
             bn = hooks[-1].loss(cfg.first_bn_multiplier).mean()
         else:
             bn = torch.stack(
-                [hooks[t].loss(cfg.first_bn_multiplier).reshape(()) for t in active]
+                [hooks[t].loss(cfg.first_bn_multiplier).reshape(()) for t in active if t in hooks]
             ).mean()
         return ce, bn, self._comp(logits, s_logits)
 
@@ -498,7 +521,7 @@ class DeepInversion(Synthesizer):
         with frozen_student(student if adaptive else None), ExitStack() as stack:
             hooks = None
             if cfg.bn_scale > 0:
-                hooks = stack.enter_context(StackedBNHooks(stacked, self.class_targets))
+                hooks = stack.enter_context(grouped_bn_hooks(stacked, self.class_targets))
                 if self.class_targets is not None:
                     hooks.set_classes(y, class_weights(y, self.num_classes))
             step_loss = partial(self._group_loss, y, hooks, student if adaptive else None)
@@ -536,7 +559,7 @@ class DeepInversion(Synthesizer):
     def _group_loss(
         self,
         y: torch.Tensor,
-        hooks: StackedBNHooks | None,
+        hooks: StackedBNHooks | ArchitectureGroupHooks | None,
         student: nn.Module | None,
         _i: int,
         x: torch.Tensor,

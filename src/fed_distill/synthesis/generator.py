@@ -45,12 +45,18 @@ from torch import nn
 from fed_distill.class_stats import class_weights
 from fed_distill.data.transforms import Normalizer
 from fed_distill.ensemble import class_shares, ensemble_probs
+from fed_distill.synthesis.arch_groups import (
+    ArchitectureGroups,
+    grouped_bn_hooks,
+    try_group_by_architecture,
+)
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
 from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.inputs import (
     balanced_labels,
     frozen_copies,
+    has_bn,
     label_probs,
     synthesis_inputs,
     teachers_class_targets,
@@ -131,13 +137,14 @@ class GeneratorSynthesizer(Synthesizer):
         self.counts = counts
         self.num_classes = int(counts.shape[1])
         self.teachers = frozen_copies(teachers, self.device, need_bn=cfg.bn_scale > 0)
+        self.has_bn = [has_bn(t) for t in self.teachers]  # without: CE and adversarial only
         # per teacher, per BN layer: (K, C) class targets (None: the global BN statistics)
         self.class_targets = teachers_class_targets(self.teachers, class_stats, cfg)
         # Speed (same math): every step runs all teachers on the same images, so with
         # `synthesis.stacked` they run as one grouped network (auto: >1 thread or CUDA) or each
         # as a converted network with fused BN statistics (see synthesis/stacked.py). The
         # momentum-tracked statistics of `fast` need the plain hooks.
-        self.grouped: StackedTeachers | None = None
+        self.grouped: StackedTeachers | ArchitectureGroups | None = None
         self.fused: list[StackedTeachers | None] = [None] * len(self.teachers)
         if cfg.stacked and not (meta and cfg.bn_momentum > 0):
             fmt = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
@@ -147,6 +154,10 @@ class GeneratorSynthesizer(Synthesizer):
                 and cfg.target == "ensemble"
             ):
                 self.grouped, _ = try_stack(self.teachers, self.image_shape, fmt)
+                if self.grouped is None:  # mixed architectures: one group per architecture
+                    self.grouped, _ = try_group_by_architecture(
+                        self.teachers, self.image_shape, fmt
+                    )
             if self.grouped is None:
                 self.fused = [try_stack([t], self.image_shape, fmt)[0] for t in self.teachers]
         self.shares = class_shares(counts).to(self.device)
@@ -185,8 +196,9 @@ class GeneratorSynthesizer(Synthesizer):
         share of the batch, and with several teachers teacher t's class k also by t's share of
         class k's data (×T, so that the mean over teachers is the share-weighted sum)."""
         ct = self.class_targets
+        with_bn = [(j, i) for j, i in enumerate(ids) if self.has_bn[i]]  # (position, teacher)
         if self.grouped is not None:
-            hooks = [stack.enter_context(StackedBNHooks(self.grouped, ct))]
+            hooks = [stack.enter_context(grouped_bn_hooks(self.grouped, ct))]
         else:
             hooks = [
                 stack.enter_context(
@@ -196,7 +208,7 @@ class GeneratorSynthesizer(Synthesizer):
                         self.teachers[i], momentum, self.tracked[i], None if ct is None else ct[i]
                     )
                 )
-                for i in ids
+                for _, i in with_bn
             ]
         if ct is not None:
             w = class_weights(y, self.num_classes)
@@ -205,7 +217,7 @@ class GeneratorSynthesizer(Synthesizer):
             if self.grouped is not None:
                 hooks[0].set_classes(y, w)
             else:
-                for j, h in enumerate(hooks):
+                for (j, _), h in zip(with_bn, hooks, strict=True):
                     h.set_classes(y, w if w.dim() == 1 else w[j])
         return hooks
 
@@ -278,7 +290,7 @@ class GeneratorSynthesizer(Synthesizer):
                         p.grad = None if q.grad is None else q.grad.detach().clone()
                 opt.step()
             if momentum > 0 and hooks:
-                for i, h in zip(ids, hooks, strict=True):
+                for i, h in zip([i for i in ids if self.has_bn[i]], hooks, strict=True):
                     self.tracked[i] = h.update_momentum()  # type: ignore[union-attr]
             terms = {"ce": ce.detach(), "bn": bn.detach(), "adv": adv.detach()}
             for h in hooks:

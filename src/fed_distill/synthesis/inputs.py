@@ -77,20 +77,32 @@ def frozen_copies(
     teachers: list[nn.Module], device: torch.device, need_bn: bool = False
 ) -> list[nn.Module]:
     """Private frozen copies of the teachers: the caller's modules keep their mode, grads and
-    layout. On CPU the copies are channels_last, oneDNN's fast path for conv/pool (~1.2x per
+    layout. ``need_bn`` (the BN term is on): at least one teacher must have BatchNorm layers;
+    one without them gets a one-line note (it adds no BN term). On CPU the copies are channels_last, oneDNN's fast path for conv/pool (~1.2x per
     step). No weight gradient is ever computed through them, only gradients to the input."""
     fmt = torch.channels_last if device.type == "cpu" else torch.preserve_format
     out = []
     for teacher in teachers:
         t = copy.deepcopy(teacher).to(device, memory_format=fmt)
         t.eval().requires_grad_(False)
-        if need_bn and not any(isinstance(m, nn.BatchNorm2d) for m in t.modules()):
-            raise ConfigError(
-                "synthesis.bn_scale > 0 needs teachers with BatchNorm2d layers; "
-                "use a BN model or set synthesis.bn_scale=0"
-            )
         out.append(t)
+    without = [i for i, t in enumerate(out) if not has_bn(t)]
+    if need_bn and len(without) == len(out):
+        raise ConfigError(
+            "synthesis.bn_scale > 0 needs teachers with BatchNorm2d layers; "
+            "use a BN model or set synthesis.bn_scale=0"
+        )
+    if need_bn and without:
+        print(
+            f"note: teacher(s) {without} have no BatchNorm2d layers: they contribute the CE and"
+            " adversarial terms only, not the BN-statistics term"
+        )
     return out
+
+
+def has_bn(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm2d layer (the BN-statistics term needs one)."""
+    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
 def teachers_class_targets(

@@ -285,6 +285,8 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
         desc=f"teacher {client}",
         progress=False,
     )
+    # the architecture beside the weights: the server checks it is the one it sent
+    metrics.update(model=spec["model"], model_kwargs=spec["model_kwargs"])
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     upload = cfg.get("upload") or {}
     if upload.get("class_stats", True):

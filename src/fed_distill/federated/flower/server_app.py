@@ -46,7 +46,16 @@ from fed_distill.federated.flower.common import (
 )
 from fed_distill.federated.flower.exchange import connect, fault_options, flower_summary, say
 from fed_distill.federated.flower.server_fedmd import serve_fedmd
-from fed_distill.pipeline import build_teacher, initial_teacher, load_split_and_data, teacher_spec
+from fed_distill.models import describe
+from fed_distill.models.families import Architecture
+from fed_distill.pipeline import load_split_and_data
+from fed_distill.teachers import (
+    architecture_record,
+    build_teacher,
+    configured_architectures,
+    initial_teachers,
+    teacher_spec,
+)
 
 quiet_flower_env()
 log = logging.getLogger("fed_distill.flower")
@@ -81,6 +90,17 @@ def validate_weights(
             )
 
 
+def validate_architecture(metrics: dict[str, Any], arch: Architecture, who: str) -> None:
+    """The architecture a client says it trained (``model``, ``model_kwargs`` beside its
+    weights) must be the one the server sent it."""
+    got = (metrics.get("model"), metrics.get("model_kwargs", {}))
+    if got != arch:
+        said = "none" if got[0] is None else describe([(str(got[0]), dict(got[1] or {}))])
+        raise ProtocolError(
+            f"{who}: uploaded a teacher of architecture {said}, expected {describe([arch])}"
+        )
+
+
 def serve_oneshot(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
     """One-shot FL over Flower: teachers trained on the clients and uploaded once, then the
     same synthesis, distillation and evaluation as ``fed-distill oneshot``."""
@@ -106,17 +126,17 @@ def flower_train_teachers(
     split, data = load_split_and_data(cfg)
     info = data.info
     mcfg: ModelConfig = as_object(cfg.model, ModelConfig)
-    init, init_state = initial_teacher(mcfg, info, cfg.seed)  # as run_train_teachers makes it
     n = split.num_teachers
+    archs = configured_architectures(cfg, n)
+    inits = initial_teachers(archs, info, cfg.seed)  # as run_train_teachers makes them
     names = [f"client {i}" for i in range(n)]
     train_timeout = float(job["train_timeout"])
     ex = connect(grid, n, names, float(job["wait_nodes_s"]), train_timeout)
     faults = parse_faults(job.get("faults"))
-    spec = {"model": mcfg.name, "model_kwargs": dict(mcfg.kwargs)}
     asks = {}
     for i, cl in enumerate(split.clients[:n]):
         arrays = {
-            **init_state,
+            **inits[i][1],
             "idx_train": torch.as_tensor(cl.train, dtype=torch.long),
             "idx_val": torch.as_tensor(cl.val, dtype=torch.long),
             "idx_test": torch.as_tensor(cl.test, dtype=torch.long),
@@ -128,12 +148,12 @@ def flower_train_teachers(
             dataset=split.dataset,
             dataset_options=split.dataset_options,
             train_class_counts=cl.train_class_counts,
-            spec=spec,
+            spec=architecture_record(archs[i]),
             num_threads=int(job["num_threads"]),
             **fault_options(faults, i, 0, train_timeout),
         )
     replies, left = ex.ask(ONESHOT_TRAIN, asks, train_timeout, "0")
-    kept, stats, left_out = _check_teachers(replies, left, names, init, init_state, info)
+    kept, stats, left_out = _check_teachers(replies, left, names, archs, inits, info)
     extra["left_out"] = left_out
     if left_out:
         # The later stages read the teachers and split.json: keep the clients that uploaded
@@ -142,23 +162,25 @@ def flower_train_teachers(
         split.clients = [split.clients[i] for i in kept] + split.clients[n:]
         save_split(split, run_dir / "split.json")
         extra["teacher_clients"] = list(kept)
-    return _save_teachers(run_dir / "teachers", kept, stats, mcfg, info, cfg.seed)
+    kept_archs = {i: archs[i] for i in kept}
+    return _save_teachers(run_dir / "teachers", kept, stats, kept_archs, mcfg, info, cfg.seed)
 
 
 def _check_teachers(
     replies: dict[int, Message],
     left: dict[int, str],
     names: list[str],
-    init: torch.nn.Module,
-    init_state: dict[str, torch.Tensor],
+    archs: list[Architecture],
+    inits: list[tuple[torch.nn.Module, dict[str, torch.Tensor]]],
     info: Any,
 ) -> tuple[
     dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]],
     dict[int, dict[str, torch.Tensor]],
     list[dict[str, Any]],
 ]:
-    """The uploads that pass the checks (weights and metrics, by client), their class
-    statistics, and who was left out and why; fails when no teacher is left."""
+    """The uploads that pass the checks (the architecture the client names is the one it was
+    sent, weights fit it, metrics; by client), their class statistics, and who was left out
+    and why; fails when no teacher is left."""
     left_out = [{"party": p, "reason": why} for p, why in sorted(left.items())]
     kept: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
     stats: dict[int, dict[str, torch.Tensor]] = {}
@@ -172,11 +194,13 @@ def _check_teachers(
                 for k in list(w)
                 if k.startswith(CLASS_STATS_PREFIX)
             }
-            validate_weights(w, init_state, names[i])
+            metrics = json.loads(str(m.content["metrics"]["metrics"]))
+            validate_architecture(metrics, archs[i], names[i])
+            validate_weights(w, inits[i][1], names[i])
             if st:
-                check_class_stats(st, init, info.num_classes, names[i])
+                check_class_stats(st, inits[i][0], info.num_classes, names[i])
                 stats[i] = st
-            kept[i] = (w, json.loads(str(m.content["metrics"]["metrics"])))
+            kept[i] = (w, metrics)
         except ProtocolError as e:
             say(f"left out: {e}")
             left_out.append({"party": i, "reason": str(e)})
@@ -192,21 +216,23 @@ def _save_teachers(
     out: Path,
     kept: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]],
     stats: dict[int, dict[str, torch.Tensor]],
+    archs: dict[int, Architecture],
     mcfg: ModelConfig,
     info: Any,
     seed: int,
 ) -> list[dict[str, Any]]:
     """The kept teachers, renumbered 0.., written as ``run_train_teachers`` writes them."""
-    save_json(asdict(teacher_spec(mcfg, info, len(kept), seed)), out / "teachers.json")
+    spec = teacher_spec(mcfg, info, [archs[i] for i in kept], seed)
+    save_json(asdict(spec), out / "teachers.json")
     summary = []
     for j, (i, (w, metrics)) in enumerate(kept.items()):
-        model = build_teacher(mcfg, info)
+        model = build_teacher(archs[i], info)
         model.load_state_dict(w)
         metrics["client"] = i
         save_weights(
             model,
             out / f"teacher_{j}.safetensors",
-            metadata={"model": mcfg.name, "teacher": str(j)},
+            metadata={"model": archs[i][0], "teacher": str(j)},
         )
         save_json(metrics, out / f"metrics_teacher_{j}.json")
         if i in stats:
