@@ -249,6 +249,9 @@ def test_partitions_by_writer_and_by_subclass():
     assert not set(parts[0]) & set(parts[3])  # same subclasses, different images
     balanced = partition_balanced(y, [0, 2], 4, 3, rng)
     assert len(set(np.concatenate(balanced))) == 24
+    assert all(np.bincount(y[p], minlength=3).tolist() == [3, 0, 3] for p in balanced)
+    with pytest.raises(ConfigError, match="private class 0 has 40 .* lower fedmd.samples_per"):
+        partition_balanced(y, [0, 2], 14, 3, rng)
 
 
 def _fake(name, n_classes, extras_fn):

@@ -258,6 +258,30 @@ def test_every_method_is_registered_and_built(monkeypatch):
     assert (built["generator"].meta, built["fast"].meta) == (False, True)
 
 
+def test_registry_offers_a_forwarding_constructor_its_base_keywords():
+    """The built-in synthesizers take their own keywords and pass the rest (``**options``) to
+    TeacherSynthesizer; build_synthesizer still hands them hflip, device, seed and class_stats
+    (``fast`` also its fixed ``meta``, ``public`` its ``data_dir``), and nothing else."""
+    from fed_distill.synthesis import GeneratorSynthesizer, PublicDataSynthesizer
+    from fed_distill.synthesis.registry import _declared
+
+    base = {"cfg", "teachers", "class_counts", "image_shape", "normalizer", "hflip", "device"}
+    base |= {"self", "seed", "class_stats"}
+    assert _declared(DeepInversion) == base
+    assert _declared(GeneratorSynthesizer) == base | {"meta"}
+    assert _declared(PublicDataSynthesizer) == base | {"images", "data_dir"}
+    teachers = [build_model("cnn_small", 3, 1, 8)]
+    counts, norm = np.array([[5, 5, 5]]), Normalizer([0.5], [0.25])
+    for method in ("deepinversion", "fast"):
+        cfg = SynthesisConfig(method=method, batch_size=4, iterations=1)
+        synth = build_synthesizer(cfg, teachers, counts, (1, 8, 8), norm, True, "cpu", seed=5)
+        assert (synth.flip, synth.seed, synth.device.type) == (True, 5, "cpu")
+        # the same stream as a generator seeded by hand: the seed reached the constructor
+        assert torch.equal(
+            synth.generator.get_state(), torch.Generator().manual_seed(5).get_state()
+        )
+
+
 def test_teacher_class_weights_rows():
     w = teacher_class_weights(np.array([[3, 1, 0], [0, 0, 5]]))
     assert torch.allclose(w.sum(1), torch.ones(2))

@@ -159,21 +159,10 @@ def partition_balanced(
     samples_per_class: int,
     rng: np.random.Generator,
 ) -> list[np.ndarray]:
-    """Per party: ``samples_per_class`` indices of each class, disjoint across parties."""
-    parts: list[list[np.ndarray]] = [[] for _ in range(num_parties)]
-    need = samples_per_class * num_parties
-    for c in classes:
-        pool = np.flatnonzero(y == c)
-        if len(pool) < need:
-            raise ConfigError(
-                f"fedmd: private class {c} has {len(pool)} training images, but "
-                f"samples_per_class={samples_per_class} x {num_parties} parties needs {need}; "
-                "lower fedmd.samples_per_class or fedmd.num_parties"
-            )
-        chosen = rng.choice(pool, size=need, replace=False)
-        for p in range(num_parties):
-            parts[p].append(chosen[p * samples_per_class : (p + 1) * samples_per_class])
-    return [np.sort(np.concatenate(p)) for p in parts]
+    """Per party: ``samples_per_class`` indices of each class, disjoint across parties (the
+    subclass partition with one subclass per class)."""
+    one_subclass = np.zeros_like(y)
+    return partition_by_subclass(y, one_subclass, classes, num_parties, samples_per_class, rng)[0]
 
 
 def partition_by_writer(
@@ -225,9 +214,11 @@ def partition_by_subclass(
             pool = np.flatnonzero((y == c) & (sub == s))
             need = samples_per_class * len(holders)
             if len(pool) < need:
+                what = f"private class {c}" if len(subs) == 1 else f"subclass {s} of class {c}"
                 raise ConfigError(
-                    f"fedmd: subclass {s} of class {c} has {len(pool)} training images, "
-                    f"{len(holders)} parties x samples_per_class={samples_per_class} need {need}"
+                    f"fedmd: {what} has {len(pool)} training images, but samples_per_class="
+                    f"{samples_per_class} x {len(holders)} parties needs {need}; "
+                    "lower fedmd.samples_per_class or fedmd.num_parties"
                 )
             chosen = rng.choice(pool, size=need, replace=False)
             for k, p in enumerate(holders):

@@ -12,13 +12,16 @@ BN layers (and its own class targets). Built only where every teacher has BatchN
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from fed_distill.class_stats import ClassTargets
-from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack
+from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack, use_grouped
+
+log = logging.getLogger(__name__)
 
 
 def architecture_sets(teachers: Sequence[nn.Module]) -> list[list[int]]:
@@ -71,6 +74,39 @@ def try_group_by_architecture(
             return None, f"teachers {ids}: {why}"
         groups.append((ids, net))
     return ArchitectureGroups(groups, len(teachers)), ""
+
+
+def convert_teachers(
+    teachers: list[nn.Module],
+    input_shape: tuple[int, int, int],
+    device: torch.device,
+    grouped: bool | None,
+    group: bool,
+) -> tuple[StackedTeachers | ArchitectureGroups | None, list[StackedTeachers | None], str]:
+    """The teachers as converted networks (same math, BN statistics fused), for the
+    synthesizers: where every step uses all of them (``group``) and ``synthesis.grouped``
+    (``grouped``) is on, ONE grouped network (one per architecture where they differ);
+    otherwise, or where they do not group, one converted network per teacher (None for one that
+    cannot be converted: it runs as it is, plain BN + hooks). Returns the grouped network or
+    None, the per-teacher networks (all None when grouped) and a note saying what was done."""
+    fmt = torch.channels_last if device.type == "cpu" else torch.preserve_format
+    notes = []
+    net: StackedTeachers | ArchitectureGroups | None = None
+    if group and use_grouped(grouped, device) and len(teachers) > 1:
+        net, why = try_stack(teachers, input_shape, fmt)
+        if net is None:  # mixed architectures: one group per architecture
+            net, why_sets = try_group_by_architecture(teachers, input_shape, fmt)
+            why = f"{why}; by architecture: {why_sets}"
+        notes.append("grouped" if net is not None else f"not grouped: {why}")
+        if net is None:
+            log.info("teachers not grouped, run one after another (%s)", why)
+    fused: list[StackedTeachers | None] = [None] * len(teachers)
+    if net is None:
+        for i, t in enumerate(teachers):
+            fused[i], why = try_stack([t], input_shape, fmt)
+            if fused[i] is None:
+                notes.append(f"teacher {i} as is: {why}")
+    return net, fused, "; ".join(notes) or "fused BN statistics"
 
 
 class ArchitectureGroupHooks:

@@ -38,7 +38,6 @@ Speed keys (same math; tested against the plain path):
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections import deque
@@ -47,32 +46,25 @@ from contextlib import ExitStack
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fed_distill.class_stats import class_weights
-from fed_distill.data.transforms import Normalizer
-from fed_distill.ensemble import class_shares
-from fed_distill.errors import ConfigError
 from fed_distill.synthesis.arch_groups import (
     ArchitectureGroupHooks,
     ArchitectureGroups,
+    convert_teachers,
     grouped_bn_hooks,
-    try_group_by_architecture,
 )
-from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
+from fed_distill.synthesis.base import SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
-from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.inputs import (
+    TeacherSynthesizer,
     balanced_labels,
-    frozen_copies,
     has_bn,
     label_probs,
-    synthesis_inputs,
     teacher_class_weights,
-    teachers_class_targets,
 )
 from fed_distill.synthesis.losses import (
     MASKED_LOGIT,
@@ -85,61 +77,40 @@ from fed_distill.synthesis.losses import (
     total_variation_per_batch,
 )
 from fed_distill.synthesis.registry import register_synthesizer
-from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack, use_grouped
-
-log = logging.getLogger(__name__)
+from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers
 
 # (step, x, jittered x) -> (loss: a scalar, or (T,) for a group; its terms ce, bn, tv, l2, comp)
 StepLoss = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
 @register_synthesizer("deepinversion")
-class DeepInversion(Synthesizer):
+class DeepInversion(TeacherSynthesizer):
     """(Adaptive) DeepInversion over one or several frozen teachers; see the module docstring.
 
     ``last_draws`` holds, after a sampling-mode ``synthesize()``, the teachers drawn at each
     step; ``last_loss_curve`` the total loss of every step of the latest batch.
     """
 
-    def __init__(
-        self,
-        cfg: SynthesisConfig,
-        teachers: list[nn.Module],
-        class_counts: np.ndarray,
-        image_shape: tuple[int, int, int],
-        normalizer: Normalizer,
-        hflip: bool = False,
-        device: torch.device | str = "cpu",
-        seed: int = 0,
-        class_stats: list[dict[str, torch.Tensor] | None] | None = None,
-    ) -> None:
-        if not teachers:
-            raise ConfigError("synthesis needs at least one teacher")
-        cfg.validate(num_available=len(teachers))
-        self.cfg = cfg
-        self.device = torch.device(device)
-        counts, self.image_shape = synthesis_inputs(teachers, class_counts, image_shape)
+    def __init__(self, *inputs: Any, **options: Any) -> None:
+        super().__init__(*inputs, **options)  # TeacherSynthesizer's arguments
+        cfg, counts = self.cfg, self.counts
         self.class_weights = teacher_class_weights(counts)
-        self.num_classes = int(counts.shape[1])
-        self.counts = counts
         self.owned = counts > 0  # (T, C) bool, CPU
-        self.teachers = frozen_copies(teachers, self.device, need_bn=cfg.bn_scale > 0)
         # a teacher without BN layers adds CE and competition terms only (no hooks)
         self.bn_teachers = {i for i, t in enumerate(self.teachers) if has_bn(t)}
-        # per teacher, per BN layer: (K, C) class targets (None: the global BN statistics)
-        self.class_targets = teachers_class_targets(self.teachers, class_stats, cfg)
-        self._shares_dev = class_shares(counts).to(self.device)
         # synthesis.stacked: the teachers as converted networks (synthesis/stacked.py) whose
         # BatchNorm layers compute the BN-statistics term with one fused forward/backward;
         # with synthesis.grouped, where a step uses several teachers (ensemble, parallel
-        # cycling) they run as ONE grouped network. Same math; a teacher that cannot be
-        # converted runs as it is (plain BN + BNFeatureHooks).
-        # the grouped network of all teachers (by architecture where they differ)
+        # cycling) they run as ONE grouped network (``stacked``), else one each (``fast``).
+        # Same math; a teacher that cannot be converted runs as it is (BN + BNFeatureHooks).
         self.stacked: StackedTeachers | ArchitectureGroups | None = None
-        self.fast: list[StackedTeachers | None] = [None] * len(self.teachers)  # one each
-        self.stacked_note = (
-            self._convert_teachers() if cfg.stacked else "off (synthesis.stacked=false)"
-        )
+        self.fast: list[StackedTeachers | None] = [None] * len(self.teachers)
+        self.stacked_note = "off (synthesis.stacked=false)"
+        if cfg.stacked:
+            group = cfg.mode == "ensemble" or (cfg.mode == "cycling" and cfg.parallel)
+            self.stacked, self.fast, self.stacked_note = convert_teachers(
+                self.teachers, self.image_shape, self.device, cfg.grouped, group
+            )
         # parallel cycling: batches made as one group, handed out one per call.
         self._queue: deque[tuple[SyntheticBatch, torch.Tensor]] = deque()
         self._queue_adaptive = False
@@ -149,38 +120,11 @@ class DeepInversion(Synthesizer):
         self._owned_f_dev = self._owned_dev.float()
         self._union_dev = self._owned_dev.any(dim=0)
         self._zero = torch.zeros((), device=self.device)  # an absent term
-        self.flip = bool(hflip) if cfg.flip is None else bool(cfg.flip)
-        self.low, self.high = normalizer.bounds(self.device)
-        # One CPU generator drives every random choice, so a seed gives the same batches on
-        # any device; successive calls continue the stream (different batches, reproducible).
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.low, self.high = self.normalizer.bounds(self.device)
+        # successive calls continue self.generator's stream (different batches, reproducible)
         self._next_teacher = 0
         self.last_draws: list[list[int]] = []
         self.last_loss_curve: torch.Tensor | None = None
-
-    def _convert_teachers(self) -> str:
-        """Set ``stacked`` (the grouped network, where a step uses several teachers and they
-        can be grouped) or ``fast`` (one converted network per teacher); returns the note."""
-        cfg = self.cfg
-        fmt = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
-        notes = []
-        group = cfg.mode == "ensemble" or (cfg.mode == "cycling" and cfg.parallel)
-        if group and use_grouped(cfg.grouped, self.device) and len(self.teachers) > 1:
-            self.stacked, why = try_stack(self.teachers, self.image_shape, fmt)
-            if self.stacked is None:  # mixed architectures: one group per architecture
-                self.stacked, why_sets = try_group_by_architecture(
-                    self.teachers, self.image_shape, fmt
-                )
-                why = f"{why}; by architecture: {why_sets}"
-            notes.append("grouped" if self.stacked is not None else f"not grouped: {why}")
-            if self.stacked is None:
-                log.info("teachers not grouped, run one after another (%s)", why)
-        if self.stacked is None:
-            for i, t in enumerate(self.teachers):
-                self.fast[i], why = try_stack([t], self.image_shape, fmt)
-                if self.fast[i] is None:
-                    notes.append(f"teacher {i} as is: {why}")
-        return "; ".join(notes) or "fused BN statistics"
 
     # ------------------------------------------------------------------ resumable state
 
@@ -228,7 +172,7 @@ class DeepInversion(Synthesizer):
             return
         w = class_weights(y, self.num_classes)
         if self.cfg.mode == "ensemble":
-            w = len(self.teachers) * self._shares_dev * w
+            w = len(self.teachers) * self.shares * w
         for t, h in hooks.items():
             h.set_classes(y, w if w.dim() == 1 or t == -1 else w[t])
 

@@ -37,32 +37,27 @@ import time
 from contextlib import ExitStack
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fed_distill.class_stats import class_weights
-from fed_distill.data.transforms import Normalizer
-from fed_distill.ensemble import class_shares, ensemble_probs
+from fed_distill.ensemble import ensemble_probs
 from fed_distill.synthesis.arch_groups import (
     ArchitectureGroups,
+    convert_teachers,
     grouped_bn_hooks,
-    try_group_by_architecture,
 )
-from fed_distill.synthesis.base import Synthesizer, SyntheticBatch, frozen_student
+from fed_distill.synthesis.base import SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
-from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.inputs import (
+    TeacherSynthesizer,
     balanced_labels,
-    frozen_copies,
     has_bn,
     label_probs,
-    synthesis_inputs,
-    teachers_class_targets,
 )
 from fed_distill.synthesis.registry import register_synthesizer
-from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers, try_stack, use_grouped
+from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers
 
 
 class ImageGenerator(nn.Module):
@@ -113,33 +108,14 @@ def adversarial_loss(teacher_probs: torch.Tensor, student_logits: torch.Tensor) 
 
 @register_synthesizer("generator")
 @register_synthesizer("fast", meta=True)
-class GeneratorSynthesizer(Synthesizer):
+class GeneratorSynthesizer(TeacherSynthesizer):
     """``synthesis.method=generator`` (DENSE) or ``fast`` (Fast data-free KD, ``meta=True``);
     see the module docstring."""
 
-    def __init__(
-        self,
-        cfg: SynthesisConfig,
-        teachers: list[nn.Module],
-        class_counts: np.ndarray,
-        image_shape: tuple[int, int, int],
-        normalizer: Normalizer,
-        hflip: bool = False,
-        device: torch.device | str = "cpu",
-        seed: int = 0,
-        meta: bool = False,
-        class_stats: list[dict[str, torch.Tensor] | None] | None = None,
-    ) -> None:
-        counts, self.image_shape = synthesis_inputs(teachers, class_counts, image_shape)
-        cfg.validate(num_available=len(teachers))
-        self.cfg, self.meta = cfg, meta
-        self.device = torch.device(device)
-        self.counts = counts
-        self.num_classes = int(counts.shape[1])
-        self.teachers = frozen_copies(teachers, self.device, need_bn=cfg.bn_scale > 0)
+    def __init__(self, *inputs: Any, meta: bool = False, **options: Any) -> None:
+        super().__init__(*inputs, **options)  # TeacherSynthesizer's arguments
+        cfg, seed, self.meta = self.cfg, self.seed, meta
         self.has_bn = [has_bn(t) for t in self.teachers]  # without: CE and adversarial only
-        # per teacher, per BN layer: (K, C) class targets (None: the global BN statistics)
-        self.class_targets = teachers_class_targets(self.teachers, class_stats, cfg)
         # Speed (same math): every step runs all teachers on the same images, so with
         # `synthesis.stacked` they run as one grouped network (auto: >1 thread or CUDA) or each
         # as a converted network with fused BN statistics (see synthesis/stacked.py). The
@@ -147,23 +123,10 @@ class GeneratorSynthesizer(Synthesizer):
         self.grouped: StackedTeachers | ArchitectureGroups | None = None
         self.fused: list[StackedTeachers | None] = [None] * len(self.teachers)
         if cfg.stacked and not (meta and cfg.bn_momentum > 0):
-            fmt = torch.channels_last if self.device.type == "cpu" else torch.preserve_format
-            if (
-                use_grouped(cfg.grouped, self.device)
-                and len(self.teachers) > 1
-                and cfg.target == "ensemble"
-            ):
-                self.grouped, _ = try_stack(self.teachers, self.image_shape, fmt)
-                if self.grouped is None:  # mixed architectures: one group per architecture
-                    self.grouped, _ = try_group_by_architecture(
-                        self.teachers, self.image_shape, fmt
-                    )
-            if self.grouped is None:
-                self.fused = [try_stack([t], self.image_shape, fmt)[0] for t in self.teachers]
-        self.shares = class_shares(counts).to(self.device)
-        self.normalizer = normalizer
-        self.flip = bool(hflip) if cfg.flip is None else bool(cfg.flip)
-        self.generator = torch.Generator().manual_seed(int(seed))
+            group = cfg.target == "ensemble"
+            self.grouped, self.fused, _ = convert_teachers(
+                self.teachers, self.image_shape, self.device, cfg.grouped, group
+            )
         # The network's initial weights come from the same seed, not from the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))

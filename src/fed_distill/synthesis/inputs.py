@@ -1,6 +1,7 @@
 """What every synthesizer checks and draws from its inputs: the teachers' class counts and
 weights, the label distribution and balanced labels, private frozen copies of the teachers, and
-the per-class targets built from the class statistics the clients uploaded."""
+the per-class targets built from the class statistics the clients uploaded; and
+:class:`TeacherSynthesizer`, the constructor the built-in synthesizers share."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import torch
 from torch import nn
 
 from fed_distill.class_stats import ClassTargets, class_targets
+from fed_distill.data.transforms import Normalizer
+from fed_distill.ensemble import class_shares
 from fed_distill.errors import ConfigError
+from fed_distill.synthesis.base import Synthesizer
 from fed_distill.synthesis.config import SynthesisConfig
 
 
@@ -126,3 +130,50 @@ def teachers_class_targets(
         class_targets(t, s, cfg.class_stats_min, cfg.feature_scale)  # type: ignore[arg-type]
         for t, s in zip(teachers, class_stats, strict=True)
     ]
+
+
+class TeacherSynthesizer(Synthesizer):
+    """A synthesizer over private frozen copies of the teachers: the constructor the built-in
+    ones share, with the calling convention of ``build_synthesizer``.
+
+    It checks the inputs and validates ``cfg``, and keeps ``cfg``, ``device``, ``image_shape``
+    (C, H, W), ``counts`` (T, C) float64, ``num_classes``, ``teachers`` (the frozen copies),
+    ``shares`` (the class shares of ``ensemble.py``, on ``device``), ``normalizer``, ``flip``
+    (``cfg.flip``, else ``hflip``), ``seed``, ``generator`` (the seeded CPU generator that draws
+    every random choice, so a seed gives the same batches on any device) and ``class_targets``
+    (:func:`teachers_class_targets`; None where ``uses_bn`` is false). A subclass takes its own
+    keyword arguments and passes the rest on (``*inputs, **options``); ``build_synthesizer``
+    offers it those it declares and this constructor's."""
+
+    #: Whether the method matches the teachers' BN statistics (``synthesis.bn_scale``).
+    uses_bn: bool = True
+
+    def __init__(
+        self,
+        cfg: SynthesisConfig,
+        teachers: list[nn.Module],
+        class_counts: np.ndarray,
+        image_shape: tuple[int, int, int],
+        normalizer: Normalizer,
+        hflip: bool = False,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        class_stats: list[dict[str, torch.Tensor] | None] | None = None,
+    ) -> None:
+        counts, self.image_shape = synthesis_inputs(teachers, class_counts, image_shape)
+        cfg.validate(num_available=len(teachers))
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.counts = counts
+        self.num_classes = int(counts.shape[1])
+        need_bn = self.uses_bn and cfg.bn_scale > 0
+        self.teachers = frozen_copies(teachers, self.device, need_bn=need_bn)
+        self.shares = class_shares(counts).to(self.device)
+        self.normalizer = normalizer
+        self.flip = bool(hflip) if cfg.flip is None else bool(cfg.flip)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        # per teacher, per BN layer: (K, C) class targets (None: the global BN statistics)
+        self.class_targets = (
+            teachers_class_targets(self.teachers, class_stats, cfg) if self.uses_bn else None
+        )

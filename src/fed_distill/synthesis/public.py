@@ -13,17 +13,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fed_distill.data.transforms import Normalizer
-from fed_distill.ensemble import class_shares, ensemble_probs
+from fed_distill.ensemble import ensemble_probs
 from fed_distill.errors import ConfigError
-from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
-from fed_distill.synthesis.config import SynthesisConfig
-from fed_distill.synthesis.inputs import frozen_copies, synthesis_inputs
+from fed_distill.synthesis.base import SyntheticBatch
+from fed_distill.synthesis.inputs import TeacherSynthesizer
 from fed_distill.synthesis.registry import register_synthesizer
 
 
@@ -77,42 +74,33 @@ def convert_images(x: torch.Tensor, image_shape: tuple[int, int, int]) -> torch.
 
 
 @register_synthesizer("public")
-class PublicDataSynthesizer(Synthesizer):
+class PublicDataSynthesizer(TeacherSynthesizer):
     """Batches of unlabeled public images, labelled by the teachers' ensemble (FedDF)."""
+
+    uses_bn = False  # no synthesis: the teachers only label the images
 
     def __init__(
         self,
-        cfg: SynthesisConfig,
-        teachers: list[nn.Module],
-        class_counts: np.ndarray,
-        image_shape: tuple[int, int, int],
-        normalizer: Normalizer,
-        device: torch.device | str = "cpu",
-        seed: int = 0,
+        *inputs: Any,
         images: torch.Tensor | None = None,
         data_dir: str | None = None,
+        **options: Any,
     ) -> None:
-        counts, _ = synthesis_inputs(teachers, class_counts, image_shape)
-        cfg.validate(num_available=len(teachers))
-        self.cfg = cfg
-        self.device = torch.device(device)
+        super().__init__(*inputs, **options)  # TeacherSynthesizer's arguments
+        cfg = self.cfg
         if images is None:
             images = load_unlabeled_images(
                 cfg.public_dataset,
-                image_shape,
+                self.image_shape,
                 data_dir=cfg.public_data_dir or data_dir,
                 limit=cfg.public_limit,
-                seed=seed,
+                seed=self.seed,
             )
         else:
-            images = convert_images(images, image_shape)
+            images = convert_images(images, self.image_shape)
         if len(images) == 0:
             raise ConfigError(f"public dataset '{cfg.public_dataset}' holds no images")
         self.images = images
-        self.teachers = frozen_copies(teachers, self.device)
-        self.shares = class_shares(counts).to(self.device)
-        self.normalizer = normalizer
-        self.generator = torch.Generator().manual_seed(int(seed))
         self._order = torch.empty(0, dtype=torch.long)
 
     def _next_indices(self, n: int) -> torch.Tensor:

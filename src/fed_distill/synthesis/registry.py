@@ -4,7 +4,8 @@
 A :class:`~fed_distill.synthesis.base.Synthesizer` subclass registers itself as
 ``synthesis.method=NAME`` with ``@register_synthesizer(NAME)``. Its constructor takes ``(cfg,
 teachers, class_counts, image_shape, normalizer)`` and whichever of the keyword arguments
-``hflip``, ``device``, ``seed``, ``data_dir``, ``class_stats`` it declares; keywords given to the
+``hflip``, ``device``, ``seed``, ``data_dir``, ``class_stats`` it declares (a constructor that
+passes ``**options`` on to its base class declares the base's too); keywords given to the
 decorator (``meta=True``) are fixed for that name. Neither this module nor ``base.py`` imports
 any synthesizer: the package ``fed_distill.synthesis`` imports the built-in ones before it hands
 out ``build_synthesizer`` and ``list_synthesizers``, as ``fed_distill.models`` does for models.
@@ -87,6 +88,20 @@ def build_synthesizer(
     cls, fixed = _REGISTRY[cfg.method]
     offered = dict(hflip=hflip, device=device, seed=seed, data_dir=data_dir)
     offered.update(class_stats=class_stats, **fixed)
-    accepted = inspect.signature(cls).parameters
+    accepted = _declared(cls)
     kwargs = {k: v for k, v in offered.items() if k in accepted}
     return cls(cfg, teachers, class_counts, image_shape, normalizer, **kwargs)  # type: ignore[call-arg]
+
+
+def _declared(cls: type) -> set[str]:
+    """The keyword arguments ``cls``'s constructor declares: its own named parameters and,
+    where it passes ``**options`` on to its base class, those of the base's constructor too."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
