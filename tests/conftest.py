@@ -136,12 +136,20 @@ def benchmark_module():
 
 
 @pytest.fixture
-def restore_datasets():
-    """Datasets a test registers (``register_dataset``) are gone after it: other tests list the
-    built-in ones."""
+def restore_registries():
+    """Datasets and synthesizers a test registers (``register_dataset``,
+    ``register_synthesizer``) are gone after it: other tests list the built-in ones."""
     from fed_distill.data import sources
+    from fed_distill.synthesis import config, registry
 
-    before = dict(sources._SOURCES)
+    saved = [
+        (sources._SOURCES, dict(sources._SOURCES)),
+        (registry._REGISTRY, dict(registry._REGISTRY)),
+    ]
+    methods = set(config.REGISTERED_METHODS)
     yield
-    sources._SOURCES.clear()
-    sources._SOURCES.update(before)
+    for live, before in saved:
+        live.clear()
+        live.update(before)
+    config.REGISTERED_METHODS.clear()
+    config.REGISTERED_METHODS.update(methods)

@@ -59,6 +59,7 @@ def test_run_returns_what_the_stage_wrote_and_raises_typed_errors(tmp_path):
     assert not (tmp_path / "c" / "split.json").exists()
 
 
+@pytest.mark.usefixtures("restore_registries")
 def test_registered_synthesizer_is_a_valid_method_and_reregistering_the_same_class_is_fine():
     from fed_distill import Synthesizer, register_synthesizer
     from fed_distill.synthesis.config import SynthesisConfig
@@ -93,7 +94,7 @@ def _doc_blocks() -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("restore_datasets")
+@pytest.mark.usefixtures("restore_registries")
 def test_docs_api_example_runs(tmp_path, monkeypatch, capsys):
     """The walk-through of docs/api.md, executed as written (in a fresh folder)."""
     monkeypatch.chdir(tmp_path)

@@ -219,7 +219,7 @@ def test_folder_oneshot_end_to_end_from_the_command_line(cli, tmp_path, digits):
 
 
 # ----------------------------------------------------------------------------- from Python
-@pytest.mark.usefixtures("restore_datasets")
+@pytest.mark.usefixtures("restore_registries")
 def test_register_dataset_makes_a_dataset_option(tmp_path, digits):
     import fed_distill
 
