@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
 
 # The stages and the functions behind them live in the Python API (fed_distill.api).
-from fed_distill.api import STAGES
+from fed_distill.api import STAGES, stage_function
 
 USAGE = """usage: fed-distill STAGE [key=value ...] [--cfg] [--multirun]
        fed-distill data info|fetch NAME [data_dir=DIR]
@@ -44,12 +43,6 @@ def _usage() -> str:
         f"  {'flower'.ljust(width)}  oneshot|fedmd on Flower (simulation or real processes)"
     )
     return USAGE.format(stages="\n".join(lines))
-
-
-def _stage_fn(stage: str) -> Callable:
-    from fed_distill.api import stage_function
-
-    return stage_function(stage)
 
 
 def run_stage(stage: str, overrides: list[str]) -> None:
@@ -228,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if any(a in ("-h", "--help") for a in rest):
             print(f"fed-distill {stage}: {STAGES[stage][1]}\n")
-            print((_stage_fn(stage).__doc__ or "").strip())
+            print((stage_function(stage).__doc__ or "").strip())
             print("\nAll keys with their defaults: fed-distill " + stage + " --cfg")
             return 0
         if "--cfg" in rest:

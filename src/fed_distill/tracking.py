@@ -58,10 +58,6 @@ def tracking(name: str, run_dir: str | Path, stage: str = "") -> Iterator[None]:
         writer.close()
 
 
-def active() -> bool:
-    return _writer is not None
-
-
 def log_scalars(prefix: str, values: Mapping[str, Any], step: int) -> None:
     """``prefix/key`` = value at ``step`` for every finite number in ``values`` (NaN marks an
     epoch without evaluation: skipped). Does nothing when no logger is active."""

@@ -56,6 +56,7 @@ from fed_distill.synthesis.inputs import (
     has_bn,
     label_probs,
 )
+from fed_distill.synthesis.losses import kl_per_sample
 from fed_distill.synthesis.registry import register_synthesizer
 from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers
 
@@ -96,14 +97,16 @@ class ImageGenerator(nn.Module):
         return torch.sigmoid(x)
 
 
-def adversarial_loss(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+def adversarial_loss(
+    teacher_probs: torch.Tensor, student_logits: torch.Tensor, agree: bool = True
+) -> torch.Tensor:
     """DENSE's adversarial term: −mean over the batch of KL(teacher ‖ student) on the samples
-    where the student's top class agrees with the teacher's (0 for the others). Minimising it
-    drives a generator towards samples the student has not yet learnt to match."""
-    mask = (student_logits.argmax(dim=1) == teacher_probs.argmax(dim=1)).float()
-    log_t = teacher_probs.clamp_min(1e-12).log()
-    kl = (teacher_probs * (log_t - F.log_softmax(student_logits, dim=1))).sum(dim=1)
-    return -(kl * mask).mean()
+    where the student's top class agrees with the teacher's (``agree=False``: differs, as
+    DENSE's public code has it), 0 for the others. Minimising it drives a generator towards
+    samples the student has not yet learnt to match."""
+    same = student_logits.argmax(dim=1) == teacher_probs.argmax(dim=1)
+    mask = (same if agree else ~same).float()
+    return -(kl_per_sample(teacher_probs, student_logits) * mask).mean()
 
 
 @register_synthesizer("generator")

@@ -99,6 +99,13 @@ def kl_div_with_temperature(
     return kl * (temperature * temperature)
 
 
+def kl_per_sample(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """(N,) KL(teacher ‖ softmax(student_logits)) per sample, the teacher given as probabilities
+    (clamped before the log, so a zero probability adds nothing)."""
+    log_t = teacher_probs.clamp_min(1e-12).log()
+    return (teacher_probs * (log_t - F.log_softmax(student_logits, dim=1))).sum(dim=1)
+
+
 def masked_logits(logits: torch.Tensor, class_mask: torch.Tensor) -> torch.Tensor:
     """Logits with the classes where ``class_mask`` (bool, (C,) or (N, C)) is False set to a
     large negative value, so softmax/CE only competes among the owned classes."""

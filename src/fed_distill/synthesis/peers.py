@@ -42,7 +42,8 @@ from torch import nn
 
 from fed_distill.ensemble import ensemble_probs
 from fed_distill.synthesis.base import SyntheticBatch, frozen_student
-from fed_distill.synthesis.generator import GeneratorSynthesizer
+from fed_distill.synthesis.generator import GeneratorSynthesizer, adversarial_loss
+from fed_distill.synthesis.losses import kl_per_sample
 from fed_distill.synthesis.registry import register_synthesizer
 
 
@@ -79,10 +80,7 @@ def crop_flip(
 def dense_adversarial(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """DENSE's public code: −mean over the batch of KL(teacher ‖ student) on the samples whose
     top classes differ (0 for the others)."""
-    mask = (student_logits.argmax(dim=1) != teacher_probs.argmax(dim=1)).float()
-    log_t = teacher_probs.clamp_min(1e-12).log()
-    kl = (teacher_probs * (log_t - F.log_softmax(student_logits, dim=1))).sum(dim=1)
-    return -(kl * mask).mean()
+    return adversarial_loss(teacher_probs, student_logits, agree=False)
 
 
 def hardness_ce(probs: torch.Tensor, y: torch.Tensor, h: float) -> torch.Tensor:
@@ -96,9 +94,7 @@ def tempered_kl(
     teacher_probs: torch.Tensor, student_logits: torch.Tensor, t: float
 ) -> torch.Tensor:
     """mean_i KL(teacher ‖ softmax(student/t))·t² (``teacher_probs`` already at temperature t)."""
-    log_t = teacher_probs.clamp_min(1e-12).log()
-    kl = (teacher_probs * (log_t - F.log_softmax(student_logits / t, dim=1))).sum(dim=1)
-    return kl.mean() * t * t
+    return kl_per_sample(teacher_probs, student_logits / t).mean() * t * t
 
 
 def weighted_ensemble(

@@ -27,6 +27,7 @@ from fed_distill.data.transforms import Normalizer, augment
 from fed_distill.ensemble import ensemble_probs
 from fed_distill.errors import ConfigError, FedDistillError
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
+from fed_distill.synthesis.losses import kl_per_sample
 from fed_distill.train.fit import (
     evaluate,
     load_optimizer_state,
@@ -136,9 +137,7 @@ def weighted_kd_loss(
 ) -> torch.Tensor:
     """KL(p_teacher ‖ softmax(s/T))·T² per sample (``teacher_probs`` already at temperature T),
     averaged with optional per-sample weights."""
-    log_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_t = teacher_probs.clamp_min(1e-12).log()
-    per = (teacher_probs * (log_t - log_s)).sum(dim=1) * temperature**2
+    per = kl_per_sample(teacher_probs, student_logits / temperature) * temperature**2
     if weights is None:
         return per.mean()
     return (weights * per).sum() / weights.sum().clamp_min(1e-12)
