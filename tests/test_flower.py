@@ -274,3 +274,37 @@ def test_oneshot_on_real_superlink_and_supernodes_equals_in_process(tmp_path):
         _close(local[key], flower[key], key)
     logs = tmp_path / "dep" / "flower_logs"
     assert (logs / "superlink.log").is_file() and (logs / "supernode_1.log").is_file()
+
+
+def _started_here(marker) -> list[str]:
+    """Command lines of live processes that mention ``marker`` (our run folder)."""
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if str(marker) in ln and "ps -eo" not in ln]
+
+
+def test_a_server_app_failure_in_deployment_is_one_line_and_stops_everything(tmp_path):
+    """Too few SuperNodes: the ServerApp raises; the error reaches the caller as one line
+    (from the marker it writes, not from a log stream) and every process is stopped."""
+    from fed_distill.config import compose_config
+    from fed_distill.errors import FlowerError
+    from fed_distill.federated.flower.runner import run_deployment
+
+    cfg = compose_config([*ONESHOT, "split.num_clients=2", f"run_dir={tmp_path}"])
+    opts = FlowerOptions(mode="deployment", wait_nodes_s=3, train_timeout=60)
+    with pytest.raises(FlowerError, match="only 1 of 2 SuperNodes connected") as err:
+        run_deployment("oneshot", cfg, opts, 1)
+    assert "\n" not in str(err.value)
+    assert "only 1 of 2" in (tmp_path / "flower_failed.txt").read_text()
+    assert not (tmp_path / "results.json").exists()
+    assert _started_here(tmp_path) == []
+
+
+def test_submitting_to_a_superlink_that_is_not_there_is_one_line(tmp_path):
+    from fed_distill.errors import FlowerError
+    from fed_distill.federated.flower.runner import free_port
+
+    overrides = [*ONESHOT, "split.num_clients=2", f"run_dir={tmp_path}"]
+    opts = FlowerOptions(mode="deployment", superlink=f"127.0.0.1:{free_port()}")
+    with pytest.raises(FlowerError, match="flwr run could not start the app") as err:
+        run_flower("oneshot", overrides, opts)
+    assert "\n" not in str(err.value)

@@ -26,6 +26,15 @@ from typing import Any
 
 from fed_distill.errors import ConfigError, FlowerError
 from fed_distill.federated.flower import QUIET_ENV, require_flower
+from fed_distill.federated.flower.submit import (
+    CONNECTION,
+    FAILED_FILE,
+    await_run,
+    follow_logs,
+    run_status,
+    stop_following,
+    submit,
+)
 
 MODES = ("simulation", "deployment")
 
@@ -346,6 +355,26 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, wait_s: float = 60.
     raise FlowerError(f"the SuperLink did not open port {port} within {wait_s:g}s; see {log}")
 
 
+def _write_connection(flwr_home: Path, superlink: str, root_certificates: str | None) -> None:
+    """`flwr run APP CONNECTION`: the connection lives in $FLWR_HOME/config.toml."""
+    tls = (
+        f'root-certificates = "{Path(root_certificates).resolve()}"'
+        if root_certificates
+        else "insecure = true"
+    )
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{superlink}"\n{tls}\n'
+    )
+
+
+def _link_gone(procs: list[subprocess.Popen]) -> str | None:
+    """Why the SuperLink started here is gone, or None (also when it runs elsewhere)."""
+    if procs and procs[0].poll() is not None:
+        return f"the SuperLink exited ({procs[0].returncode}) before the run finished"
+    return None
+
+
 def run_deployment(protocol: str, cfg, opts: FlowerOptions, n: int) -> dict[str, Any]:
     """Real processes: submit the app with ``flwr run`` to a SuperLink and wait for results."""
     run_dir = Path(str(cfg.run_dir)).resolve()
@@ -353,8 +382,8 @@ def run_deployment(protocol: str, cfg, opts: FlowerOptions, n: int) -> dict[str,
     job_path = run_dir / "flower_job.json"
     job_path.write_text(json.dumps(job))
     results_path = run_dir / "results.json"
-    if results_path.exists():
-        results_path.unlink()  # the ServerApp writes it afresh; its presence means success
+    for stale in (results_path, run_dir / FAILED_FILE):
+        stale.unlink(missing_ok=True)  # the ServerApp writes them afresh: success or failure
     env = _env()
     # Flower's home (installed apps, CLI config) inside the run folder, not in ~/.flwr
     flwr_home = run_dir / "flower_logs" / "flwr_home"
@@ -364,36 +393,21 @@ def run_deployment(protocol: str, cfg, opts: FlowerOptions, n: int) -> dict[str,
     superlink = opts.superlink
     if superlink is None:
         superlink, procs = start_local_federation(n, run_dir / "flower_logs", env)
-    app_dir = write_app(run_dir / "flower_app")
-    # `flwr run APP CONNECTION`: the connection lives in $FLWR_HOME/config.toml
-    tls = (
-        f'root-certificates = "{Path(opts.root_certificates).resolve()}"'
-        if opts.root_certificates
-        else "insecure = true"
-    )
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fed-distill"\n\n[superlink.fed-distill]\n'
-        f'address = "{superlink}"\n{tls}\n'
-    )
-    cmd = [
-        _bin("flwr"),
-        "run",
-        str(app_dir),
-        "fed-distill",
-        "--stream",
-        "--run-config",
-        f'job="{job_path}"',
-    ]
+    flwr = _bin("flwr")
     try:
-        proc = subprocess.run(
-            cmd, env=env, cwd=run_dir, check=False, timeout=opts.train_timeout * 4
-        )
-    except subprocess.TimeoutExpired:
-        raise FlowerError("the Flower run did not finish in time") from None
+        app_dir = write_app(run_dir / "flower_app")
+        _write_connection(flwr_home, superlink, opts.root_certificates)
+        run_id = submit(flwr, app_dir, job_path, env, run_dir)
+        logs = follow_logs(flwr, run_id, env, run_dir)
+        try:
+            await_run(
+                run_dir,
+                status=lambda: run_status(flwr, run_id, env, run_dir),
+                alive=lambda: _link_gone(procs),
+                timeout_s=opts.train_timeout * 4,
+            )
+        finally:
+            stop_following(logs)
     finally:
         _stop(procs)
-    if proc.returncode != 0 or not results_path.is_file():
-        raise FlowerError(
-            f"the Flower run failed (flwr run exit {proc.returncode}); logs in {run_dir / 'flower_logs'}"
-        )
     return json.loads(results_path.read_text())

@@ -46,6 +46,7 @@ from fed_distill.federated.flower.common import (
 )
 from fed_distill.federated.flower.exchange import connect, fault_options, flower_summary, say
 from fed_distill.federated.flower.server_fedmd import serve_fedmd
+from fed_distill.federated.flower.submit import FAILED_FILE
 from fed_distill.models import describe
 from fed_distill.models.families import Architecture
 from fed_distill.pipeline import load_split_and_data
@@ -278,4 +279,8 @@ def main(grid: Grid, context: Context) -> None:
     path = Path(str(context.run_config.get("job", "")))
     if not path.is_file():
         raise FlowerError(f"run config 'job' must name a flower_job.json, got '{path}'")
-    serve(grid, json.loads(path.read_text()))
+    try:
+        serve(grid, json.loads(path.read_text()))
+    except BaseException as e:  # the submitting side waits for results.json or this marker
+        (path.parent / FAILED_FILE).write_text(f"{type(e).__name__}: {e}\n")
+        raise
