@@ -65,6 +65,11 @@ class SynthesisConfig:
     # with class statistics: weight, relative to the BN term, of matching each class's mean
     # penultimate features to the uploaded ones (0 = off; needs upload.features)
     feature_scale: float = 0.0
+    # cycling: weight of a diversity term that spreads the teacher's penultimate features of a
+    # batch apart, from each other and from its last `div_bank` images (synthesis/diversity.py;
+    # 0 = off)
+    div_scale: float = 0.0
+    div_bank: int = 1024
     # --- speed (method=deepinversion; same math either way, see synthesis/stacked.py).
     # `stacked`: run the teachers as converted networks whose BatchNorm layers compute the
     # BN-statistics term with one fused forward/backward; a teacher that cannot be converted
@@ -171,6 +176,7 @@ class SynthesisConfig:
             "oh_scale",
             "adv_scale",
             "feature_scale",
+            "div_scale",
             "grad_clip",
             "hardness",
             "coboost_mu",
@@ -181,6 +187,15 @@ class SynthesisConfig:
             raise bad(f"coboost_mu_decay must be in (0, 1], got {self.coboost_mu_decay}")
         if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
             raise bad(f"jitter must be an integer >= 0, got {self.jitter!r}")
+        if (
+            isinstance(self.div_bank, bool)
+            or not isinstance(self.div_bank, int)
+            or self.div_bank < 0
+        ):
+            raise bad(f"div_bank must be an integer >= 0, got {self.div_bank!r}")
+        pixels = self.method == "deepinversion" and self.mode == "cycling" and not self.parallel
+        if self.div_scale > 0 and not pixels:
+            raise bad("div_scale applies to method=deepinversion, mode=cycling, parallel=false")
         if self.class_weighted_ce and self.mode == "ensemble":
             # Ensemble CE is on the mean logits: there is no per-teacher term to weight.
             raise bad("class_weighted_ce applies to mode=cycling or sampling, not ensemble")

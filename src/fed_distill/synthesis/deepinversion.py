@@ -59,6 +59,12 @@ from fed_distill.synthesis.arch_groups import (
 )
 from fed_distill.synthesis.base import SyntheticBatch, frozen_student
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks
+from fed_distill.synthesis.diversity import (
+    FeatureBank,
+    FeatureCapture,
+    head_module,
+    uniformity_loss,
+)
 from fed_distill.synthesis.inputs import (
     TeacherSynthesizer,
     balanced_labels,
@@ -125,16 +131,25 @@ class DeepInversion(TeacherSynthesizer):
         self._next_teacher = 0
         self.last_draws: list[list[int]] = []
         self.last_loss_curve: torch.Tensor | None = None
+        # synthesis.div_scale (cycling): spread each batch's teacher features apart from each
+        # other and from the teacher's last div_bank images (synthesis/diversity.py)
+        self.bank = FeatureBank(len(self.teachers), cfg.div_bank) if cfg.div_scale > 0 else None
+        self._capture: FeatureCapture | None = None
 
     # ------------------------------------------------------------------ resumable state
 
     def state_dict(self) -> dict[str, Any]:
         """The RNG stream and the cycling cursor: all that decides the next batches."""
-        return {"generator": self.generator.get_state(), "next_teacher": self._next_teacher}
+        state = {"generator": self.generator.get_state(), "next_teacher": self._next_teacher}
+        if self.bank is not None:
+            state["feature_bank"] = self.bank.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self._next_teacher = int(state["next_teacher"]) % len(self.teachers)
+        if self.bank is not None and "feature_bank" in state:
+            self.bank.load_state_dict(state["feature_bank"])
 
     # ------------------------------------------------------------------ helpers
 
@@ -252,6 +267,8 @@ class DeepInversion(TeacherSynthesizer):
         stats.update(iterations=float(self.cfg.iterations), **timing)
         if adaptive:
             stats["loss_comp"] = values[8]
+        if len(values) > 9:
+            stats["loss_div"] = values[9]
         return stats
 
     # ------------------------------------------------------------------ one batch
@@ -293,6 +310,8 @@ class DeepInversion(TeacherSynthesizer):
                     if t in self.bn_teachers
                 }
             self._set_classes(hooks, y)
+            if self.bank is not None:
+                self._capture = stack.enter_context(self._feature_capture(active[0]))
             step_loss = partial(
                 self._step_loss, active, draws, y, hooks, student if adaptive else None
             )
@@ -302,7 +321,10 @@ class DeepInversion(TeacherSynthesizer):
 
             for h in hooks.values():
                 h.enabled = False  # the final check needs no BN terms
+            if self._capture is not None:
+                self._remember(active[0], best_x, y)
             acc = self._agreement(best_x, y, active, stacked)
+        self._capture = None
 
         # One host sync for everything the loop produced.
         rows = [final_loss, curve[0], best_loss, acc] + [v.detach().float() for v in terms]
@@ -368,7 +390,27 @@ class DeepInversion(TeacherSynthesizer):
         loss = ce + cfg.bn_scale * bn + cfg.var_scale * tv + cfg.l2_scale * l2
         if s_logits is not None:
             loss = loss + cfg.comp_scale * comp
-        return loss, [ce, bn, tv, l2, comp]
+        if self._capture is None or self.bank is None:
+            return loss, [ce, bn, tv, l2, comp]
+        assert self._capture.features is not None
+        div = uniformity_loss(self._capture.features, y, self.bank.get(active[0]))
+        return loss + cfg.div_scale * div, [ce, bn, tv, l2, comp, div]
+
+    def _feature_capture(self, t: int) -> FeatureCapture:
+        """Captures teacher ``t``'s features in the network :meth:`_forward` runs."""
+        fast = self.fast[t]
+        head = head_module(fast.net if fast is not None else self.teachers[t])
+        if head is None:
+            raise ValueError(f"synthesis.div_scale: teacher {t} has no final linear layer")
+        return FeatureCapture(head)
+
+    def _remember(self, t: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add the features of teacher ``t`` on the finished batch ``x`` to its bank."""
+        assert self._capture is not None and self.bank is not None
+        with torch.no_grad():
+            self._forward(t, x)
+        assert self._capture.features is not None
+        self.bank.add(t, self._capture.features, y)
 
     def _comp(self, logits: torch.Tensor, s_logits: torch.Tensor | None) -> torch.Tensor:
         if s_logits is None:
