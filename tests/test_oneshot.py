@@ -194,3 +194,30 @@ def test_kd_real_sharpen_targets(benchmark_module):
     half = kd.sharpen(q, 0.5)
     assert torch.allclose(half, q**2 / (q**2).sum(1, keepdim=True))
     assert torch.equal(half.argmax(1), q.argmax(1)) and (half.max(1).values > q.max(1).values).all()
+
+
+def test_student_seed_repeats_the_server_side_on_the_same_teachers(cli, tmp_path):
+    """student.seed: other synthetic images and student on the same split and teachers; null
+    (the default) is the run's seed, with the fingerprints of folders made before the key."""
+    base = ["split=iid", "split.num_clients=2", "seed=2"]
+    _, first = _oneshot_digits(cli, tmp_path, *base)
+    teachers = (tmp_path / "teachers" / "teacher_0.safetensors").read_bytes()
+    split = (tmp_path / "split.json").read_text()
+    images = torch.load(tmp_path / "student" / "dataset.pt", weights_only=True)["images"]
+    # the run's own seed given explicitly: nothing to redo
+    out, same = _oneshot_digits(cli, tmp_path, *base, "student.seed=2")
+    assert "initial batches already generated" in out and "student already trained" in out
+    assert same["student_acc"] == first["student_acc"]
+    # another server seed: same split and teachers, new synthetic images and student
+    out, other = _oneshot_digits(cli, tmp_path, *base, "student.seed=7")
+    assert "initial batches already generated" not in out
+    assert (tmp_path / "split.json").read_text() == split
+    assert (tmp_path / "teachers" / "teacher_0.safetensors").read_bytes() == teachers
+    assert other["teacher_acc"] == first["teacher_acc"]
+    again = torch.load(tmp_path / "student" / "dataset.pt", weights_only=True)["images"]
+    assert again.shape == images.shape and not torch.equal(again, images)
+
+
+def test_bad_student_seed_is_one_line(cli, tmp_path):
+    code, _, err = cli("oneshot", "dataset=digits", f"run_dir={tmp_path}", "student.seed=1.5")
+    assert code != 0 and "student.seed" in err and len(err.strip().splitlines()) == 1

@@ -125,15 +125,24 @@ def _inputs_digest(cfg: DictConfig, ctx: ServerContext) -> dict[str, Any]:
     out = {
         "split": file_digest(run_dir / "split.json"),
         "teachers": [tensors_digest(t.state_dict()) for t in ctx.teachers],
-        "seed": int(cfg.seed),
+        "seed": server_seed(cfg),
     }
     if ctx.class_stats is not None:  # only then: older runs keep their fingerprints
         out["class_stats"] = [tensors_digest(s) for s in ctx.class_stats]
     return out
 
 
+def server_seed(cfg: DictConfig) -> int:
+    """The seed of the server's side: ``student.seed``, or the run's ``seed`` when unset."""
+    seed = cfg.student.get("seed")
+    return int(cfg.seed if seed is None else seed)
+
+
 def _without_checkpoint_every(node: DictConfig) -> dict[str, Any]:
-    return {k: v for k, v in to_container(node).items() if k != "checkpoint_every"}
+    """A stage's settings for its fingerprint. ``student.seed`` is left out: the seed the
+    server uses (:func:`server_seed`) is in every fingerprint already, so ``student.seed`` equal
+    to ``seed`` redoes nothing and folders made before the key keep their fingerprints."""
+    return {k: v for k, v in to_container(node).items() if k not in ("checkpoint_every", "seed")}
 
 
 def _synthesizer(cfg: DictConfig, ctx: ServerContext, seed: int):
@@ -188,8 +197,8 @@ def run_generate_initial(cfg: DictConfig) -> SyntheticPool:
                 ctx.image_shape,
                 ctx.data.info.num_classes,
             )
-    seed_everything(cfg.seed)
-    synth = _synthesizer(cfg, ctx, seed=cfg.seed)
+    seed_everything(server_seed(cfg))
+    synth = _synthesizer(cfg, ctx, seed=server_seed(cfg))
     pool = SyntheticPool()
     seconds = 0.0
     every = scfg.checkpoint_every
@@ -294,7 +303,7 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
     pool = _initial_pool(scfg, ctx, out)
     student = _new_student(cfg, scfg, ctx, name, kwargs)
     # A different stream from generate-initial, so new batches are not copies of initial ones.
-    synth = _synthesizer(cfg, ctx, seed=cfg.seed + 7919)
+    synth = _synthesizer(cfg, ctx, seed=server_seed(cfg) + 7919)
     val = _validation_sample(ctx)
     res = distill(
         student,
@@ -305,7 +314,7 @@ def run_train_student(cfg: DictConfig) -> dict[str, Any]:
         normalizer=ctx.normalizer,
         hflip=ctx.hflip,
         device=ctx.device,
-        seed=cfg.seed,
+        seed=server_seed(cfg),
         test=(ctx.data.test_x, ctx.data.test_y),
         val=val,
         server_data=_server_data(scfg, ctx),
@@ -361,7 +370,7 @@ def _new_student(
 ) -> nn.Module:
     """The student before distillation: seeded random weights, or one-shot FedAvg's."""
     info = ctx.data.info
-    seed_everything(cfg.seed + 1)
+    seed_everything(server_seed(cfg) + 1)
     student = build_model(name, info.num_classes, info.channels, info.image_size, **kwargs)
     if scfg.init == "fedavg":
         if ctx.spec.mixed:

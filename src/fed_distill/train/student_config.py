@@ -29,6 +29,10 @@ class StudentConfig:
     # The student's starting weights: random (seeded), or fedavg = the teachers' weights
     # averaged by client data size (one-shot FedAvg; needs the teachers' architecture).
     init: str = "random"
+    # The server's randomness (synthesis, the student's initial weights, its batches): null =
+    # the run's `seed`. Another value repeats the server's side on the same split and teachers,
+    # which is how run-to-run spread is measured on fixed teachers (`seed` also re-splits).
+    seed: int | None = None
     epochs: int = 20
     initial_batches: int = 4
     new_batches_per_epoch: int = 1
@@ -71,6 +75,10 @@ class StudentConfig:
     checkpoint_every: int = 1
 
     def validate(self) -> StudentConfig:
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ConfigError(f"student.seed must be an integer or null, got {self.seed!r}")
         for key in ("epochs", "batch_size", "eval_every"):
             if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
                 raise ConfigError(
