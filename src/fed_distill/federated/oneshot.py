@@ -138,9 +138,9 @@ def server_seed(cfg: DictConfig) -> int:
     return int(cfg.seed if seed is None else seed)
 
 
-def _without_checkpoint_every(node: DictConfig) -> dict[str, Any]:
-    """A stage's settings for its fingerprint. ``student.seed`` is left out: the seed the
-    server uses (:func:`server_seed`) is in every fingerprint already, so ``student.seed`` equal
+def _fingerprint_settings(node: DictConfig) -> dict[str, Any]:
+    """A stage's settings for its fingerprint, without ``checkpoint_every`` (how often a stage
+    saves, not what it makes) and ``student.seed``: the seed the server uses (:func:`server_seed`) is in every fingerprint already, so ``student.seed`` equal
     to ``seed`` redoes nothing and folders made before the key keep their fingerprints."""
     return {k: v for k, v in to_container(node).items() if k not in ("checkpoint_every", "seed")}
 
@@ -174,7 +174,7 @@ def run_generate_initial(cfg: DictConfig) -> SyntheticPool:
     ckpt_path = checkpoint_dir(cfg.run_dir) / "initial.safetensors"
     fp = _fingerprint(
         {
-            "synthesis": _without_checkpoint_every(cfg.synthesis),
+            "synthesis": _fingerprint_settings(cfg.synthesis),
             "initial_batches": scfg.initial_batches,
             **_inputs_digest(cfg, ctx),
         }
@@ -342,8 +342,8 @@ def _student_fingerprint(
     checkpointed), the initial batches by content, the split and the teachers."""
     return _fingerprint(
         {
-            "student": _without_checkpoint_every(cfg.student),
-            "synthesis": _without_checkpoint_every(cfg.synthesis),
+            "student": _fingerprint_settings(cfg.student),
+            "synthesis": _fingerprint_settings(cfg.synthesis),
             "initial": (
                 tensors_digest(load_tensors(out / "initial.pt", "initial synthetic batches"))
                 if scfg.initial_batches > 0

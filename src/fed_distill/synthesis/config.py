@@ -185,14 +185,10 @@ class SynthesisConfig:
                 raise bad(f"{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 < self.coboost_mu_decay <= 1.0:
             raise bad(f"coboost_mu_decay must be in (0, 1], got {self.coboost_mu_decay}")
-        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
-            raise bad(f"jitter must be an integer >= 0, got {self.jitter!r}")
-        if (
-            isinstance(self.div_bank, bool)
-            or not isinstance(self.div_bank, int)
-            or self.div_bank < 0
-        ):
-            raise bad(f"div_bank must be an integer >= 0, got {self.div_bank!r}")
+        for key in ("jitter", "div_bank"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad(f"{key} must be an integer >= 0, got {value!r}")
         pixels = self.method == "deepinversion" and self.mode == "cycling" and not self.parallel
         if self.div_scale > 0 and not pixels:
             raise bad("div_scale applies to method=deepinversion, mode=cycling, parallel=false")

@@ -10,7 +10,8 @@ separates classes): on L2-normalised features f of images labelled y,
 
     L_div = mean_i log mean_{j != i, y_j = y_i} exp(-t * ||f_i - f_j||^2),   t = 2,
 
-over the batch's own images and a bank of the teacher's last ``div_bank`` images (held fixed). It needs no augmented views (one forward per step, as DeepInversion's), and it is
+over the batch's own images and a bank of the teacher's last ``div_bank`` images (held
+fixed). It needs no augmented views (one forward per step, as DeepInversion's), and it is
 minimal when the features are spread evenly on the sphere.
 """
 

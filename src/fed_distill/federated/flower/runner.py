@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,7 +33,6 @@ from fed_distill.federated.flower.submit import (
     await_run,
     follow_logs,
     run_status,
-    stop_following,
     submit,
 )
 
@@ -407,7 +407,9 @@ def run_deployment(protocol: str, cfg, opts: FlowerOptions, n: int) -> dict[str,
                 timeout_s=opts.train_timeout * 4,
             )
         finally:
-            stop_following(logs)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                logs.wait(timeout=10)  # the log stream ends with the run
+            _stop([logs])
     finally:
         _stop(procs)
     return json.loads(results_path.read_text())

@@ -69,19 +69,6 @@ def follow_logs(flwr: str, run_id: int, env: dict[str, str], cwd: Path) -> subpr
     return subprocess.Popen([flwr, "log", str(run_id), CONNECTION, "--stream"], env=env, cwd=cwd)
 
 
-def stop_following(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Let the log stream end with the run, then stop it by its process id."""
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def await_run(
     run_dir: Path,
     status: Callable[[], str | None],
