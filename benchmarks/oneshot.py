@@ -3,7 +3,8 @@
 
 Runs the whole `fed-distill oneshot` pipeline once per alpha and prints FedAvg / ensemble /
 student accuracy and wall time beside the published anchors for the same setting (DENSE,
-NeurIPS 2022, Table 1, 5 clients), plus synthesis throughput.
+NeurIPS 2022, Table 1, 5 clients), plus synthesis throughput and the worst class gap (the class
+where the student is furthest under the ensemble, in points).
 
     .venv/bin/python benchmarks/oneshot.py                      # the main job's settings
     .venv/bin/python benchmarks/oneshot.py --alphas 0.5 -- student.epochs=5
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from fed_distill.artifacts import save_json, write_text
 from fed_distill.cli import run_stage
+from fed_distill.federated.per_class import worst_class_gap
 from fed_distill.pipeline import format_table
 
 # DENSE (Zhang et al., NeurIPS 2022), Table 1, Fashion-MNIST, 5 clients, accuracy %.
@@ -88,6 +90,7 @@ def table_rows(results: dict[str, dict]) -> list[list]:
                 _pct(r["fedavg_acc"]),
                 _pct(ens),
                 _pct(r["student_acc"]),
+                worst_class_gap(r),
                 f"{100 * r['student_acc'] / ens:.1f}%",
                 f"{ANCHORS['DENSE'].get(alpha, float('nan')):.2f}",
                 f"{ANCHORS['Ensemble'].get(alpha, float('nan')):.2f}",
@@ -133,6 +136,7 @@ def main() -> int:
         results = json.loads((out / "summary.json").read_text())
     results.update(mine)
     header = ["alpha", "teachers", "teachers %", "FedAvg %", "ensemble %", "student %"]
+    header += ["worst class gap (class)"]
     header += ["student/ens", "DENSE %", "DENSE ens %", "synth img/s", "teachers min", "server min"]
     table = format_table(header, table_rows(results))
     print(table)

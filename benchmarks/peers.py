@@ -6,8 +6,8 @@ weights and with per-client-per-class weights started at our class shares).
 Fashion-MNIST, 5 clients, Dirichlet alpha (0.5 by default). The teachers are trained once per
 alpha (or copied with --teachers, as benchmarks/synthesis.py does, whose helpers this reuses);
 every method then runs `fed-distill oneshot` on a copy of them, recording the student's test
-accuracy after every round against wall time. Prints a table: final student %, the best
-accuracy over rounds (selected on the test set: what DENSE's and Co-Boosting's papers report,
+accuracy after every round against wall time. Prints a table: final student %, the worst
+class gap (ensemble minus student, in points, with the class), the best accuracy over rounds (selected on the test set: what DENSE's and Co-Boosting's papers report,
 not a choice a data-free server could make), minutes, and when our default first reached each
 peer's final accuracy; writes one time-to-accuracy figure with every curve.
 
@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthesis as bench  # noqa: E402  (benchmarks/synthesis.py: prepare_teachers, run_one)
 from fed_distill.artifacts import save_figure  # noqa: E402
+from fed_distill.federated.per_class import worst_class_gap  # noqa: E402
 from fed_distill.pipeline import format_table  # noqa: E402
 
 # row -> (overrides, whether per-class statistics apply: the method matches BN statistics)
@@ -81,6 +82,7 @@ def rows_for(alpha: float, runs: dict) -> list[list]:
                 "yes" if METHODS[label][1] else "n/a",
                 len(c["test_acc"]),
                 f"{100 * final:.2f}",
+                worst_class_gap(r),
                 f"{100 * best_over_rounds(c):.2f}",
                 f"{c['elapsed_s'][-1] / 60:.1f}",
                 f"{100 * r['ensemble_acc']:.2f}",
@@ -96,6 +98,7 @@ HEADERS = [
     "class stats",
     "rounds",
     "final %",
+    "worst class gap (class)",
     "best over rounds % (selected on test)",
     "student min",
     "ensemble %",

@@ -235,10 +235,14 @@ def test_peers_benchmark_rows_report_final_best_and_time_to_reach(benchmark_modu
         "default": run([0.5, 0.7, 0.8], [1, 2, 3]),
         "dense": run([0.6, 0.75, 0.65], [10, 20, 30]),
     }
+    runs["dense"]["results"]["class_acc"] = {"student": [0.9, 0.4], "ensemble": [0.95, 0.8]}
+    runs["dense"]["results"]["class_names"] = ["Coat", "Shirt"]
     rows = {r[1]: r for r in peers.rows_for(0.5, runs)}
-    assert rows["dense"][4:7] == ["65.00", "75.00", "30.0"]  # final, best over rounds, minutes
-    assert rows["dense"][8] == "2.0 (0.07 of its time)"  # the default passed 65 % at 2 min
-    assert rows["default"][8] == "—" and rows["default"][2] == "yes"
+    assert rows["dense"][4] == "65.00" and rows["dense"][6:8] == ["75.00", "30.0"]  # best, min
+    assert rows["dense"][5] == "40.0 (Shirt)"  # the worst class gap beside the final accuracy
+    assert rows["default"][5] == "—"  # results without per-class figures
+    assert rows["dense"][9] == "2.0 (0.07 of its time)"  # the default passed 65 % at 2 min
+    assert rows["default"][9] == "—" and rows["default"][2] == "yes"
 
 
 @pytest.mark.parametrize("method", [pytest.param("dense", marks=pytest.mark.slow), "coboost"])

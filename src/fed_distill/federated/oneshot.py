@@ -36,7 +36,8 @@ from fed_distill.data.sources import Dataset
 from fed_distill.data.transforms import Normalizer
 from fed_distill.ensemble import class_shares
 from fed_distill.errors import FedDistillError
-from fed_distill.federated.baselines import ensemble_accuracy, fedavg_state
+from fed_distill.federated import per_class
+from fed_distill.federated.baselines import fedavg_state
 from fed_distill.models import build_model
 from fed_distill.pipeline import (
     TeacherSpec,
@@ -52,7 +53,7 @@ from fed_distill.pipeline import (
 from fed_distill.synthesis import build_synthesizer
 from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.tracking import epoch_logger, log_scalars
-from fed_distill.train.fit import evaluate, load_resumable
+from fed_distill.train.fit import load_resumable
 from fed_distill.train.student import StudentResult, SyntheticPool, distill
 from fed_distill.train.student_config import StudentConfig
 from fed_distill.utils import resolve_device, seed_everything
@@ -482,31 +483,27 @@ def fedavg_model(ctx: ServerContext) -> nn.Module:
 
 
 def evaluate_oneshot(
-    cfg: DictConfig, ctx: ServerContext, student: nn.Module | None
+    cfg: DictConfig,
+    ctx: ServerContext,
+    student: nn.Module | None,
+    pool: SyntheticPool | None = None,
 ) -> dict[str, Any]:
-    """Teachers (local and official test), ensemble, one-shot FedAvg and the student."""
-    data, norm, dev = ctx.data, ctx.normalizer, ctx.device
-    tx, ty = data.test_x, data.test_y
-    teacher_acc, teacher_local = [], []
-    for t, c in zip(ctx.teachers, ctx.split.clients, strict=False):
-        te = torch.as_tensor(c.test, dtype=torch.long)
-        teacher_acc.append(evaluate(t, tx, ty, norm, dev))
-        teacher_local.append(evaluate(t, tx[te], ty[te], norm, dev))
-    out: dict[str, Any] = {
-        "teacher_acc": teacher_acc,
-        "teacher_local_acc": teacher_local,
-        "ensemble_acc_by_method": ensemble_accuracy(
-            ctx.teachers, tx, ty, norm, dev, class_shares(ctx.class_counts)
-        ),
-        "fedavg_acc": None,
-    }
-    out["ensemble_method"] = cfg.student.ensemble
-    out["ensemble_acc"] = out["ensemble_acc_by_method"][cfg.student.ensemble]
+    """Teachers (local and official test), ensemble, one-shot FedAvg and the student, overall and
+    per class (one forward pass each, :mod:`per_class`); the final ``pool``'s per-class agreement."""
+    shares = class_shares(ctx.class_counts)
+    method = cfg.student.ensemble
+    local = [c.test for c in ctx.split.clients[: len(ctx.teachers)]]
+    fedavg = None if ctx.spec.mixed else fedavg_model(ctx)
+    test = (ctx.data.test_x, ctx.data.test_y, ctx.normalizer, ctx.device)
+    out = per_class.evaluate_on_test(ctx.teachers, local, fedavg, student, *test, method, shares)
+    out["class_names"] = list(ctx.data.info.class_names)
     if ctx.spec.mixed:
         out["fedavg_note"] = f"not applicable: {FEDAVG_MIXED_NOTE}"
-    else:
-        out["fedavg_acc"] = evaluate(fedavg_model(ctx), tx, ty, norm, dev)
-    out["student_acc"] = evaluate(student, tx, ty, norm, dev) if student is not None else None
+    if pool is not None and len(pool):
+        x, y = pool.tensors()
+        out["pool_agreement"] = per_class.pool_agreement(
+            ctx.teachers, x, y, method, shares, ctx.device
+        )
     return out
 
 
@@ -536,7 +533,7 @@ def run_oneshot(
     trained = stage("train-student", run_train_student)
     s = time.perf_counter()
     ctx = server_context(cfg)
-    res = evaluate_oneshot(cfg, ctx, trained["student"])
+    res = evaluate_oneshot(cfg, ctx, trained["student"], trained["pool"])
     times["evaluate"] = time.perf_counter() - s
     sres = trained["result"]
     initial = load_json(Path(cfg.run_dir) / "student" / "initial.json", "initial.json")
@@ -590,6 +587,8 @@ def print_summary(res: dict[str, Any]) -> None:
     print(format_table(["model", "test acc %", "local test %"], rows))
     if res.get("fedavg_note"):
         print(f"FedAvg (one-shot): {res['fedavg_note']}")
+    if line := per_class.worst_classes_line(res):
+        print(line)
     times = ", ".join(f"{k} {v:.0f}s" for k, v in res["stage_times_s"].items())
     print(
         f"wall time {res['wall_time_s']:.0f}s ({times}); synthesis {res['synthetic_images']} images at"
