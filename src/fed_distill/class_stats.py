@@ -14,6 +14,9 @@ File ``teachers/class_stats_{i}.safetensors``::
     bn.{j}.mean     (K, C_j) float32  per-class mean of BN layer j's input
     bn.{j}.var      (K, C_j) float32  per-class biased variance of it
     feat.mean/var   (K, D)   float32  penultimate features (optional)
+    pixel.mean/var  (K, CHW) float32  per-pixel mean / variance of the normalised images of
+                                      each class: "layer 0", an average image per class
+                                      (optional, ``upload.pixels``; docs/class_stats.md)
 
 A class the client holds no image of has zeros. The server (:func:`class_targets`) replaces the
 rows of classes a client holds fewer than ``min_count`` images of by that client's global BN
@@ -49,8 +52,10 @@ def feature_layer(model: nn.Module) -> nn.Linear | None:
 class _ClassSums:
     """Per-class Σx, Σx² and counts of a hooked layer's input, accumulated in float64."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, per_position: bool = False) -> None:
         self.k = num_classes
+        # per_position: every (channel, position) is a feature of its own (pixel statistics)
+        self.per_position = per_position
         self.s1: torch.Tensor | None = None
         self.s2: torch.Tensor | None = None
         self.n = torch.zeros(num_classes, dtype=torch.float64)
@@ -59,6 +64,8 @@ class _ClassSums:
     def __call__(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0].detach().float()
         flat = x.flatten(2) if x.dim() > 2 else x.unsqueeze(-1)  # (N, C, P)
+        if self.per_position:
+            flat = x.flatten(1).unsqueeze(-1)  # (N, C·H·W, 1)
         # per-image sums in float32 (a few hundred positions), across images in float64
         onehot = nn.functional.one_hot(self.labels, self.k).double().to(x.device)  # (N, K)
         s1 = onehot.t() @ flat.sum(dim=2).double()
@@ -85,9 +92,11 @@ def compute_class_stats(
     device: torch.device | str = "cpu",
     features: bool = True,
     batch_size: int = 512,
+    pixels: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The class-statistics dict of ``model`` (eval mode) on ``images`` (uint8) / ``labels``
-    (what a client computes once, on its own training part, after training its teacher)."""
+    (what a client computes once, on its own training part, after training its teacher);
+    ``pixels``: also each class's per-pixel mean and variance of the normalised images."""
     layers = bn_layers(model)
     hooked: list[tuple[str, nn.Module]] = [(f"bn.{j}", m) for j, m in enumerate(layers)]
     head = feature_layer(model) if features else None
@@ -95,6 +104,9 @@ def compute_class_stats(
         hooked.append(("feat", head))
     sums = {name: _ClassSums(num_classes) for name, _ in hooked}
     handles = [m.register_forward_pre_hook(sums[name]) for name, m in hooked]
+    if pixels:  # "layer 0": the images themselves, one position per pixel
+        sums["pixel"] = _ClassSums(num_classes, per_position=True)
+        handles.append(model.register_forward_pre_hook(sums["pixel"]))
     was_training = model.training
     model.eval()
     try:
@@ -110,7 +122,10 @@ def compute_class_stats(
     out = {"counts": torch.bincount(labels.long().cpu(), minlength=num_classes)}
     for name, s in sums.items():
         if s.s1 is None:  # no images at all: zeros of the right width
-            width = layers[int(name[3:])].num_features if name != "feat" else head.in_features
+            if name == "pixel":
+                width = images[0].numel()
+            else:
+                width = layers[int(name[3:])].num_features if name != "feat" else head.in_features
             zeros = torch.zeros(num_classes, width)
             out[f"{name}.mean"], out[f"{name}.var"] = zeros, zeros.clone()
         else:
@@ -133,6 +148,8 @@ def check_class_stats(
         if head is None:
             raise ProtocolError(f"{who}: class statistics hold features but the model has none")
         want["feat.mean"] = want["feat.var"] = (num_classes, head.in_features)
+    if "pixel.mean" in stats or "pixel.var" in stats:
+        want["pixel.mean"] = want["pixel.var"] = _pixel_shape(stats, num_classes, who)
     missing = sorted(set(want) - set(stats))
     extra = sorted(set(stats) - set(want))
     if missing or extra:
@@ -150,6 +167,18 @@ def check_class_stats(
             raise ProtocolError(f"{who}: class statistic '{key}' contains NaN or Inf")
         if (key == "counts" or key.endswith(".var")) and bool((t < 0).any()):
             raise ProtocolError(f"{who}: class statistic '{key}' has negative values")
+
+
+def _pixel_shape(stats: Mapping[str, torch.Tensor], num_classes: int, who: str) -> tuple:
+    """The shape both pixel statistics must have: (K, D) with the D the client sent (the
+    synthesizer checks D against the image size it makes)."""
+    t = stats.get("pixel.mean", stats.get("pixel.var"))
+    assert t is not None
+    if t.dim() != 2 or t.shape[1] < 1:
+        raise ProtocolError(
+            f"{who}: class statistic 'pixel.mean' must be (classes, pixels), got {tuple(t.shape)}"
+        )
+    return (num_classes, int(t.shape[1]))
 
 
 def save_class_stats(stats: Mapping[str, torch.Tensor], path: str | Path) -> None:

@@ -80,6 +80,10 @@ class UploadConfig:
     # synthesis.feature_scale > 0 (off by default: that term is off by default, and a model
     # with a wide flattened head, e.g. fedmd_1, would upload more than its weights)
     features: bool = False
+    # with class_stats: also each class's per-pixel mean and variance of the images ("layer
+    # 0": an average image per class, docs/class_stats.md says what it reveals), for
+    # synthesis.pixel_scale > 0
+    pixels: bool = False
 
 
 @dataclass

@@ -343,6 +343,7 @@ def client_class_stats(
     norm: Normalizer,
     device: torch.device | str,
     features: bool,
+    pixels: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The client's side of the upload: per-class statistics of its teacher on all its labelled
     images (train and val parts, those its label counts describe)."""
@@ -355,6 +356,7 @@ def client_class_stats(
         data.info.num_classes,
         device,
         features=features,
+        pixels=pixels,
     )
 
 
@@ -371,7 +373,7 @@ def _write_class_stats(
     """Teacher ``i``'s class statistics (:func:`client_class_stats`) →
     ``out/class_stats_{i}.safetensors``; returns the seconds it took."""
     t0 = time.perf_counter()
-    stats = client_class_stats(model, data, client, norm, device, upload.features)
+    stats = client_class_stats(model, data, client, norm, device, upload.features, upload.pixels)
     save_class_stats(stats, out / STATS_FILE.format(i))
     return time.perf_counter() - t0
 

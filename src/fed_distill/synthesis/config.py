@@ -20,7 +20,7 @@ META_UPDATES = ("maml", "reptile")
 ENSEMBLES = ("weighted", "probs", "logits")
 GENERATOR_TARGETS = ("ensemble", "cycling")
 SYNTHESIS_MODES = ("cycling", "ensemble", "sampling")
-LABEL_MODES = ("uniform", "weighted")
+LABEL_MODES = ("uniform", "weighted", "holders")
 LR_SCHEDULES = ("cosine", "none")
 INITS = ("randn",)
 
@@ -51,6 +51,7 @@ class SynthesisConfig:
     jitter: int = 2  # max random roll in pixels, both axes
     flip: bool | None = None  # random horizontal flip; None = the dataset's default
     label_mode: str = "uniform"  # uniform over the teacher's classes | weighted by class counts
+    # | holders: each class mostly from the teachers holding most of it (inputs.holder_label_probs)
     class_mask: bool = False  # restrict a teacher's logits to the classes it owns before CE
     class_weighted_ce: bool = False  # CE weight w[t][l] = share of label l in teacher t's data
     lr_schedule: str = "cosine"  # cosine | none
@@ -70,6 +71,10 @@ class SynthesisConfig:
     # 0 = off)
     div_scale: float = 0.0
     div_bank: int = 1024
+    # method=deepinversion: weight of matching each class's per-pixel mean and variance, pooled
+    # over the clients' uploaded pixel statistics (synthesis/pixels.py; needs upload.pixels;
+    # 0 = off)
+    pixel_scale: float = 0.0
     # --- speed (method=deepinversion; same math either way, see synthesis/stacked.py).
     # `stacked`: run the teachers as converted networks whose BatchNorm layers compute the
     # BN-statistics term with one fused forward/backward; a teacher that cannot be converted
@@ -177,6 +182,7 @@ class SynthesisConfig:
             "adv_scale",
             "feature_scale",
             "div_scale",
+            "pixel_scale",
             "grad_clip",
             "hardness",
             "coboost_mu",

@@ -82,6 +82,7 @@ from fed_distill.synthesis.losses import (
     total_variation,
     total_variation_per_batch,
 )
+from fed_distill.synthesis.pixels import pixel_term
 from fed_distill.synthesis.registry import register_synthesizer
 from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers
 
@@ -154,7 +155,7 @@ class DeepInversion(TeacherSynthesizer):
     # ------------------------------------------------------------------ helpers
 
     def _label_probs(self, ids: list[int]) -> torch.Tensor:
-        return label_probs(self.counts[ids], self.cfg.label_mode)
+        return label_probs(self.counts, self.cfg.label_mode, ids)
 
     def _make_optimizer(self, x: torch.Tensor) -> torch.optim.Optimizer:
         # A fresh Adam per batch: moment estimates must never leak from one batch to the next.
@@ -388,6 +389,8 @@ class DeepInversion(TeacherSynthesizer):
         tv = total_variation(x)
         l2 = l2_prior(x)
         loss = ce + cfg.bn_scale * bn + cfg.var_scale * tv + cfg.l2_scale * l2
+        if self.pixel_targets is not None:
+            loss = loss + cfg.pixel_scale * pixel_term(x, y, *self.pixel_targets)
         if s_logits is not None:
             loss = loss + cfg.comp_scale * comp
         if self._capture is None or self.bank is None:
@@ -571,6 +574,8 @@ class DeepInversion(TeacherSynthesizer):
         tv = total_variation_per_batch(x)
         l2 = l2_prior_per_batch(x)
         per_batch = ce + cfg.bn_scale * bn + cfg.var_scale * tv + cfg.l2_scale * l2
+        if self.pixel_targets is not None:
+            per_batch = per_batch + cfg.pixel_scale * pixel_term(x, y, *self.pixel_targets)
         comp = zero
         if student is not None:
             # The student in eval mode treats every image on its own, so one forward over the

@@ -205,10 +205,9 @@ class GeneratorSynthesizer(TeacherSynthesizer):
         if cfg.target == "cycling":
             # one teacher per batch, round-robin; labels from the classes it owns
             ids = [self.batches % len(self.teachers)]
-            counts = self.counts[ids]
         else:
-            ids, counts = list(range(len(self.teachers))), self.counts
-        y = balanced_labels(label_probs(counts, cfg.label_mode), n, gen).to(dev)
+            ids = list(range(len(self.teachers)))
+        y = balanced_labels(label_probs(self.counts, cfg.label_mode, ids), n, gen).to(dev)
         z = torch.randn((n, cfg.nz), generator=gen).to(dev).requires_grad_(True)
         j = cfg.jitter
         offsets = torch.randint(-j, j + 1, (iters, 2), generator=gen).tolist() if j else None

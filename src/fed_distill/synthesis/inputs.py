@@ -17,6 +17,7 @@ from fed_distill.ensemble import class_shares
 from fed_distill.errors import ConfigError
 from fed_distill.synthesis.base import Synthesizer
 from fed_distill.synthesis.config import SynthesisConfig
+from fed_distill.synthesis.pixels import pooled_pixel_targets
 
 
 def teacher_class_weights(class_counts: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -55,12 +56,43 @@ def synthesis_inputs(
     return counts, (c, h, w)
 
 
-def label_probs(counts: torch.Tensor, label_mode: str) -> torch.Tensor:
-    """Label distribution for teachers with these (T, C) class counts: ``uniform`` over the
-    classes any of them owns, or ``weighted`` by their summed counts."""
-    total = counts.sum(dim=0)
+def label_probs(
+    counts: torch.Tensor, label_mode: str, ids: list[int] | None = None
+) -> torch.Tensor:
+    """Label distribution of a batch made by teachers ``ids`` (all when None) of the (T, C)
+    class ``counts``: ``uniform`` over the classes any of them owns, ``weighted`` by their
+    summed counts, or ``holders``: the rows ``ids`` of :func:`holder_label_probs`, averaged (each
+    class drawn mostly by the teachers that hold most of it; all teachers together draw every
+    class equally often)."""
+    if label_mode == "holders":
+        table = holder_label_probs(counts)
+        rows = table if ids is None else table[ids]
+        return rows.mean(dim=0).float()
+    sub = counts if ids is None else counts[ids]
+    total = sub.sum(dim=0)
     p = (total > 0).double() if label_mode == "uniform" else total
     return (p / p.sum()).float()
+
+
+def holder_label_probs(counts: torch.Tensor, iterations: int = 200) -> torch.Tensor:
+    """(T, C): the label distribution of each teacher's batches under ``label_mode=holders``.
+
+    Starts from the class shares (teacher t's share of class c's data) and rescales rows and
+    columns alternately (Sinkhorn) until each row is a distribution and each column sums to
+    T/C, so that a round of T batches draws every class equally often and each class's images
+    come from its holders in proportion to their shares: a teacher that saw 1 shirt of 6,000
+    makes almost none. Where no such table exists (a teacher holding most of too many
+    classes) the rows stay distributions and the columns come as close as the shares allow."""
+    c = counts.double()
+    t, k = c.shape
+    q = class_shares(c).double()
+    held = c.sum(dim=0) > 0
+    target = torch.where(held, torch.full((k,), t / max(int(held.sum()), 1)), torch.zeros(k))
+    target = target.to(q)
+    for _ in range(iterations):
+        q = q * (target / q.sum(dim=0).clamp_min(1e-300))
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    return q
 
 
 def balanced_labels(probs: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -132,6 +164,27 @@ def teachers_class_targets(
     ]
 
 
+def pixel_targets(
+    class_stats: list[dict[str, torch.Tensor] | None] | None,
+    cfg: SynthesisConfig,
+    image_shape: tuple[int, int, int],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The targets of the pixel-statistics term (:mod:`fed_distill.synthesis.pixels`), or None
+    when ``synthesis.pixel_scale`` is 0; a ConfigError (one line) when the term is asked for
+    but some client uploaded no pixel statistics."""
+    if cfg.pixel_scale <= 0:
+        return None
+    if not class_stats or any(s is None or "pixel.mean" not in s for s in class_stats):
+        raise ConfigError(
+            f"synthesis.pixel_scale={cfg.pixel_scale} needs every client's pixel statistics:"
+            " train-teachers with upload.pixels=true (or set synthesis.pixel_scale=0)"
+        )
+    n = image_shape[0] * image_shape[1] * image_shape[2]
+    mean, var = pooled_pixel_targets(class_stats, n)  # type: ignore[arg-type]
+    return mean.to(device), var.to(device)
+
+
 class TeacherSynthesizer(Synthesizer):
     """A synthesizer over private frozen copies of the teachers: the constructor the built-in
     ones share, with the calling convention of ``build_synthesizer``.
@@ -177,3 +230,5 @@ class TeacherSynthesizer(Synthesizer):
         self.class_targets = (
             teachers_class_targets(self.teachers, class_stats, cfg) if self.uses_bn else None
         )
+        # (K, D) pooled per-class pixel mean and variance (synthesis.pixel_scale), or None
+        self.pixel_targets = pixel_targets(class_stats, cfg, self.image_shape, self.device)
