@@ -223,6 +223,8 @@ def test_oneshot_on_flower_simulation_equals_in_process(tmp_path):
     for key in ("teacher_acc", "teacher_local_acc", "ensemble_acc_by_method", "fedavg_acc"):
         _close(local[key], flower[key], key)
     _close(local["student_acc"], flower["student_acc"], "student_acc")
+    for key in ("class_acc", "confusion", "pool_agreement", "class_names"):  # per-class figures
+        _close(local[key], flower[key], key)
     for i in range(3):
         m = json.loads((tmp_path / "sim" / "teachers" / f"metrics_teacher_{i}.json").read_text())
         assert m["client"] == i and "train_loss" in m and "local_test_acc" in m

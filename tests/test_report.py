@@ -83,11 +83,16 @@ def test_oneshot_report_has_every_section(cli, oneshot_run):
     before = artifacts(oneshot_run)
     code, out, err = cli("report", str(oneshot_run))
     assert code == 0, err
-    assert "report.md" in out and "6 figure(s)" in out
+    assert "report.md" in out and "7 figure(s)" in out
     md = (oneshot_run / "report.md").read_text()
     res = json.loads((oneshot_run / "results.json").read_text())
     assert md.startswith("# One-shot federated distillation")
-    for heading in ["## Configuration", "## Results", "## Data: label distribution per client"]:
+    for heading in [
+        "## Configuration",
+        "## Results",
+        "## Per class",
+        "## Data: label distribution",
+    ]:
         assert heading in md
     for heading in ["## Teachers", "## Student", "## Synthetic images", "## Wall time per stage"]:
         assert heading in md
@@ -104,6 +109,7 @@ def test_oneshot_report_has_every_section(cli, oneshot_run):
         md,
         {
             "accuracy",
+            "per_class",
             "label_distribution",
             "teacher_curves",
             "student_curves",

@@ -42,6 +42,7 @@ from fed_distill.report.figures import (
     plot_teacher_curves,
     plot_times,
 )
+from fed_distill.report.per_class import check_per_class, per_class_section
 
 ONESHOT_KEYS = (
     "dataset.name",
@@ -133,6 +134,7 @@ def _read_results(run: Path) -> dict[str, Any] | None:
         v = results.get(k)
         _check(v is None or _is_num(v), results_path, f"'{k}' must be a number")
     _check(isinstance(results.get("config", {}), dict), results_path, "'config' must be an object")
+    check_per_class(results, results_path)
     return results
 
 
@@ -576,6 +578,7 @@ def oneshot_report(rep: Report) -> None:
     o = load_oneshot(rep.run_dir)
     _title_and_config(rep, o)
     _results_section(rep, o)
+    per_class_section(rep, o.results, o.class_names)
     _split_section(rep, o)
     _curves_sections(rep, o)
     _synthetic_section(rep, o)
