@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FAST_TRAIN
 from fed_distill.artifacts import load_weights
 from fed_distill.data.partition import load_split
 from fed_distill.data.sources import load_dataset
@@ -30,6 +29,7 @@ from fed_distill.report import ReportError, write_report
 from fed_distill.report.per_class import added_confusions
 from fed_distill.teachers import load_teachers
 from fed_distill.train.fit import predict_logits
+from test_report import ONESHOT  # the report tests' tiny run
 
 
 def test_confusion_matrix_and_class_accuracy_by_hand():
@@ -92,17 +92,6 @@ def test_worst_classes_line_and_gap_cell_name_the_class():
 
 # ----------------------------------------------------------------------------- a tiny real run
 
-TINY = [
-    *FAST_TRAIN,
-    "train.min_steps=60",
-    "synthesis.iterations=20",
-    "synthesis.batch_size=40",
-    "student.epochs=2",
-    "student.initial_batches=1",
-    "student.steps_per_epoch=5",
-    "student.batch_size=40",
-]
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
@@ -110,7 +99,7 @@ def run(tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("per_class") / "oneshot"
     args = ["oneshot", "dataset=digits", "split=dirichlet", "split.alpha=0.5"]
-    assert main([*args, "split.num_clients=3", "seed=3", f"run_dir={run}", *TINY]) == 0
+    assert main([*args, "split.num_clients=3", "seed=3", f"run_dir={run}", *ONESHOT]) == 0
     return run
 
 
@@ -128,7 +117,8 @@ def test_class_acc_equals_a_hand_count_on_a_real_run(run):
     data = load_dataset("digits")
     norm = Normalizer(data.info.mean, data.info.std)
     m = json.loads((run / "student" / "metrics.json").read_text())
-    student = build_model(m["model"], 10, data.info.channels, data.info.image_size)
+    info = data.info
+    student = build_model(m["model"], 10, info.channels, info.image_size, **m["model_kwargs"])
     load_weights(student, run / "student" / "student.safetensors")
     teachers, _ = load_teachers(run, "cpu")
     t_logits = torch.stack([predict_logits(t, data.test_x, norm) for t in teachers])
