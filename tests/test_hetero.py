@@ -112,6 +112,8 @@ def test_oneshot_with_three_architectures_on_digits(cli, tmp_path):
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["fedavg_acc"] is None and "architectures differ" in r["fedavg_note"]
     assert len(r["teacher_acc"]) == 3 and r["student_acc"] is not None
+    # per class: no FedAvg either, one list per teacher whatever its architecture
+    assert r["class_acc"]["fedavg"] is None and len(r["class_acc"]["teachers"]) == 3
     assert "FedAvg (one-shot): not applicable" in out
     tdir = tmp_path / "teachers"
     models = [json.loads((tdir / f"metrics_teacher_{i}.json").read_text()) for i in range(3)]
