@@ -39,9 +39,9 @@ import torch
 import fed_distill  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch starts)
 from fed_distill.data.transforms import Normalizer
 from fed_distill.models import build_model
-from fed_distill.pipeline import format_table
 from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.deepinversion import DeepInversion
+from fed_distill.tables import format_table
 
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 

@@ -33,7 +33,8 @@ DEFAULT_PRESET = "fashion_unlabelled_pool"
 
 def report(r: dict[str, Any], wall_s: float | None = None, cpu_s: float | None = None) -> str:
     """The benchmark table and target lines for one ``results.json``."""
-    from fed_distill.pipeline import format_table
+    from fed_distill.federated.fedmd_results import headline
+    from fed_distill.tables import format_table
 
     rounds = r["rounds"]
     rows = []
@@ -52,12 +53,10 @@ def report(r: dict[str, Any], wall_s: float | None = None, cpu_s: float | None =
                 "-" if pooled is None else f"{100 * (final - pooled):+.1f}",
             ]
         )
-    alone = float(np.mean(r["alone_acc"]))
-    final = float(np.mean([a[-1] for a in r["party_acc"]]))
-    pooled_vals = [p for p in r["pooled_acc"] if p is not None]
-    pooled = float(np.mean(pooled_vals)) if pooled_vals else float("nan")
-    ext_vals = [v for v in ext if v is not None]
-    ext_mean = f"{np.mean(ext_vals):.4f}" if ext_vals else "-"
+    h = headline(r)  # the means over parties, as the run's own summary and compare take them
+    alone, final = h["alone"], h["final"]
+    pooled = float("nan") if h["pooled"] is None else h["pooled"]
+    ext_mean = "-" if h["alone_extended"] is None else f"{h['alone_extended']:.4f}"
     rows.append(
         [
             "mean",
@@ -93,6 +92,8 @@ def report(r: dict[str, Any], wall_s: float | None = None, cpu_s: float | None =
         f" -> {'met' if gain >= 15 else f'missed by {15 - gain:.1f}'}",
         f"average gap to pooled:   {gap:.1f} points (target <= 5)"
         f" -> {'met' if gap <= 5 else f'missed by {gap - 5:.1f}'}",
+        "share of the gap from alone to pooled closed: "
+        + ("-" if h["gap_closed"] is None else f"{100 * h['gap_closed']:.0f}%"),
         f"control 'alone extended' (no collaboration, same extra private epochs): {ext_mean}",
         "ensemble of the parties (mean logits; diagnostic) by round: "
         + " ".join(f"{v:.3f}" for v in r.get("ensemble_acc", [])),

@@ -37,7 +37,8 @@ from fed_distill.data.transforms import Normalizer
 from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.errors import FedDistillError
 from fed_distill.models import build_model
-from fed_distill.pipeline import format_table, load_teachers
+from fed_distill.pipeline import load_teachers
+from fed_distill.tables import format_table
 from fed_distill.train.fit import evaluate, predict_logits
 from fed_distill.train.student import SyntheticPool, teacher_targets, weighted_kd_loss
 

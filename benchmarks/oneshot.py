@@ -1,21 +1,24 @@
 #!/usr/bin/env python3
 """One-shot benchmark: Fashion-MNIST, 5 clients, Dirichlet alpha = 0.1 / 0.3 / 0.5.
 
-Runs the whole `fed-distill oneshot` pipeline once per alpha and prints FedAvg / ensemble /
-student accuracy and wall time beside the published anchors for the same setting (DENSE,
-NeurIPS 2022, Table 1, 5 clients), plus synthesis throughput and the worst class gap (the class
-where the student is furthest under the ensemble, in points).
+Runs the whole `fed-distill oneshot` pipeline once per alpha and seed, then prints the table of
+`fed-distill compare` over every run in ``--out`` (a row per setting, mean ± std over seeds:
+student, ensemble, FedAvg, student/ensemble, synthesis throughput, wall time, the worst class
+gap) beside the published anchors for the same setting (DENSE, NeurIPS 2022, Table 1, 5
+clients), with teacher and server minutes; compare.md, compare.csv and the curves go to --out.
 
     .venv/bin/python benchmarks/oneshot.py                      # the main job's settings
     .venv/bin/python benchmarks/oneshot.py --alphas 0.5 -- student.epochs=5
     .venv/bin/python benchmarks/oneshot.py -- synthesis=cpu student=default   # Adaptive DI
     .venv/bin/python benchmarks/oneshot.py --alphas 0.5 --hetero also   # + five architectures
+    .venv/bin/python benchmarks/oneshot.py --alphas 0.5 --seed 0 1 2   # mean ± std over seeds
 
 ``--hetero also`` adds the row of ``experiment=fmnist_hetero_5`` (five clients, five different
 architectures, FedAvg not applicable) beside the homogeneous one, in ``--out/alphaA_hetero``.
 
 The main job's settings (``MAIN_JOB``: Adaptive DI with per-class statistics, the long student) apply unless an override names the
-same key. Teachers already trained in ``--out/alphaA`` (same split and settings) are reused.
+same key. Teachers already trained in ``--out/alphaA`` (same split and settings) are reused; seed
+S > 0 runs in ``--out/alphaA_sS``.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from fed_distill.artifacts import save_json, write_text
 from fed_distill.cli import run_stage
-from fed_distill.federated.per_class import worst_class_gap
-from fed_distill.pipeline import format_table
+from fed_distill.compare import compare
+from fed_distill.compare.runs import Group, Run
+from fed_distill.compare.summary import Stat, cell
+from fed_distill.compare.summary import table as compare_table
+from fed_distill.files import write_text
 
 # DENSE (Zhang et al., NeurIPS 2022), Table 1, Fashion-MNIST, 5 clients, accuracy %.
 ANCHORS = {
@@ -54,52 +58,51 @@ SETTING = ["dataset=fashion_mnist", "split=dirichlet", "split.num_clients=5"]  #
 HETERO = "fmnist_hetero_5"  # the heterogeneous row: five different architectures
 
 
-def run_row(run_dir: Path, alpha: float, seed: int, overrides: list[str]) -> dict:
-    """One ``fed-distill oneshot`` run; its results.json with the benchmark's timings."""
-    t0 = time.perf_counter()
+def run_one(run_dir: Path, alpha: float, seed: int, overrides: list[str]) -> None:
+    """One ``fed-distill oneshot`` run into ``run_dir`` (teachers trained there are reused)."""
     setting = [*SETTING, f"split.alpha={alpha}", f"seed={seed}", f"run_dir={run_dir}"]
     run_stage("oneshot", [*setting, *with_defaults(overrides)])
-    r = json.loads((run_dir / "results.json").read_text())
-    r["bench_wall_s"] = time.perf_counter() - t0
-    # Teacher training time as recorded when the teachers were trained (a rerun reuses them).
-    metrics = [
-        json.loads(f.read_text())
-        for f in sorted((run_dir / "teachers").glob("metrics_teacher_*.json"))
-    ]
-    r["teacher_train_s"] = sum(m.get("train_time_s") or 0.0 for m in metrics)
-    r["teacher_models"] = sorted({m.get("model", "?") for m in metrics})
-    return r
 
 
-def _pct(v: float | None) -> str:
-    return "—" if v is None else f"{100 * v:.2f}"
+def _mean_cell(group: Group, value, unit: str = "s") -> str:
+    """Mean ± std over the group's runs of ``value(run)``, as compare's cells."""
+    return cell(Stat.of([value(r) for r in group.runs]), unit, len(group.runs))
 
 
-def table_rows(results: dict[str, dict]) -> list[list]:
-    """One row per run: key "ALPHA" (homogeneous) or "ALPHA hetero" (per-client architectures)."""
-    rows = []
-    for key in sorted(results, key=lambda k: (-float(k.split()[0]), k)):
-        alpha, r = float(key.split()[0]), results[key]
-        ens = r["ensemble_acc"]
-        models = r.get("teacher_models") or ["cnn_small"]
-        rows.append(
-            [
-                alpha,
-                f"{len(models)} archs" if len(models) > 1 else models[0],
-                _pct(sum(r["teacher_acc"]) / len(r["teacher_acc"])),
-                _pct(r["fedavg_acc"]),
-                _pct(ens),
-                _pct(r["student_acc"]),
-                worst_class_gap(r),
-                f"{100 * r['student_acc'] / ens:.1f}%",
-                f"{ANCHORS['DENSE'].get(alpha, float('nan')):.2f}",
-                f"{ANCHORS['Ensemble'].get(alpha, float('nan')):.2f}",
-                f"{r['synthesis_images_per_s']:.1f}",
-                f"{r.get('teacher_train_s', float('nan')) / 60:.1f}",
-                f"{(r['wall_time_s'] - r['stage_times_s'].get('train-teachers', 0.0)) / 60:.1f}",
-            ]
-        )
-    return rows
+def _alpha(group: Group) -> float:
+    return group.runs[0].results["config"]["split"]["alpha"]
+
+
+def _mean_teacher(run: Run) -> float:
+    return sum(run.results["teacher_acc"]) / len(run.results["teacher_acc"])
+
+
+def _teacher_minutes(run: Run) -> float:
+    """Teacher training time as recorded when the teachers were trained (a rerun reuses them)."""
+    files = sorted((run.path / "teachers").glob("metrics_teacher_*.json"))
+    return sum(json.loads(f.read_text()).get("train_time_s") or 0.0 for f in files) / 60
+
+
+def _server_minutes(run: Run) -> float:
+    r = run.results
+    return (r["wall_time_s"] - r["stage_times_s"].get("train-teachers", 0.0)) / 60
+
+
+# The benchmark's columns beside compare's: the setting, the mean teacher, the published
+# anchors (DENSE's student and ensemble), teacher and server minutes.
+EXTRA = [
+    ("alpha", _alpha),
+    ("teachers %", lambda g: _mean_cell(g, _mean_teacher, "fraction")),
+    ("DENSE %", lambda g: f"{ANCHORS['DENSE'].get(_alpha(g), float('nan')):.2f}"),
+    ("DENSE ens %", lambda g: f"{ANCHORS['Ensemble'].get(_alpha(g), float('nan')):.2f}"),
+    ("teachers min", lambda g: _mean_cell(g, _teacher_minutes)),
+    ("server min", lambda g: _mean_cell(g, _server_minutes)),
+]
+
+
+def run_dir(out: Path, alpha: float, seed: int, hetero: bool) -> Path:
+    """``OUT/alphaA[_hetero]`` for seed 0 (the folders earlier benchmarks wrote), else ``_sS``."""
+    return out / f"alpha{alpha}{'_hetero' if hetero else ''}{f'_s{seed}' if seed else ''}"
 
 
 def main() -> int:
@@ -108,7 +111,7 @@ def main() -> int:
     )
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     ap.add_argument("--out", default="runs/bench_oneshot")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed")
     ap.add_argument(
         "--hetero",
         choices=["no", "also", "only"],
@@ -118,30 +121,21 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="extra fed-distill overrides (after --)")
     args = ap.parse_args()
     out = Path(args.out)
-    mine: dict[str, dict] = {}
     for alpha in args.alphas:
-        if args.hetero != "only":
-            mine[str(alpha)] = run_row(out / f"alpha{alpha}", alpha, args.seed, args.overrides)
-        if args.hetero != "no":
-            mine[f"{alpha} hetero"] = run_row(
-                out / f"alpha{alpha}_hetero",
-                alpha,
-                args.seed,
-                [f"experiment={HETERO}", *args.overrides],
-            )
-    # Rows for alphas benchmarked earlier into the same --out are kept, so one alpha per call
-    # (even calls running side by side) builds up one table; read just before writing.
-    results: dict[str, dict] = {}
-    if (out / "summary.json").exists():
-        results = json.loads((out / "summary.json").read_text())
-    results.update(mine)
-    header = ["alpha", "teachers", "teachers %", "FedAvg %", "ensemble %", "student %"]
-    header += ["worst class gap (class)"]
-    header += ["student/ens", "DENSE %", "DENSE ens %", "synth img/s", "teachers min", "server min"]
-    table = format_table(header, table_rows(results))
+        for seed in args.seed:
+            if args.hetero != "only":
+                run_one(run_dir(out, alpha, seed, False), alpha, seed, args.overrides)
+            if args.hetero != "no":
+                extra = [f"experiment={HETERO}", *args.overrides]
+                run_one(run_dir(out, alpha, seed, True), alpha, seed, extra)
+    # Every run benchmarked into --out so far (earlier alphas and seeds, even calls running side
+    # by side) is compared as `fed-distill compare OUT --out OUT` would: one row per setting,
+    # mean ± std over its seeds; compare.md, compare.csv and the curves land in OUT.
+    cmp = compare([out], out)
+    table = compare_table(cmp.groups["oneshot"], "oneshot", extra=EXTRA)
     print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(results, out / "summary.json", indent=1)
+    for s in cmp.skipped:
+        print(s)
     write_text(table + "\n", out / "table.txt")
     return 0
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthesis as bench  # noqa: E402  (benchmarks/synthesis.py: prepare_teachers, run_one)
 from fed_distill.artifacts import save_figure  # noqa: E402
 from fed_distill.federated.per_class import worst_class_gap  # noqa: E402
-from fed_distill.pipeline import format_table  # noqa: E402
+from fed_distill.tables import format_table  # noqa: E402
 
 # row -> (overrides, whether per-class statistics apply: the method matches BN statistics)
 METHODS: dict[str, tuple[list[str], bool]] = {

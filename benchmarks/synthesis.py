@@ -36,7 +36,7 @@ from pathlib import Path
 from fed_distill.artifacts import save_figure
 from fed_distill.cli import run_stage
 from fed_distill.federated.per_class import worst_class_gap
-from fed_distill.pipeline import format_table
+from fed_distill.tables import format_table
 
 # DENSE (Zhang et al., NeurIPS 2022), Table 1, Fashion-MNIST, 5 clients, accuracy %.
 DENSE = {0.1: 50.29, 0.3: 83.96, 0.5: 85.94}

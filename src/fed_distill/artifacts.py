@@ -10,11 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fed_distill.errors import CheckpointError, FedDistillError
-
-
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        # Flush the bytes before the rename: after a crash the name never points at a file
-        # whose contents are still only in the page cache.
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from fed_distill.files import atomic_path, save_figure, write_text  # noqa: F401 - re-exported
 
 
 def _json_default(obj: Any) -> Any:
@@ -173,21 +152,6 @@ def load_tensors(path: str | Path, what: str = "tensor file") -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} {path} does not hold a dict of tensors")
     return obj
-
-
-def write_text(text: str, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> None:
-    """Save a matplotlib figure atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
 
 
 def file_digest(path: str | Path, length: int = 16) -> str:

@@ -16,6 +16,7 @@ from fed_distill.api import STAGES, stage_function
 USAGE = """usage: fed-distill STAGE [key=value ...] [--cfg] [--multirun]
        fed-distill data info|fetch NAME [data_dir=DIR]
        fed-distill report RUN_DIR
+       fed-distill compare PATH... [--by KEY,...] --out DIR
        fed-distill models
        fed-distill flower oneshot|fedmd [--mode simulation|deployment] [key=value ...]
 
@@ -37,6 +38,9 @@ def _usage() -> str:
     lines.append(f"  {'data'.ljust(width)}  inspect or fetch a dataset (info NAME | fetch NAME)")
     lines.append(
         f"  {'report'.ljust(width)}  report.md with figures for a run folder (report RUN_DIR)"
+    )
+    lines.append(
+        f"  {'compare'.ljust(width)}  runs side by side, mean ± std over seeds (compare PATH... --out DIR)"
     )
     lines.append(f"  {'models'.ljust(width)}  list the registered model architectures")
     lines.append(
@@ -205,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
 
             run_report(rest)
             return 0
+        if stage == "compare":
+            from fed_distill.compare import run_compare
+
+            run_compare(rest)
+            return 0
         if stage == "flower":
             _flower_command(rest)
             return 0
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if stage not in STAGES:
             print(
-                f"error: unknown stage '{stage}'; choose one of: {', '.join([*STAGES, 'data', 'report', 'models', 'flower'])}",
+                f"error: unknown stage '{stage}'; choose one of: {', '.join([*STAGES, 'data', 'report', 'compare', 'models', 'flower'])}",
                 file=sys.stderr,
             )
             return 2

@@ -37,6 +37,7 @@ from fed_distill.data.sources import Dataset, load_dataset, source_options
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError, SplitError
 from fed_distill.models.families import Architecture
+from fed_distill.tables import format_table  # noqa: F401 - the stages' tables; re-exported
 from fed_distill.teachers import (  # noqa: F401 - the teacher stage's names, re-exported
     TeacherSpec,
     architecture_record,
@@ -469,13 +470,3 @@ def train_teacher(
         kept = {k: metrics[k] for k in ("local_test_acc", "test_acc")}
         log_scalars(log_as, kept, res.best_epoch + 1)
     return metrics
-
-
-# ----------------------------------------------------------------------------- printing
-def format_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A plain fixed-width table (readable in logs and terminals alike)."""
-    cells = [[str(h) for h in header]] + [[str(v) for v in r] for r in rows]
-    widths = [max(len(r[j]) for r in cells) for j in range(len(header))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fed_distill.tables import format_table
 
-def summary_table(results: dict[str, Any], format_table: Callable | None = None) -> str:
+
+def summary_table(results: dict[str, Any]) -> str:
     """Per party: alone -> after R rounds -> pooled, gain; then the means and timings."""
-    if format_table is None:
-        from fed_distill.pipeline import format_table
     r = results["rounds"]
 
     def f(v: float | None) -> str:
@@ -33,27 +32,45 @@ def summary_table(results: dict[str, Any], format_table: Callable | None = None)
             ]
         )
 
-    def mean(key: str) -> str:
-        vals = [v for v in results.get(key, []) if v is not None]
-        return f(float(np.mean(vals))) if vals else "-"
-
-    final = [a[-1] for a in results["party_acc"]]
-    gain = 100 * (np.mean(final) - np.mean(results["alone_acc"]))
+    h = headline(results)
     rows.append(
         [
             "mean",
             "",
-            mean("alone_acc"),
-            mean("alone_extended_acc"),
-            f(float(np.mean(final))),
-            mean("pooled_acc"),
-            f"{gain:+.1f}",
+            *(f(h[k]) for k in ("alone", "alone_extended", "final", "pooled")),
+            f"{100 * h['gain']:+.1f}",
         ]
     )
     header = ["party", "model", "alone", "alone ext.", f"FedMD r{r}", "pooled", "gain pts"]
     rt = results.get("round_times_s") or [0.0]
     tail = f"mean time per round {np.mean(rt):.1f}s; wall time {results['wall_time_s']:.1f}s"
     return format_table(header, rows) + "\n" + tail
+
+
+def _mean(values: list[float | None] | None) -> float | None:
+    vals = [v for v in values or [] if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def headline(results: dict[str, Any]) -> dict[str, float | None]:
+    """A FedMD run in a few numbers, each the mean over parties: ``alone`` (after transfer
+    learning), ``alone_extended`` (the control), ``final`` (after the last round), ``pooled``
+    (the upper bound), ``gain`` = final - alone, and ``gap_closed``, the share of the distance
+    from alone to pooled that the rounds closed, over the parties with a pooled accuracy
+    (None where no party has one or pooled is not above alone)."""
+    alone, pooled = results["alone_acc"], results.get("pooled_acc") or []
+    final = [a[-1] for a in results["party_acc"]]
+    both = [i for i, p in enumerate(pooled) if p is not None and alone[i] is not None]
+    gap = sum(pooled[i] - alone[i] for i in both)
+    out = {
+        "alone": _mean(alone),
+        "alone_extended": _mean(results.get("alone_extended_acc")),
+        "final": _mean(final),
+        "pooled": _mean(pooled),
+        "gain": float(np.mean(final) - np.mean(alone)),
+        "gap_closed": sum(final[i] - alone[i] for i in both) / gap if both and gap > 0 else None,
+    }
+    return out
 
 
 def plot_fedmd(results: dict[str, Any], path: str | Path) -> None:

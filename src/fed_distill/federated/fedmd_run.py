@@ -386,7 +386,7 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
     """
     from fed_distill.artifacts import remove_file, save_json, save_weights
     from fed_distill.config import as_object
-    from fed_distill.pipeline import _fingerprint, checkpoint_dir, format_table
+    from fed_distill.pipeline import _fingerprint, checkpoint_dir
     from fed_distill.utils import progress_bar, resolve_device, seed_everything
 
     st = RunState(t_start=time.perf_counter())
@@ -433,6 +433,6 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
     save_json(results, run_dir / "results.json")
     remove_file(ckpt_path)
     plot_fedmd(results, run_dir / "fedmd_accuracy.png")
-    print(summary_table(results, format_table))
+    print(summary_table(results))
     print(f"results in {run_dir / 'results.json'}, figure {run_dir / 'fedmd_accuracy.png'}")
     return results

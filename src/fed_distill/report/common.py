@@ -11,6 +11,7 @@ from typing import Any
 
 from fed_distill.artifacts import load_json
 from fed_distill.errors import FedDistillError
+from fed_distill.tables import md_table  # noqa: F401 - re-exported for the report modules
 
 PREFIX = "report_"  # figures are written next to report.md as report_*.png
 
@@ -119,26 +120,6 @@ class Report:
         draw(self.run_dir / file)
         self.figures.append(Figure(file, caption))
         self.add(f"![{name.replace('_', ' ')}]({file})\n\n*{caption}*")
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured markdown table (numbers right-aligned)."""
-
-    def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    align = [
-        "---:" if rows and all(_looks_numeric(r[j]) for r in rows) else "---"
-        for j in range(len(header))
-    ]
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _looks_numeric(v: Any) -> bool:
-    s = str(v).strip().lstrip("+-").replace(".", "", 1).replace(" s", "").replace("—", "")
-    return s.isdigit() or s == ""
 
 
 def _config_rows(cfg: dict[str, Any], keys: Sequence[str]) -> list[list[Any]]:
