@@ -464,6 +464,8 @@ def _train_epoch(
             fresh = synthesizer.sample(n_fresh, loop.fresh_gen)
             xb = torch.cat([xb, fresh.to(xb.device, xb.dtype)])
         xb = loop.roll_flip(xb) if cfg.augment else xb
+        if cfg.mix != "none":
+            xb = mix_batch(xb, cfg.mix, cfg.mix_prob, loop.gen)
         loss, acc = loop.step(xb, yb)
         losses.append(loss)
         accs.append(acc)
@@ -475,6 +477,26 @@ def _train_epoch(
         "pool_size": float(len(y_all)),
         "synthesis_s": res.synthesis_seconds,
     }
+
+
+def mix_batch(x: torch.Tensor, mix: str, prob: float, gen: torch.Generator) -> torch.Tensor:
+    """``x`` (N, C, H, W) mixed with a shuffled copy of itself with probability ``prob``:
+    ``cutmix`` pastes the same random box of each partner image (area fraction ~ U(0, 1),
+    aspect as the image), ``mixup`` blends with one weight ~ U(0, 1). No labels are mixed: the
+    teachers label the mixed images themselves. Draws from ``gen`` only."""
+    draws = torch.rand(4, generator=gen).tolist()
+    perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    if draws[0] >= prob:
+        return x
+    lam = draws[1]
+    if mix == "mixup":
+        return lam * x + (1 - lam) * x[perm]
+    h, w = x.shape[-2:]
+    bh, bw = round(h * math.sqrt(lam)), round(w * math.sqrt(lam))
+    top, left = int(draws[2] * (h - bh + 1)), int(draws[3] * (w - bw + 1))
+    out = x.clone()
+    out[..., top : top + bh, left : left + bw] = x[perm][..., top : top + bh, left : left + bw]
+    return out
 
 
 def _pool_batches(loop: _Loop, n: int, n_fresh: int) -> Iterator[torch.Tensor]:

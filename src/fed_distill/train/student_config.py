@@ -12,6 +12,7 @@ from typing import Any
 from fed_distill.errors import ConfigError
 
 STUDENT_INITS = ("random", "fedavg")
+STUDENT_MIXES = ("none", "cutmix", "mixup")
 
 
 @dataclass
@@ -67,6 +68,12 @@ class StudentConfig:
     perturb: float = 0.0
     augment: bool = True  # random roll (jitter) and flip of pool batches
     jitter: int = 2
+    # Mixing of pool batches (after roll and flip), relabelled by the teachers like every
+    # batch: cutmix pastes a random box (area ~ U(0, 1)) of another image of the batch,
+    # mixup blends two images (weight ~ U(0, 1)); each pool batch is mixed with probability
+    # `mix_prob`. none = off.
+    mix: str = "none"
+    mix_prob: float = 0.5
     server_data: bool = False  # train also on the real data of split clients without a teacher
     real_weight: float = 1.0  # weight of the server's real-data loss
     class_weights: list[float] | None = None  # per-class loss weights (the seed's "weighted")
@@ -110,6 +117,14 @@ class StudentConfig:
             raise ConfigError(
                 f"student.init must be one of {', '.join(STUDENT_INITS)}, got '{self.init}'"
             )
+        if self.mix not in STUDENT_MIXES:
+            raise ConfigError(
+                f"student.mix must be one of {', '.join(STUDENT_MIXES)}, got '{self.mix}'"
+            )
+        if isinstance(self.mix_prob, bool) or not (
+            isinstance(self.mix_prob, (int, float)) and 0 <= self.mix_prob <= 1
+        ):
+            raise ConfigError(f"student.mix_prob must be in [0, 1], got {self.mix_prob!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"student.optimizer must be sgd or adam, got '{self.optimizer}'")
         if self.schedule not in ("cosine", "none"):
