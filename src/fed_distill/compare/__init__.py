@@ -140,7 +140,8 @@ def markdown(cmp: Comparison, by: Sequence[str] | None = None, command: str | No
         parts.append(f"`{command}`\n")
     for protocol, groups in cmp.groups.items():
         n = sum(len(g.runs) for g in groups)
-        parts.append(f"## {PROTOCOLS[protocol]}: {n} run(s) in {len(groups)} group(s)\n")
+        name = PROTOCOLS[protocol][:1].upper() + PROTOCOLS[protocol][1:]
+        parts.append(f"## {name}: {n} run(s) in {len(groups)} group(s)\n")
         parts.append(
             _grouping_line(cmp, protocol, by) + " Mean ± sample std over a group's runs.\n"
         )
