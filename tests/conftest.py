@@ -137,13 +137,15 @@ def benchmark_module():
 
 @pytest.fixture
 def restore_registries():
-    """Datasets and synthesizers a test registers (``register_dataset``,
-    ``register_synthesizer``) are gone after it: other tests list the built-in ones."""
-    from fed_distill.data import sources
+    """Datasets, partitions and synthesizers a test registers (``register_dataset``,
+    ``register_partition``, ``register_synthesizer``) are gone after it: other tests list the
+    built-in ones."""
+    from fed_distill.data import partition_registry, sources
     from fed_distill.synthesis import config, registry
 
     saved = [
         (sources._SOURCES, dict(sources._SOURCES)),
+        (partition_registry._REGISTRY, dict(partition_registry._REGISTRY)),
         (registry._REGISTRY, dict(registry._REGISTRY)),
     ]
     methods = set(config.REGISTERED_METHODS)

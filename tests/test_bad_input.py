@@ -349,6 +349,14 @@ CLI_CASES = [
     ("cfg-heter-percentage", config("split", "dataset=digits", "split=heter", "split.unif_percentage=2"), "unif_percentage"),
     ("cfg-server-clients-all", config("split", "dataset=digits", "split=iid", "split.num_clients=3", "split.server_clients=3"), "server_clients"),
     ("cfg-min-size", config("split", "dataset=digits", "split.min_size=100000"), "min_size"),
+    ("cfg-quantity-alpha-inf", config("split", "dataset=digits", "split=quantity", "split.alpha=inf"), "split.alpha must be > 0 and finite, got inf"),
+    ("cfg-quantity-min-size", config("split", "dataset=digits", "split=quantity", "split.min_size=400"), "split.min_size=400 x 5 clients exceeds"),
+    ("cfg-noise-sigma-negative", config("split", "dataset=digits", "split=noise", "split.sigma=-0.5"), "split.sigma must be a finite number >= 0"),
+    ("cfg-noise-sigma-inf", config("split", "dataset=digits", "split=noise", "split.sigma=inf"), "split.sigma must be a finite number >= 0"),
+    ("cfg-classes-out-of-range", config("split", "dataset=digits", "split=classes", "split.classes=[[0,1],[10]]"), "client 1 names class 10"),
+    ("cfg-unknown-split", config("split", "dataset=digits", "split=niid"), "unknown split 'niid'; available: classes, dirichlet, heter, iid, noise, quantity, shards"),
+    ("cfg-fedmd-partition-param", config("fedmd", "fedmd=quick", "fedmd.partition=quantity", "split.alpha=0"), "split.alpha must be > 0"),
+    ("cfg-fedmd-partition-unknown", config("fedmd", "fedmd=quick", "fedmd.partition=random"), "fedmd.partition must be one of balanced, writer, subclass"),
     ("cfg-wrong-type-other-group", config("split", "dataset=digits", "train.epochs=many"), "train.epochs"),
     ("cfg-misspelt-nested-key", config("split", "dataset=digits", "synthesis.iteratons=5"), "synthesis.iteratons"),
     ("cfg-unknown-synthesis", config("split", "dataset=digits", "synthesis=nonexistent"), "unknown synthesis 'nonexistent'"),
@@ -700,6 +708,53 @@ def test_oneshot_config_error_before_any_work(cli, tmp_path, override, expected)
     assert time.perf_counter() - t0 < 10
     assert "==" not in out  # no stage started
     assert not run.exists() or not any(run.iterdir()), "a failed config check wrote files"
+
+
+def _registered_bad_values() -> list[tuple[str, list[str], str]]:
+    """(id, overrides, what the one line names): a bad value for every registered partition
+    (each of its parameters), synthesizer and dataset."""
+    from fed_distill.data.partition import get_partition, list_partitions
+    from fed_distill.data.sources import list_datasets
+    from fed_distill.synthesis import list_synthesizers
+
+    cases = []
+    for name in list_partitions():
+        spec = get_partition(name)
+        for key, (kind, _) in spec.params.items():
+            bad = "-1" if kind in (int, float) else "[[-1]]"
+            cases.append((f"split={name}:{key}", [f"split={name}", f"split.{key}={bad}"], key))
+        if not spec.params:
+            cases.append((f"split={name}", [f"split={name}", "split.num_clients=0"], "num_clients"))
+    for name in list_synthesizers():
+        args = [f"synthesis.method={name}", "synthesis.lr=-1"]
+        cases.append((f"synthesis.method={name}", args, "synthesis.lr must be > 0"))
+    for name in list_datasets():  # a built-in takes no path; npz / folder: no such file
+        args = [f"dataset={name}", "dataset.path=/nonexistent/data.npz"]
+        cases.append(
+            (
+                f"dataset={name}",
+                args,
+                "/nonexistent/data.npz" if name in ("npz", "folder") else "dataset.path",
+            )
+        )
+    return cases
+
+
+@pytest.mark.parametrize(
+    "overrides, names",
+    [c[1:] for c in _registered_bad_values()],
+    ids=[c[0] for c in _registered_bad_values()],
+)
+def test_every_registered_component_refuses_a_bad_value_with_one_line(
+    cli, tmp_path, overrides, names
+):
+    """Each check lives beside its component (a partition's check, SynthesisConfig.validate,
+    the dataset's source) and the start-up validation calls it: one line, before any work."""
+    run = tmp_path / "run"
+    base = ["dataset=digits", "split=iid", "split.num_clients=2"]
+    code, out, err = cli("oneshot", *base, *overrides, f"run_dir={run}")
+    assert names in one_line_error(code, err), err
+    assert "==" not in out  # no stage started
 
 
 def test_every_stage_checks_its_config_before_work(cli, base_run, tmp_path):

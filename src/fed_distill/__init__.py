@@ -3,9 +3,9 @@
 The Python API (docs/api.md): ``fed_distill.run(stage, overrides=[...])`` runs any CLI stage
 in-process and returns what it wrote; ``fed_distill.compose(stage, overrides=[...])`` returns
 the resolved config. The building blocks a researcher extends are importable from here:
-``make_split``, ``load_dataset`` / ``register_dataset``, ``build_model`` / ``register_model``,
-``Synthesizer`` / ``SyntheticBatch`` / ``register_synthesizer``, ``fit``, ``distill``,
-``ensemble_probs``. They are imported on first use, so ``import fed_distill`` stays light.
+``make_split`` / ``register_partition``, ``load_dataset`` / ``register_dataset``,
+``build_model`` / ``register_model``, ``Synthesizer`` / ``SyntheticBatch`` /
+``register_synthesizer``, ``fit``, ``distill``, ``ensemble_probs``. They are imported on first use, so ``import fed_distill`` stays light.
 """
 
 import importlib as _importlib
@@ -30,6 +30,8 @@ _PUBLIC = {
     "list_datasets": "fed_distill.data",
     "register_dataset": "fed_distill.data",
     "make_split": "fed_distill.data.partition",
+    "register_partition": "fed_distill.data.partition",
+    "list_partitions": "fed_distill.data.partition",
     "Normalizer": "fed_distill.data.transforms",
     "build_model": "fed_distill.models",
     "register_model": "fed_distill.models",

@@ -10,7 +10,7 @@ Dataset and model options are generated from the dataset sources and the model r
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from hydra import compose, initialize_config_module
@@ -39,17 +39,41 @@ class DatasetConfig:
 
 @dataclass
 class SplitConfig:
-    """How the dataset is partitioned among clients (see ``fed_distill.data.partition``)."""
+    """How the dataset is partitioned among clients: the keys every partition has. The config
+    the ``split`` group uses (:func:`split_config_class`) adds every registered partition's own
+    parameters (``fed_distill.data.strategies``: ``split.alpha``, ``split.sigma``, ...)."""
 
-    strategy: str = "dirichlet"  # iid | dirichlet | shards | heter | classes
+    strategy: str = "dirichlet"  # a registered partition (fed_distill.data.partition)
     num_clients: int = 5
-    alpha: float = 0.5  # dirichlet: concentration (smaller = more skew)
-    min_size: int = 10  # dirichlet: minimum samples per client
-    classes_per_client: int = 2  # shards
-    unif_percentage: float = 0.5  # heter: 1.0 = IID, 0.5 = seed's heter, 0.0 = class-disjoint
-    classes: list[list[int]] | None = None  # classes: explicit class list per client
     val_fraction: float = 0.1  # held out of each client's train part for model selection
     server_clients: int = 0  # the last N clients train no teacher: their data is the server's own
+
+
+def split_config_class() -> type:
+    """``SplitConfig`` with every registered partition's parameters as typed keys (generated
+    from the partition registry, so ``split.KEY`` accepts exactly what some partition takes)."""
+    from fed_distill.data.partition import list_partitions
+    from fed_distill.data.partition_registry import all_params
+
+    key = tuple(list_partitions())
+    if _SPLIT_CLASS.get("key") != key:
+        fields = [
+            (
+                name,
+                kind,
+                field(default=default)
+                if not isinstance(default, list | dict)
+                else field(default_factory=lambda d=default: type(d)(d)),
+            )
+            for name, (kind, default) in all_params().items()
+        ]
+        _SPLIT_CLASS.update(
+            key=key, cls=make_dataclass("SplitConfig", fields, bases=(SplitConfig,))
+        )
+    return _SPLIT_CLASS["cls"]
+
+
+_SPLIT_CLASS: dict[str, Any] = {}
 
 
 @dataclass
@@ -110,16 +134,29 @@ _STORED: set[tuple[str, str]] = set()
 
 
 def register_configs() -> None:
-    """Put the schema and the generated dataset/model options into Hydra's ConfigStore; names
-    registered since the last call (``register_dataset`` / ``register_model`` from Python) are
-    added on the next one."""
+    """Put the schema and the generated dataset / split / model options into Hydra's
+    ConfigStore; names registered since the last call (``register_dataset`` /
+    ``register_partition`` / ``register_model`` from Python) are added on the next one."""
+    from fed_distill.data.partition import get_partition, list_partitions
     from fed_distill.data.sources import list_datasets
     from fed_distill.models import list_models
 
     cs = ConfigStore.instance()
-    if not _STORED:
-        cs.store(name="base_config", node=Config)
+    split_cls = split_config_class()
+    if ("", "base_config") not in _STORED or _STORED_SPLIT.get("cls") is not split_cls:
+        # the root schema carries the split keys of every partition registered so far
+        cs.store(name="base_config", node=Config(split=split_cls()))
         _STORED.add(("", "base_config"))
+        _STORED_SPLIT["cls"] = split_cls
+        _STORED.difference_update({k for k in _STORED if k[0] == "split"})
+        for option in list(cs.repo.get("split", {})):  # partitions no longer registered
+            if option.removesuffix(".yaml") not in list_partitions():
+                del cs.repo["split"][option]
+    for name in list_partitions():
+        if ("split", name) not in _STORED:
+            defaults = {k: d for k, (_, d) in get_partition(name).params.items()}
+            cs.store(group="split", name=name, node=split_cls(strategy=name, **defaults))
+            _STORED.add(("split", name))
     for group, names, node in (
         ("dataset", list_datasets(), DatasetConfig),
         ("model", list_models(), ModelConfig),
@@ -128,6 +165,9 @@ def register_configs() -> None:
             if (group, name) not in _STORED:
                 cs.store(group=group, name=name, node=node(name=name))
                 _STORED.add((group, name))
+
+
+_STORED_SPLIT: dict[str, type] = {}
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -32,7 +32,15 @@ from fed_distill.class_stats import (
     save_class_stats,
 )
 from fed_distill.config import DatasetConfig, ModelConfig, UploadConfig, as_object, to_container
-from fed_distill.data.partition import Split, check_split, load_split, make_split, save_split
+from fed_distill.data.partition import (
+    Split,
+    check_split,
+    client_images,
+    load_split,
+    make_split,
+    save_split,
+    split_kwargs,
+)
 from fed_distill.data.sources import Dataset, load_dataset, source_options
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError, SplitError
@@ -96,24 +104,15 @@ def load_split_and_data(cfg: DictConfig) -> tuple[Split, Dataset]:
 def run_split(cfg: DictConfig) -> Split:
     """``fed-distill split``: write ``run_dir/split.json`` and a PNG of the label distribution."""
     ds_cfg: DatasetConfig = as_object(cfg.dataset, DatasetConfig)
-    sp = cfg.split
     data = load_data(ds_cfg)
     split = make_split(
         data.info.name,
         data.train_y,
         data.test_y,
         data.info.num_classes,
-        sp.strategy,
-        sp.num_clients,
-        cfg.seed,
-        alpha=sp.alpha,
-        min_size=sp.min_size,
-        classes_per_client=sp.classes_per_client,
-        unif_percentage=sp.unif_percentage,
-        classes=to_container(sp)["classes"],
-        val_fraction=sp.val_fraction,
+        seed=cfg.seed,
         dataset_options=dataset_options(ds_cfg),
-        server_clients=sp.server_clients,
+        **split_kwargs(to_container(cfg.split)),
     )
     run_dir = Path(cfg.run_dir)
     save_split(split, run_dir / "split.json")
@@ -203,7 +202,7 @@ def run_train_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
 
     archs = configured_architectures(cfg, split.num_teachers)
     inits = initial_teachers(archs, info, cfg.seed)
-    _check_train_config(inits[0][0], tcfg)  # a bad train.* value fails before teachers.json
+    tcfg.validate()  # a bad train.* value fails before teachers.json (also from Python)
     spec = teacher_spec(mcfg, info, archs, cfg.seed)
     out = run_dir / "teachers"
     fp = _teachers_fingerprint(spec, tcfg, split)
@@ -314,6 +313,13 @@ def _teachers_fingerprint(spec: TeacherSpec, tcfg: TrainConfig, split: Split) ->
             "split": split.label_digest,
             "split_seed": split.seed,
             "clients": [[c.train, c.val] for c in split.clients[: split.num_teachers]],
+            # what makes the clients' images their own (split=noise); only then, so the
+            # fingerprints of splits without it stay as they were
+            **(
+                {"features": [c.features for c in split.clients[: split.num_teachers]]}
+                if any(c.features for c in split.clients)
+                else {}
+            ),
         }
     )
 
@@ -351,7 +357,7 @@ def client_class_stats(
     idx = torch.as_tensor(client.train + client.val, dtype=torch.long)
     return compute_class_stats(
         model,
-        data.train_x[idx],
+        client_images(client, data.train_x, idx),
         data.train_y[idx],
         norm,
         data.info.num_classes,
@@ -400,17 +406,6 @@ def load_teacher_class_stats(
     return stats  # type: ignore[return-value]
 
 
-def _check_train_config(model: torch.nn.Module, tcfg: TrainConfig) -> None:
-    """Build the optimiser and schedule once: unknown names and invalid values (lr < 0) become
-    one ConfigError line instead of a failure inside the first fit."""
-    from fed_distill.train.fit import make_optimizer, make_schedule
-
-    try:
-        make_schedule(make_optimizer(model, tcfg), 1, tcfg, 1)
-    except ValueError as e:  # torch.optim's own checks (learning rate, momentum, weight decay)
-        raise ConfigError(f"train: {e}") from None
-
-
 def train_teacher(
     model: torch.nn.Module,
     data: Dataset,
@@ -440,9 +435,9 @@ def train_teacher(
     with fork_seeded(seed, device):
         res = fit(
             model,
-            data.train_x[tr],
+            client_images(client, data.train_x, tr),
             data.train_y[tr],
-            data.train_x[va],
+            client_images(client, data.train_x, va),
             data.train_y[va],
             tcfg,
             norm,
@@ -460,7 +455,9 @@ def train_teacher(
         **res.history,
         "best_epoch": res.best_epoch,
         "best_val_acc": res.best_val_acc,
-        "local_test_acc": evaluate(model, data.test_x[te], data.test_y[te], norm, device),
+        "local_test_acc": evaluate(
+            model, client_images(client, data.test_x, te, "test"), data.test_y[te], norm, device
+        ),
         "test_acc": evaluate(model, data.test_x, data.test_y, norm, device),
         "num_train": len(client.train),
         "train_class_counts": client.train_class_counts,

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from fed_distill.data.partition_registry import is_int
 from fed_distill.errors import ConfigError, FedDistillError
 
 # What each stage reads besides the device and the run folder.
@@ -48,7 +48,10 @@ def validate_config(stage: str, cfg: DictConfig) -> None:
     if "model" in groups:
         _check_teacher_models(cfg, info)
     if "train" in groups:
-        check_train_config(cfg)
+        from fed_distill.config import as_object
+        from fed_distill.train.fit import TrainConfig
+
+        as_object(cfg.train, TrainConfig).validate()
     if "synthesis" in groups:
         from fed_distill.config import as_object
         from fed_distill.synthesis.config import SynthesisConfig
@@ -62,7 +65,7 @@ def validate_config(stage: str, cfg: DictConfig) -> None:
         from fed_distill.config import as_object
         from fed_distill.federated.config import FedMDConfig, check_fedmd_config
 
-        check_fedmd_config(as_object(cfg.fedmd, FedMDConfig))
+        check_fedmd_config(as_object(cfg.fedmd, FedMDConfig), _kwargs(cfg.get("split")))
     check_run_dir(cfg.run_dir)
 
 
@@ -156,88 +159,22 @@ def _check_teacher_models(cfg: DictConfig, info: Any) -> None:
         _check_model(name, kwargs, info, f"teachers.models[{pos}]")
 
 
-def _is_int(v: Any, minimum: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+def check_split_config(sp: DictConfig, num_classes: int | None = None) -> int:
+    """The split's keys, by the partition registry's own check (``check_split_params``: the
+    common keys and the chosen partition's ``check``); returns the number of clients."""
+    from fed_distill.data.partition import check_split_params, split_kwargs
 
-
-def check_split_config(sp: DictConfig, num_classes: int | None = None) -> None:
-    """The split's parameters, with the same messages ``data.partition`` gives."""
-    from fed_distill.data.partition import STRATEGIES
-
-    def bad(msg: str) -> ConfigError:
-        return ConfigError(f"split.{msg}")
-
-    if sp.strategy not in STRATEGIES:
-        raise ConfigError(
-            f"unknown split strategy '{sp.strategy}'; choose one of {', '.join(STRATEGIES)}"
-        )
-    n = len(sp.classes) if sp.strategy == "classes" and sp.classes else sp.num_clients
-    if not _is_int(n, 1):
-        raise bad(f"num_clients must be >= 1, got {n}")
-    if sp.strategy == "classes" and not sp.classes:
-        raise ConfigError("split=classes needs split.classes, e.g. split.classes=[[0,1,2],[3,4]]")
-    if sp.strategy == "dirichlet":
-        if not sp.alpha > 0:
-            raise bad(f"alpha must be > 0 for a Dirichlet split, got {sp.alpha}")
-        if not _is_int(sp.min_size, 0):
-            raise bad(f"min_size must be an integer >= 0, got {sp.min_size}")
-    if sp.strategy == "shards" and not (
-        _is_int(sp.classes_per_client, 1)
-        and (num_classes is None or sp.classes_per_client <= num_classes)
-    ):
-        top = num_classes if num_classes is not None else "num_classes"
-        raise bad(f"classes_per_client must be in 1..{top}, got {sp.classes_per_client}")
-    if sp.strategy == "heter" and not 0 <= sp.unif_percentage <= 1:
-        raise bad(f"unif_percentage must be in [0, 1], got {sp.unif_percentage}")
-    if not 0 <= sp.val_fraction < 1:
-        raise bad(f"val_fraction must be in [0, 1), got {sp.val_fraction}")
-    if not (_is_int(sp.server_clients, 0) and sp.server_clients < n):
-        raise bad(
-            f"server_clients must be in 0..{n - 1} (at least one teacher), got {sp.server_clients}"
-        )
-
-
-def check_train_config(cfg: DictConfig) -> None:
-    """``train.*``: counts are positive integers, rates finite, optimiser and schedule build."""
-    import torch
-
-    from fed_distill.config import as_object
-    from fed_distill.train.fit import TrainConfig, make_optimizer, make_schedule
-
-    t: TrainConfig = as_object(cfg.train, TrainConfig)
-    for key in ("epochs", "batch_size", "eval_every"):
-        if not _is_int(getattr(t, key), 1):
-            raise ConfigError(f"train.{key} must be a positive integer, got {getattr(t, key)!r}")
-    for key in ("min_steps", "crop_padding", "checkpoint_every", "step_size"):
-        if not _is_int(getattr(t, key), 0):
-            raise ConfigError(f"train.{key} must be an integer >= 0, got {getattr(t, key)!r}")
-    for key in ("max_steps", "patience"):
-        v = getattr(t, key)
-        if v is not None and not _is_int(v, 1):
-            raise ConfigError(f"train.{key} must be a positive integer or null, got {v!r}")
-    # lr, momentum and weight_decay: torch.optim's own checks below ("Invalid learning rate")
-    for key in ("gamma", "label_smoothing"):
-        v = getattr(t, key)
-        if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
-            raise ConfigError(f"train.{key} must be a finite number >= 0, got {v!r}")
-    if not t.label_smoothing < 1:
-        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
-    try:  # torch.optim's own checks, on a one-parameter stand-in for the model
-        make_schedule(make_optimizer(torch.nn.Linear(1, 1), t), 1, t, 1)
-    except ValueError as e:
-        raise ConfigError(f"train: {e}") from None
+    return check_split_params(num_classes=num_classes, **split_kwargs(_kwargs(sp)))[1]
 
 
 def _num_teachers(cfg: DictConfig, stage: str) -> int | None:
     """Teachers the synthesizer will have: from the split this stage makes (oneshot), else from
     run_dir/teachers/teachers.json when readable."""
     if stage == "oneshot":
-        sp = cfg.split
-        n = len(sp.classes) if sp.strategy == "classes" and sp.classes else int(sp.num_clients)
-        return n - int(sp.server_clients)
+        return check_split_config(cfg.split) - int(cfg.split.server_clients)
     try:
         spec = json.loads((Path(str(cfg.run_dir)) / "teachers" / "teachers.json").read_text())
         n = spec["num_teachers"]
-        return n if _is_int(n, 1) else None
+        return n if is_int(n, 1) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -1,15 +1,18 @@
 """Who owns which index: client partitions of a dataset's train and test sets.
 
-Every strategy maps train labels to one index list per client. The test set is split to match:
-each client's local test part follows its own train label distribution (for ``heter`` the seed
-project's definition is applied to the test labels directly, as it did). A validation part is
-then held out of each client's train part; teachers select checkpoints on it, never on test.
+Every partition (``split=NAME``: the registry in ``partition_registry.py``, the built-in ones in
+``strategies.py``) maps train labels to one index list per client. The test set is split to
+match: each client's local test part follows its own train label distribution (a partition
+registered with ``test="same"``, the seed's ``heter``, is applied to the test labels instead).
+A validation part is then held out of each client's train part; teachers select checkpoints on
+it, never on test. A partition with a feature skew (``noise``) records per client what makes its
+images its own (``ClientSplit.features``), and :func:`client_images` is how any stage takes a
+client's images.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +21,39 @@ import numpy as np
 import torch
 
 from fed_distill.artifacts import load_json, save_json
+from fed_distill.data import strategies  # noqa: F401 - the built-in partitions register here
+from fed_distill.data.partition_registry import (
+    COMMON_KEYS,
+    check_partition_params,
+    check_split_params,
+    get_partition,
+    list_partitions,
+    own_params,
+    register_partition,
+    split_kwargs,
+)
 from fed_distill.errors import SplitError
 
-STRATEGIES = ("iid", "dirichlet", "shards", "heter", "classes")
+__all__ = [
+    "COMMON_KEYS",
+    "ClientSplit",
+    "Split",
+    "apply_features",
+    "check_partition_params",
+    "check_split",
+    "check_split_params",
+    "client_features",
+    "client_images",
+    "get_partition",
+    "list_partitions",
+    "load_split",
+    "make_split",
+    "own_params",
+    "partition_indices",
+    "register_partition",
+    "save_split",
+    "split_kwargs",
+]
 
 
 @dataclass
@@ -29,6 +62,20 @@ class ClientSplit:
     val: list[int]
     test: list[int]
     train_class_counts: list[int] = field(default_factory=list)
+    # what makes this client's images its own ({"partition": NAME, ...}; {} = the images as
+    # they are): the partition's ``features``, applied by :func:`client_images`
+    features: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "train": self.train,
+            "val": self.val,
+            "test": self.test,
+            "train_class_counts": self.train_class_counts,
+        }
+        if self.features:  # only then: split files without features stay as they were
+            out["features"] = self.features
+        return out
 
 
 @dataclass
@@ -70,15 +117,7 @@ class Split:
             "num_train": self.num_train,
             "num_test": self.num_test,
             "label_digest": self.label_digest,
-            "clients": [
-                {
-                    "train": c.train,
-                    "val": c.val,
-                    "test": c.test,
-                    "train_class_counts": c.train_class_counts,
-                }
-                for c in self.clients
-            ],
+            "clients": [c.to_json() for c in self.clients],
         }
 
 
@@ -88,138 +127,6 @@ def label_digest(train_y: torch.Tensor | np.ndarray, test_y: torch.Tensor | np.n
     for y in (train_y, test_y):
         h.update(np.asarray(y, dtype=np.int64).tobytes())
     return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- strategies
-def _check_common(n: int, num_clients: int) -> None:
-    if num_clients < 1:
-        raise SplitError(f"split.num_clients must be >= 1, got {num_clients}")
-    if num_clients > n:
-        raise SplitError(f"cannot split {n} samples among {num_clients} clients; use fewer clients")
-
-
-def split_iid(labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Shuffle and cut into ``num_clients`` near-equal parts."""
-    _check_common(len(labels), num_clients)
-    return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), num_clients)]
-
-
-def split_dirichlet(
-    labels: np.ndarray,
-    num_clients: int,
-    alpha: float,
-    rng: np.random.Generator,
-    min_size: int = 10,
-    num_classes: int | None = None,
-    max_tries: int = 1000,
-) -> list[np.ndarray]:
-    """Label skew: for each class, client shares ~ Dir(alpha); redrawn until every client holds
-    at least ``min_size`` samples. A client already above the mean size gets no more of a class
-    (the usual NIID-Bench rule, which keeps sizes from exploding at small alpha)."""
-    if not 0 < alpha < float("inf"):  # also refuses NaN; inf would loop over degenerate draws
-        raise SplitError(f"split.alpha must be > 0 for a Dirichlet split, got {alpha}")
-    n = len(labels)
-    _check_common(n, num_clients)
-    if min_size * num_clients > n:
-        raise SplitError(
-            f"split.min_size={min_size} x {num_clients} clients exceeds the {n} samples;"
-            " lower split.min_size or use fewer clients"
-        )
-    classes = range(num_classes if num_classes is not None else int(labels.max()) + 1)
-    by_class = [np.flatnonzero(labels == k) for k in classes]
-    for _ in range(max_tries):
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for idx in by_class:
-            if len(idx) == 0:
-                continue
-            idx = rng.permutation(idx)
-            p = rng.dirichlet(np.full(num_clients, alpha))
-            sizes = np.array([len(q) for q in parts])
-            p = p * (sizes < n / num_clients)
-            if p.sum() <= 0:
-                p = np.full(num_clients, 1.0 / num_clients)
-            p = p / p.sum()
-            cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
-            for q, chunk in zip(parts, np.split(idx, cuts), strict=True):
-                q.extend(chunk.tolist())
-        if min(len(q) for q in parts) >= min_size:
-            return [np.sort(np.array(q, dtype=np.int64)) for q in parts]
-    raise SplitError(
-        f"no Dirichlet(alpha={alpha}) split gave every client >= {min_size} samples in"
-        f" {max_tries} draws; raise split.alpha or lower split.min_size"
-    )
-
-
-def assign_shards(
-    num_clients: int, num_classes: int, classes_per_client: int, rng: np.random.Generator
-) -> list[list[int]]:
-    """k distinct classes per client, classes visited round-robin in a random order so that
-    every class is owned by someone whenever num_clients * k >= num_classes."""
-    if not 1 <= classes_per_client <= num_classes:
-        raise SplitError(
-            f"split.classes_per_client must be in 1..{num_classes}, got {classes_per_client}"
-        )
-    order = rng.permutation(num_classes).tolist()
-    out, pos = [], 0
-    for _ in range(num_clients):
-        owned: list[int] = []
-        while len(owned) < classes_per_client:
-            c = order[pos % num_classes]
-            pos += 1
-            if c not in owned:
-                owned.append(c)
-        out.append(sorted(owned))
-    return out
-
-
-def split_by_classes(
-    labels: np.ndarray,
-    class_lists: Sequence[Sequence[int]],
-    num_classes: int,
-    rng: np.random.Generator,
-) -> list[np.ndarray]:
-    """Each client owns the listed classes; a class shared by m clients is cut into m equal parts."""
-    for i, cl in enumerate(class_lists):
-        for c in cl:
-            if not (isinstance(c, int | np.integer) and 0 <= c < num_classes):
-                raise SplitError(
-                    f"split.classes: client {i} names class {c!r}, but the dataset has"
-                    f" classes 0..{num_classes - 1}"
-                )
-    _check_common(len(labels), len(class_lists))
-    parts: list[list[int]] = [[] for _ in class_lists]
-    for k in range(num_classes):
-        owners = [i for i, cl in enumerate(class_lists) if k in cl]
-        if not owners:
-            continue
-        idx = rng.permutation(np.flatnonzero(labels == k))
-        for i, chunk in zip(owners, np.array_split(idx, len(owners)), strict=True):
-            parts[i].extend(chunk.tolist())
-    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
-
-
-def split_heter(
-    labels: np.ndarray, num_clients: int, unif_percentage: float, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """The seed project's split. A fraction ``unif_percentage`` of the (shuffled) indices is cut
-    into ``num_clients`` equal uniform parts; the rest is sorted by label and cut into
-    ``num_clients`` contiguous chunks; client i gets uniform part i + sorted chunk i.
-    1.0 = IID, 0.5 = the seed's "heter", 0.0 = its "full" (class-disjoint when the chunks
-    fall on class boundaries)."""
-    if not 0.0 <= unif_percentage <= 1.0:
-        raise SplitError(f"split.unif_percentage must be in [0, 1], got {unif_percentage}")
-    n = len(labels)
-    _check_common(n, num_clients)
-    perm = rng.permutation(n)
-    n_unif = int(n * unif_percentage)
-    unif, rest = perm[:n_unif], perm[n_unif:]
-    rest = rest[np.argsort(labels[rest], kind="stable")]
-    return [
-        np.sort(np.concatenate([u, r]))
-        for u, r in zip(
-            np.array_split(unif, num_clients), np.array_split(rest, num_clients), strict=True
-        )
-    ]
 
 
 def split_test_like(
@@ -243,13 +150,73 @@ def hold_out_val(
     idx: np.ndarray, val_fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random validation part of a client's train indices (at least one sample when >= 2)."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise SplitError(f"split.val_fraction must be in [0, 1), got {val_fraction}")
     n_val = int(round(len(idx) * val_fraction))
     if val_fraction > 0 and len(idx) >= 2:
         n_val = max(1, n_val)
     perm = rng.permutation(idx)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def partition_indices(
+    strategy: str,
+    labels: np.ndarray,
+    num_clients: int,
+    rng: np.random.Generator,
+    num_classes: int,
+    params: dict[str, Any],
+) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Partition ``strategy``'s index arrays (one per client) and what it records besides its
+    parameters; ``params`` checked already (:func:`check_split_params`)."""
+    if num_clients > len(labels):
+        raise SplitError(
+            f"cannot split {len(labels)} samples among {num_clients} clients; use fewer clients"
+        )
+    out = get_partition(strategy).fn(labels, num_clients, rng, num_classes, **params)
+    parts, record = out if isinstance(out, tuple) else (out, {})
+    if len(parts) != num_clients:
+        raise SplitError(
+            f"partition '{strategy}' returned {len(parts)} parts for {num_clients} clients"
+        )
+    return [np.asarray(p, dtype=np.int64) for p in parts], dict(record)
+
+
+def client_features(
+    strategy: str, client: int, num_clients: int, seed: int, params: dict[str, Any]
+) -> dict[str, Any]:
+    """What makes client ``client``'s images its own under ``strategy`` ({} = nothing)."""
+    spec = get_partition(strategy)
+    if spec.features is None:
+        return {}
+    f = spec.features(client, num_clients, seed, **params)
+    return {"partition": strategy, **f} if f else {}
+
+
+def apply_features(
+    features: dict[str, Any], x: torch.Tensor, index: Any, part: str = "train"
+) -> torch.Tensor:
+    """The images ``x`` (dataset indices ``index`` of ``part``) as a client with ``features``
+    holds them (``x`` itself where there are none)."""
+    if not features:
+        return x
+    rest = dict(features)
+    name = rest.pop("partition", None)
+    if name not in list_partitions():
+        raise SplitError(
+            f"a client's images need partition '{name}', which is not registered in this"
+            " process; register it (register_partition) before this stage runs"
+        )
+    return get_partition(name).images(x, torch.as_tensor(index, dtype=torch.long), part, **rest)
+
+
+def client_images(
+    client: ClientSplit, source: torch.Tensor, index: Any, part: str = "train"
+) -> torch.Tensor:
+    """``source[index]`` as ``client`` holds those images: ``source`` is the dataset's train
+    (``part="train"``: the client's train and val parts) or test array (``"test"``: its local test
+    part). The one way a stage takes a client's images, so a feature skew (``split=noise``)
+    reaches the teacher, its class statistics and its local test, never the official test set."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    return apply_features(client.features, source[index], index, part)
 
 
 def make_split(
@@ -260,72 +227,44 @@ def make_split(
     strategy: str,
     num_clients: int,
     seed: int,
-    alpha: float = 0.5,
-    min_size: int = 10,
-    classes_per_client: int = 2,
-    unif_percentage: float = 0.5,
-    classes: Sequence[Sequence[int]] | None = None,
+    *,
     val_fraction: float = 0.1,
-    dataset_options: dict[str, Any] | None = None,
     server_clients: int = 0,
+    dataset_options: dict[str, Any] | None = None,
+    **params: Any,
 ) -> Split:
-    """Partition a dataset's train and test sets among clients. Same seed → identical split."""
+    """Partition a dataset's train and test sets among clients with the registered partition
+    ``strategy``; ``params`` are its ``split.*`` parameters (those of other partitions are
+    ignored, unknown ones refused). Same seed → identical split."""
+    own, n = check_split_params(
+        strategy, num_clients, val_fraction, server_clients, num_classes, **params
+    )
     ytr = np.asarray(train_y, dtype=np.int64)
     yte = np.asarray(test_y, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    params: dict[str, Any] = {"num_clients": num_clients, "val_fraction": val_fraction}
-    if server_clients:
-        params["server_clients"] = server_clients
-    if strategy == "iid":
-        train_parts = split_iid(ytr, num_clients, rng)
-    elif strategy == "dirichlet":
-        params.update(alpha=alpha, min_size=min_size)
-        train_parts = split_dirichlet(ytr, num_clients, alpha, rng, min_size, num_classes)
-    elif strategy == "shards":
-        params.update(classes_per_client=classes_per_client)
-        owned = assign_shards(num_clients, num_classes, classes_per_client, rng)
-        params["client_classes"] = owned
-        train_parts = split_by_classes(ytr, owned, num_classes, rng)
-    elif strategy == "classes":
-        if not classes:
-            raise SplitError(
-                "split=classes needs split.classes, e.g. split.classes=[[0,1,2],[3,4]]"
-            )
-        owned = [[int(c) if isinstance(c, int | np.integer) else c for c in cl] for cl in classes]
-        params["classes"] = owned
-        params["num_clients"] = num_clients = len(owned)
-        train_parts = split_by_classes(ytr, owned, num_classes, rng)
-    elif strategy == "heter":
-        params.update(unif_percentage=unif_percentage)
-        train_parts = split_heter(ytr, num_clients, unif_percentage, rng)
-    else:
-        raise SplitError(
-            f"unknown split strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}"
-        )
-
-    if not 0 <= server_clients < len(train_parts):
-        raise SplitError(
-            f"split.server_clients must be in 0..{len(train_parts) - 1} (at least one teacher),"
-            f" got {server_clients}"
-        )
+    train_parts, record = partition_indices(strategy, ytr, n, rng, num_classes, own)
     for i, p in enumerate(train_parts):
         if len(p) == 0:
             raise SplitError(
                 f"client {i} received no training samples; use fewer clients or another split"
             )
     counts = np.stack([np.bincount(ytr[p], minlength=num_classes) for p in train_parts])
-    if strategy == "heter":
-        test_parts = split_heter(yte, num_clients, unif_percentage, rng)
+    if get_partition(strategy).test == "same":
+        test_parts = partition_indices(strategy, yte, n, rng, num_classes, own)[0]
     else:
         test_parts = split_test_like(yte, counts, rng)
     clients = []
-    for p, t, c in zip(train_parts, test_parts, counts, strict=True):
+    for i, (p, t, c) in enumerate(zip(train_parts, test_parts, counts, strict=True)):
         tr, va = hold_out_val(p, val_fraction, rng)
-        clients.append(ClientSplit(tr.tolist(), va.tolist(), t.tolist(), c.tolist()))
+        feats = client_features(strategy, i, n, seed, own)
+        clients.append(ClientSplit(tr.tolist(), va.tolist(), t.tolist(), c.tolist(), feats))
+    recorded: dict[str, Any] = {"num_clients": n, "val_fraction": val_fraction}
+    if server_clients:
+        recorded["server_clients"] = server_clients
     return Split(
         dataset=dataset,
         strategy=strategy,
-        params=params,
+        params={**recorded, **own, **record},
         seed=seed,
         num_classes=num_classes,
         clients=clients,
@@ -352,6 +291,31 @@ def _as_index_list(v: Any, where: str, limit: int) -> list[int]:
             " for another dataset or is corrupt — rerun `fed-distill split`"
         )
     return v
+
+
+def _client_from_json(c: Any, i: int, path: Path, n_tr: int, n_te: int) -> ClientSplit:
+    """Client ``i`` of a split file, its index lists checked against the dataset's sizes."""
+    if not isinstance(c, dict) or any(
+        k not in c for k in ("train", "val", "test", "train_class_counts")
+    ):
+        raise SplitError(
+            f"split file {path}: client {i} needs 'train', 'val', 'test' and 'train_class_counts'"
+        )
+    features = c.get("features") or {}
+    if not isinstance(features, dict) or (
+        features and not isinstance(features.get("partition"), str)
+    ):
+        raise SplitError(
+            f"split file {path}: client {i} 'features' must be an object naming its"
+            " 'partition'; rerun `fed-distill split`"
+        )
+    return ClientSplit(
+        _as_index_list(c["train"], f"client {i} 'train'", n_tr),
+        _as_index_list(c["val"], f"client {i} 'val'", n_tr),
+        _as_index_list(c["test"], f"client {i} 'test'", n_te),
+        _as_index_list(c["train_class_counts"], f"client {i} 'train_class_counts'", 2**62),
+        dict(features),
+    )
 
 
 def load_split(path: str | Path) -> Split:
@@ -387,22 +351,7 @@ def load_split(path: str | Path) -> Split:
             )
     n_tr = int(raw.get("num_train") or 2**62)
     n_te = int(raw.get("num_test") or 2**62)
-    clients = []
-    for i, c in enumerate(raw["clients"]):
-        if not isinstance(c, dict) or any(
-            k not in c for k in ("train", "val", "test", "train_class_counts")
-        ):
-            raise SplitError(
-                f"split file {path}: client {i} needs 'train', 'val', 'test' and 'train_class_counts'"
-            )
-        clients.append(
-            ClientSplit(
-                _as_index_list(c["train"], f"client {i} 'train'", n_tr),
-                _as_index_list(c["val"], f"client {i} 'val'", n_tr),
-                _as_index_list(c["test"], f"client {i} 'test'", n_te),
-                _as_index_list(c["train_class_counts"], f"client {i} 'train_class_counts'", 2**62),
-            )
-        )
+    clients = [_client_from_json(c, i, path, n_tr, n_te) for i, c in enumerate(raw["clients"])]
     # Clients own disjoint samples: an index held twice would leak data between clients (or
     # between a client's train and val parts).
     for part, names in (("train", ("train", "val")), ("test", ("test",))):

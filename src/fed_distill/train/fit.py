@@ -47,6 +47,42 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     checkpoint_every: int = 1  # epochs between resumable checkpoints of a teacher (0 = none)
 
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError (one line) on a bad value: counts are integers in range, rates
+        finite, and the optimiser and schedule build (torch.optim's own checks of lr,
+        momentum and weight_decay, on a one-parameter stand-in for the model)."""
+
+        def is_int(v: Any, minimum: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+        for key in ("epochs", "batch_size", "eval_every"):
+            if not is_int(getattr(self, key), 1):
+                raise ConfigError(
+                    f"train.{key} must be a positive integer, got {getattr(self, key)!r}"
+                )
+        for key in ("min_steps", "crop_padding", "checkpoint_every", "step_size"):
+            if not is_int(getattr(self, key), 0):
+                raise ConfigError(
+                    f"train.{key} must be an integer >= 0, got {getattr(self, key)!r}"
+                )
+        for key in ("max_steps", "patience"):
+            v = getattr(self, key)
+            if v is not None and not is_int(v, 1):
+                raise ConfigError(f"train.{key} must be a positive integer or null, got {v!r}")
+        for key in ("gamma", "label_smoothing"):
+            v = getattr(self, key)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"train.{key} must be a finite number >= 0, got {v!r}")
+        if not self.label_smoothing < 1:
+            raise ConfigError(
+                f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
+        try:
+            make_schedule(make_optimizer(torch.nn.Linear(1, 1), self), 1, self, 1)
+        except ValueError as e:
+            raise ConfigError(f"train: {e}") from None
+        return self
+
 
 @dataclass
 class FitResult:
