@@ -8,6 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from fed_distill.cli import main
+from fed_distill.data.partition import list_partitions
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError, ProtocolError
 from fed_distill.federated.config import FedMDConfig, check_fedmd_config
@@ -171,18 +172,21 @@ def test_joint_labels_offset_private_classes_after_public_ones():
         joint_labels([1, 7], [1, 2], offset=10)
 
 
+QUICK_DATA = dict(
+    public="mnist5k",
+    public_classes=[0, 1, 2, 3, 4],
+    public_size=600,
+    public_val_size=100,
+    private="digits",
+    private_options={"image_size": 28},
+    private_classes=[5, 6, 7, 8, 9],
+    samples_per_class=3,
+    public_subset_size=200,
+)
+
+
 def test_quick_data_has_joint_labels_and_disjoint_balanced_parties():
-    c = FedMDConfig(
-        public="mnist5k",
-        public_classes=[0, 1, 2, 3, 4],
-        public_size=600,
-        public_val_size=100,
-        private="digits",
-        private_options={"image_size": 28},
-        private_classes=[5, 6, 7, 8, 9],
-        samples_per_class=3,
-        public_subset_size=200,
-    )
+    c = FedMDConfig(**QUICK_DATA)
     data = build_fedmd_data(c, num_parties=4, seed=0)
     assert (data.offset, data.num_outputs, data.num_private) == (5, 10, 5)
     assert data.public_names == ["0", "1", "2", "3", "4"]
@@ -200,6 +204,53 @@ def test_quick_data_has_joint_labels_and_disjoint_balanced_parties():
         build_fedmd_data(FedMDConfig(**{**c.__dict__, "public_subset_size": 600}), 4, 0)
     with pytest.raises(ConfigError, match="samples_per_class=200"):
         build_fedmd_data(FedMDConfig(**{**c.__dict__, "samples_per_class": 200}), 4, 0)
+
+
+# classes: the private classes 5..9 as the partition sees them, 0..4
+SPLIT_EXAMPLE = {"classes": {"classes": [[0, 1], [2, 3], [4, 0], [1, 2]]}}
+
+
+@pytest.mark.parametrize("partition", list_partitions())
+def test_private_data_from_any_registered_partition(partition):
+    """fedmd.partition=NAME (a split=NAME option): the parties share 3 x 5 x 4 private images,
+    partitioned by it with its split.* parameters; the test task is the balanced run's."""
+    c = FedMDConfig(**QUICK_DATA, partition=partition)
+    split = SPLIT_EXAMPLE.get(partition, {})
+    data = build_fedmd_data(c, num_parties=4, seed=0, split=split)
+    balanced = build_fedmd_data(FedMDConfig(**QUICK_DATA), num_parties=4, seed=0)
+    assert sum(len(y) for y in data.private_y) == 60 and all(len(y) for y in data.private_y)
+    assert set(torch.cat(data.private_y).tolist()) <= set(range(5, 10))
+    assert torch.equal(data.test_x, balanced.test_x) and torch.equal(data.test_y, balanced.test_y)
+    if partition != "noise":  # the parties' images are disjoint (no image owned twice)
+        flat = torch.cat(data.private_x).flatten(1)
+        assert len(torch.unique(flat, dim=0)) == len(flat)
+
+
+def test_noise_partition_makes_each_partys_private_images_its_own():
+    noisy = build_fedmd_data(FedMDConfig(**QUICK_DATA, partition="noise"), 4, 0, {"sigma": 0.4})
+    clean = build_fedmd_data(FedMDConfig(**QUICK_DATA, partition="iid"), 4, 0)
+    for p, (a, b) in enumerate(zip(noisy.private_x, clean.private_x, strict=True)):
+        assert torch.equal(a, b) == (p == 0)  # same images; party p's with std 0.4 * p / 4
+        assert torch.equal(noisy.private_y[p], clean.private_y[p])
+    info = noisy.summary()["party_info"]
+    stds = [i.get("features", {}).get("noise_std", 0.0) for i in info]
+    assert stds == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize(
+    "partition, split, match",
+    [
+        ("quantity", {"alpha": float("inf")}, "split.alpha must be > 0"),
+        ("noise", {"sigma": -1.0}, "split.sigma must be a finite number >= 0"),
+        ("classes", {"classes": [[0], [1]]}, "the split names 2 clients, but there are 4"),
+        ("classes", {"classes": [[0], [1], [2], [5]]}, "names class 5, but the dataset has"),
+        ("nope", {}, "fedmd.partition must be one of balanced, writer, subclass, classes"),
+    ],
+)
+def test_registered_partition_parameters_are_checked_for_fedmd(partition, split, match):
+    c = FedMDConfig(**QUICK_DATA, partition=partition, num_parties=4)
+    with pytest.raises(ConfigError, match=match):
+        check_fedmd_config(c, split)
 
 
 def test_unlabelled_public_images_join_alignment_only_and_exclude_party_images():

@@ -234,6 +234,30 @@ def test_oneshot_on_flower_simulation_equals_in_process(tmp_path):
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
 
 
+def test_oneshot_noise_split_on_flower_equals_in_process(tmp_path):
+    """split=noise: each Flower client adds its own noise (the features split.json records for
+    it) to its images, as in-process; its teacher and statistics come out the same."""
+    args = [*ONESHOT, "split=noise", "split.sigma=0.6", "split.num_clients=3"]
+    assert main(["oneshot", *args, f"run_dir={tmp_path / 'local'}"]) == 0
+    flower = run_flower("oneshot", [*args, f"run_dir={tmp_path / 'sim'}"], FlowerOptions())
+    local = _results(tmp_path / "local")
+    for key in ("teacher_acc", "ensemble_acc_by_method", "fedavg_acc", "student_acc"):
+        _close(local[key], flower[key], key)
+    split = json.loads((tmp_path / "sim" / "split.json").read_text())
+    stds = [c.get("features", {}).get("noise_std", 0.0) for c in split["clients"]]
+    assert stds == pytest.approx([0.0, 0.2, 0.4])
+    for i in range(3):
+        a, b = (
+            json.loads((tmp_path / d / "teachers" / f"metrics_teacher_{i}.json").read_text())
+            for d in ("local", "sim")
+        )
+        _close(a["local_test_acc"], b["local_test_acc"], f"teacher {i} local_test_acc")
+        _close(a["train_loss"], b["train_loss"], f"teacher {i} train_loss")
+        name = f"teachers/class_stats_{i}.safetensors"
+        a, b = read_weights(tmp_path / "local" / name), read_weights(tmp_path / "sim" / name)
+        assert all(torch.allclose(a[k], b[k]) for k in a)
+
+
 def test_oneshot_mixed_architectures_on_flower_equal_in_process(tmp_path):
     """Each client trains its own architecture, sends it with its weights; same numbers."""
     args = [*ONESHOT, "split.num_clients=3", "teachers.models=[cnn_small,resnet8]"]

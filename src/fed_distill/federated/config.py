@@ -15,6 +15,7 @@ Label space (``label_space``):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,10 @@ class FedMDConfig:
     private: str = "fashion_mnist"
     private_options: dict[str, Any] = field(default_factory=dict)
     private_classes: list[int] | None = None  # None = all; subclass: coarse (super)class ids
-    partition: str = "balanced"  # balanced | writer (one writer per party) | subclass
+    # balanced | writer (one writer per party) | subclass | any split=NAME partition (iid,
+    # dirichlet, quantity, noise, ...: samples_per_class x classes x parties images of the
+    # private classes, partitioned by it with its split.* parameters)
+    partition: str = "balanced"
     samples_per_class: int = 3  # per party and class (writer: minimum a writer must have)
     label_space: str = "joint"  # joint (public classes, then private ones) | shared
     data_dir: str | None = None
@@ -104,16 +108,18 @@ class FedMDConfig:
     checkpoint_every: int = 1
 
 
-def check_fedmd_config(c: FedMDConfig) -> None:
-    """Raise ConfigError (one line) for values no run can use; cheap, reads no data."""
+def check_fedmd_config(c: FedMDConfig, split: Mapping[str, Any] | None = None) -> None:
+    """Raise ConfigError (one line) for values no run can use; cheap, reads no data.
+    ``split``: the ``split`` config, whose keys parameterise a registered partition
+    (``fedmd.partition=noise split.sigma=0.3``)."""
     from fed_distill.errors import ConfigError
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(f"fedmd.{msg}")
 
+    private_split_params(c, split)  # the partition's own check, where it is a registered one
     for key, allowed in (
-        ("partition", PARTITIONS),
         ("aggregate", AGGREGATES),
         ("scores", SCORE_KINDS),
         ("digest_loss", DIGEST_LOSSES),
@@ -182,3 +188,47 @@ def check_fedmd_config(c: FedMDConfig) -> None:
         if classes is not None:
             need(len(classes) > 0, f"{key} must list at least one class (or be null for all)")
             need(len(set(classes)) == len(classes), f"{key} lists a class twice: {classes}")
+
+
+def private_split_params(
+    c: FedMDConfig, split: Mapping[str, Any] | None, parties: int | None = None
+) -> dict[str, Any] | None:
+    """For ``fedmd.partition`` naming a registered partition (``split=NAME``'s options; FedMD's
+    own are balanced, writer, subclass): its parameters from ``split`` (defaults filled in),
+    checked by the partition's own check for ``parties`` parties (default: the configured
+    ones) and the private classes, numbered 0..Q-1 as the partition sees them; None for
+    FedMD's own partitions."""
+    if c.partition in PARTITIONS:
+        return None
+    from fed_distill.data.partition import check_partition_params, list_partitions, own_params
+    from fed_distill.errors import ConfigError
+
+    if c.partition not in list_partitions():
+        raise ConfigError(
+            f"fedmd.partition must be one of {', '.join(PARTITIONS + tuple(list_partitions()))},"
+            f" got '{c.partition}'"
+        )
+    parties = parties or c.num_parties or len(c.parties)
+    num_classes = len(c.private_classes) if c.private_classes is not None else None
+    params, n = check_partition_params(
+        c.partition, own_params(c.partition, split or {}), parties, num_classes
+    )
+    if n != parties:
+        raise ConfigError(
+            f"fedmd.partition={c.partition}: the split names {n} clients, but there are"
+            f" {parties} parties"
+        )
+    return params
+
+
+def split_of(cfg: Any) -> dict[str, Any] | None:
+    """A run config's ``split`` node as a plain dict (None without one), for
+    :func:`private_split_params` and ``build_fedmd_data``."""
+    node = cfg.get("split")
+    if node is None:
+        return None
+    from omegaconf import DictConfig, OmegaConf
+
+    return (
+        OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    )

@@ -16,6 +16,12 @@ Private partitions (the paper's three):
   party ``i`` gets ``samples_per_class`` images of subclass ``i mod S`` of each superclass
   (``S`` subclasses per superclass) and is tested on the superclasses.
 
+Or any registered partition (``split=NAME``'s options: ``iid``, ``dirichlet``, ``quantity``,
+``noise``, ...) with its ``split.*`` parameters: a stratified pool of ``samples_per_class`` x
+``Q`` x parties images of the private classes is partitioned among the parties by it (it sees
+the private classes as 0..Q-1, in ``private_classes`` order); with a feature skew (``noise``)
+each party's private images carry its noise, the test task none.
+
 The private test task is every test image of the private classes (official test split). When
 the public and private datasets are the same files, the public pool excludes every image a party
 owns, so public and private data never overlap. Nothing here looks at the private test labels
@@ -24,16 +30,18 @@ except to build the test task.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from fed_distill.data.partition import apply_features
 from fed_distill.data.sources import Dataset, load_dataset
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError, DatasetError
-from fed_distill.federated.config import FedMDConfig
+from fed_distill.federated.config import FedMDConfig, private_split_params
 
 
 @dataclass
@@ -264,8 +272,54 @@ def _label_space(
     return pub_classes, priv_classes, pub_names, priv_names, offset, num_outputs
 
 
+def partition_registered(
+    c: FedMDConfig,
+    y: np.ndarray,
+    classes: list[int],
+    num_parties: int,
+    rng: np.random.Generator,
+    split: tuple[dict[str, Any], int],
+) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """``fedmd.partition`` naming a registered partition: a stratified pool of
+    ``samples_per_class`` x private classes x parties images (what ``balanced`` hands out in
+    all) partitioned among the parties by it; returns the indices and each party's features
+    (``split=noise``: its noise, applied to its private images only)."""
+    from fed_distill.data.partition import client_features, partition_indices
+
+    params, seed = split
+    eligible = np.flatnonzero(np.isin(y, classes))
+    size = c.samples_per_class * len(classes) * num_parties
+    if size > len(eligible):
+        raise ConfigError(
+            f"fedmd: the private classes have {len(eligible)} training images, but"
+            f" samples_per_class={c.samples_per_class} x {len(classes)} classes x {num_parties}"
+            f" parties needs {size}; lower fedmd.samples_per_class"
+        )
+    pool = eligible[stratified_subset(y[eligible], size, rng)]
+    # the partition sees the private task's classes as 0..Q-1 (split.classes numbers them so)
+    position = np.zeros(max(classes) + 1, dtype=np.int64)
+    position[classes] = np.arange(len(classes))
+    labels = position[y[pool]]
+    parts, _ = partition_indices(c.partition, labels, num_parties, rng, len(classes), params)
+    for p, ix in enumerate(parts):
+        if len(ix) == 0:
+            raise ConfigError(
+                f"fedmd: party {p} received no private images from partition={c.partition};"
+                " raise fedmd.samples_per_class (or split.min_size)"
+            )
+    features = [
+        client_features(c.partition, p, num_parties, seed, params) for p in range(num_parties)
+    ]
+    return [np.sort(pool[ix]) for ix in parts], features
+
+
 def _partition_private(
-    c: FedMDConfig, priv: Any, priv_classes: list[int], num_parties: int, rng: np.random.Generator
+    c: FedMDConfig,
+    priv: Any,
+    priv_classes: list[int],
+    num_parties: int,
+    rng: np.random.Generator,
+    split: tuple[dict[str, Any], int] | None,
 ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
     """Each party's private train indices (``fedmd.partition``) and what defines its share."""
     y_tr = priv.train_y.numpy()
@@ -285,7 +339,12 @@ def _partition_private(
         )
         for p, w in enumerate(ids):
             info[p]["writer"] = w
-    else:  # subclass
+    elif c.partition != "subclass":  # a registered partition (split=NAME's options)
+        parts, features = partition_registered(c, y_tr, priv_classes, num_parties, rng, split)
+        for p, f in enumerate(features):
+            if f:
+                info[p]["features"] = f
+    else:
         sub = priv.extras.get("train_fine")
         if sub is None:
             raise DatasetError(
@@ -351,8 +410,12 @@ def _public_pool(
     return train_ix, val_ix, public_y
 
 
-def build_fedmd_data(c: FedMDConfig, num_parties: int, seed: int) -> FedMDData:
-    """Load public and private datasets and assemble the FedMD data (deterministic per seed)."""
+def build_fedmd_data(
+    c: FedMDConfig, num_parties: int, seed: int, split: Mapping[str, Any] | None = None
+) -> FedMDData:
+    """Load public and private datasets and assemble the FedMD data (deterministic per seed).
+    ``split``: the ``split`` config, for ``fedmd.partition`` naming a registered partition."""
+    params = private_split_params(c, split, num_parties)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7331]))
     priv = _load(c.private, c.private_options, c)
     same_files = c.public == c.private and dict(c.public_options) == dict(c.private_options)
@@ -369,9 +432,13 @@ def build_fedmd_data(c: FedMDConfig, num_parties: int, seed: int) -> FedMDData:
     )
 
     # --- private data per party, then the test task
-    parts, info = _partition_private(c, priv, priv_classes, num_parties, rng)
+    own = None if params is None else (params, seed)
+    parts, info = _partition_private(c, priv, priv_classes, num_parties, rng, own)
     y_tr = priv.train_y.numpy()
-    private_x = [priv.train_x[torch.as_tensor(ix)] for ix in parts]
+    private_x = [
+        apply_features(info[p].get("features", {}), priv.train_x[torch.as_tensor(ix)], ix)
+        for p, ix in enumerate(parts)
+    ]
     private_y = [joint_labels(y_tr[ix], priv_classes, offset) for ix in parts]
     for p, y in enumerate(private_y):
         info[p]["num_samples"] = len(y)

@@ -21,7 +21,12 @@ import torch
 from omegaconf import DictConfig
 
 from fed_distill.artifacts import save_checkpoint
-from fed_distill.federated.config import FedMDConfig, check_fedmd_config
+from fed_distill.federated.config import (
+    FedMDConfig,
+    check_fedmd_config,
+    private_split_params,
+    split_of,
+)
 from fed_distill.federated.fedmd import (
     Party,
     build_party_model,
@@ -391,7 +396,8 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
 
     st = RunState(t_start=time.perf_counter())
     c: FedMDConfig = as_object(cfg.fedmd, FedMDConfig)
-    check_fedmd_config(c)
+    split = split_of(cfg)
+    check_fedmd_config(c, split)
     if c.data_dir is None and cfg.get("dataset") is not None and cfg.dataset.get("data_dir"):
         c.data_dir = str(cfg.dataset.data_dir)  # dataset.data_dir=DIR works here too
     device = resolve_device(str(cfg.device))
@@ -403,9 +409,13 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
     archs = party_architectures(c)
     # A finished run with the same settings is not redone; an interrupted one continues from
     # its checkpoint. force=true starts afresh.
-    fp = _fingerprint(
-        {"fedmd": {k: v for k, v in asdict(c).items() if k != "checkpoint_every"}, "seed": seed}
-    )
+    shaped: dict[str, Any] = {
+        "fedmd": {k: v for k, v in asdict(c).items() if k != "checkpoint_every"},
+        "seed": seed,
+    }
+    if (params := private_split_params(c, split)) is not None:  # only then: older runs keep theirs
+        shaped["split"] = params
+    fp = _fingerprint(shaped)
     ckpt_path = checkpoint_dir(run_dir) / "fedmd.safetensors"
     old = _finished(run_dir, fp, ckpt_path, bool(cfg.force))
     if old is not None:
@@ -413,7 +423,7 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(seed)
 
     t0 = time.perf_counter()
-    data = build_fedmd_data(c, len(archs), seed)
+    data = build_fedmd_data(c, len(archs), seed, split)
     st.stage_times["data"] = time.perf_counter() - t0
     names = [f"party {i} ({a})" for i, a in enumerate(archs)]
     run = FedMDRun(c, data, archs, names, device, seed, show, ckpt_path, {"fingerprint": fp})

@@ -82,7 +82,7 @@ def hello(msg: Message, context: Context) -> Message:
 def _fedmd(cfg_json: str):
     """(cfg, FedMDConfig, FedMDData, architectures, device) for this run, cached per process."""
     from fed_distill.config import as_object
-    from fed_distill.federated.config import FedMDConfig, check_fedmd_config
+    from fed_distill.federated.config import FedMDConfig, check_fedmd_config, split_of
     from fed_distill.federated.fedmd import party_architectures
     from fed_distill.federated.fedmd_data import build_fedmd_data
     from fed_distill.utils import resolve_device
@@ -90,11 +90,11 @@ def _fedmd(cfg_json: str):
     def build():
         cfg = cfg_from_json(cfg_json)
         c: FedMDConfig = as_object(cfg.fedmd, FedMDConfig)
-        check_fedmd_config(c)
+        check_fedmd_config(c, split_of(cfg))
         if c.data_dir is None and cfg.get("dataset") is not None and cfg.dataset.get("data_dir"):
             c.data_dir = str(cfg.dataset.data_dir)
         archs = party_architectures(c)
-        data = build_fedmd_data(c, len(archs), int(cfg.seed))
+        data = build_fedmd_data(c, len(archs), int(cfg.seed), split_of(cfg))
         return cfg, c, data, archs, resolve_device(str(cfg.device))
 
     return _cached(cfg_json, build)
@@ -263,6 +263,7 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
         val=arrays.pop("idx_val").tolist(),
         test=arrays.pop("idx_test").tolist(),
         train_class_counts=json.loads(str(conf["train_class_counts"])),
+        features=json.loads(str(conf.get("features", "{}"))),
     )
     spec = json.loads(str(conf["spec"]))
     info = data.info

@@ -149,6 +149,7 @@ def flower_train_teachers(
             dataset=split.dataset,
             dataset_options=split.dataset_options,
             train_class_counts=cl.train_class_counts,
+            features=cl.features,  # what makes its images its own (split=noise), as split.json says
             spec=architecture_record(archs[i]),
             num_threads=int(job["num_threads"]),
             **fault_options(faults, i, 0, train_timeout),

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from fed_distill.artifacts import save_json
 from fed_distill.config import as_object, to_container
 from fed_distill.errors import FlowerError, ProtocolError
-from fed_distill.federated.config import FedMDConfig, check_fedmd_config
+from fed_distill.federated.config import FedMDConfig, check_fedmd_config, split_of
 from fed_distill.federated.fedmd import party_architectures, restricted_accuracy
 from fed_distill.federated.fedmd_data import build_fedmd_data
 from fed_distill.federated.fedmd_results import plot_fedmd, summary_table
@@ -231,7 +231,7 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = cfg_from_json(job["cfg"])
     c: FedMDConfig = as_object(cfg.fedmd, FedMDConfig)
-    check_fedmd_config(c)
+    check_fedmd_config(c, split_of(cfg))
     if c.data_dir is None and cfg.get("dataset") is not None and cfg.dataset.get("data_dir"):
         c.data_dir = str(cfg.dataset.data_dir)
     seed = int(cfg.seed)
@@ -244,7 +244,7 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
     # The server draws the public subsets (needs the public labels) and scores the ensemble
     # diagnostic (needs the test labels); the same deterministic build as every client's.
     t0 = time.perf_counter()
-    data = build_fedmd_data(c, n, seed)
+    data = build_fedmd_data(c, n, seed, split_of(cfg))
     stage_times["data"] = time.perf_counter() - t0
     ex = connect(grid, n, names, float(job["wait_nodes_s"]), float(job["train_timeout"]))
     say(f"fedmd '{c.name}' on Flower ({job['runner']}): {n} parties connected")
