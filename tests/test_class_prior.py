@@ -169,3 +169,28 @@ def test_pixel_prior_without_the_clients_statistics_is_one_line(digits):
         )
     with pytest.raises(ConfigError, match="pixel_scale must be >= 0"):
         SynthesisConfig(pixel_scale=-1.0).validate()
+
+
+def test_competition_among_the_classes_a_teacher_knows(digits):
+    """comp_known: teacher t's competition with the student is the JS divergence term of both
+    softmaxes masked to the classes t holds class_stats_min images of, on the plain and the
+    grouped (parallel) path alike."""
+    from fed_distill.synthesis.losses import competition_loss, masked_logits
+
+    ds, norm = digits
+    teacher = _teacher(ds, norm)
+    student = build_model("cnn_small", 10, 1, 8, width=4).eval()
+    counts = torch.tensor([[100, 100, 100, 10, 0, 0, 0, 0, 0, 0]] * 2).numpy()
+    g = torch.Generator().manual_seed(0)
+    logits, s_logits = torch.randn(5, 10, generator=g), torch.randn(5, 10, generator=g)
+    known = torch.tensor([True] * 3 + [False] * 7)  # 10 images of class 3 < class_stats_min 50
+    want = competition_loss(masked_logits(logits, known), masked_logits(s_logits, known), 3.0)
+    cfg = SynthesisConfig(batch_size=8, iterations=2, comp_known=True)
+    synth = build_synthesizer(cfg, [teacher] * 2, counts, (1, 8, 8), norm, False, "cpu", 0)
+    assert float(synth._comp(logits, s_logits, 1)) == pytest.approx(float(want), rel=1e-6)
+    plain = float(competition_loss(logits, s_logits, 3.0))
+    assert float(SynthesisConfig().comp_known) == 0 and plain != pytest.approx(float(want))
+    batch = synth.synthesize(student)  # an adaptive batch runs with the term
+    assert "loss_comp" in batch.stats
+    with pytest.raises(ConfigError, match="comp_known applies to mode=cycling"):
+        SynthesisConfig(mode="ensemble", comp_known=True).validate()

@@ -47,6 +47,10 @@ class SynthesisConfig:
     bn_scale: float = 3.0  # weight of the BatchNorm-statistics matching term
     first_bn_multiplier: float = 1.0  # extra weight on the first BN layer (1 = none)
     comp_scale: float = 10.0  # Adaptive DI competition term; only used when a student is given
+    # cycling: the competition term compares the teacher and the student among the classes the
+    # teacher holds `class_stats_min` images of or more (its softmax and the student's masked
+    # to them), so a teacher is not matched against the student on classes it never learnt
+    comp_known: bool = False
     temperature: float = 3.0  # softmax temperature of the competition (JS) term
     jitter: int = 2  # max random roll in pixels, both axes
     flip: bool | None = None  # random horizontal flip; None = the dataset's default
@@ -198,6 +202,8 @@ class SynthesisConfig:
         pixels = self.method == "deepinversion" and self.mode == "cycling" and not self.parallel
         if self.div_scale > 0 and not pixels:
             raise bad("div_scale applies to method=deepinversion, mode=cycling, parallel=false")
+        if self.comp_known and self.mode != "cycling":
+            raise bad("comp_known applies to mode=cycling")
         if self.class_weighted_ce and self.mode == "ensemble":
             # Ensemble CE is on the mean logits: there is no per-teacher term to weight.
             raise bad("class_weighted_ce applies to mode=cycling or sampling, not ensemble")

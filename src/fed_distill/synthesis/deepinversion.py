@@ -126,6 +126,8 @@ class DeepInversion(TeacherSynthesizer):
         self._owned_dev = self.owned.to(self.device)
         self._owned_f_dev = self._owned_dev.float()
         self._union_dev = self._owned_dev.any(dim=0)
+        # synthesis.comp_known: the classes each teacher holds class_stats_min images of or more
+        self._known_dev = (counts >= max(1, cfg.class_stats_min)).to(self.device)
         self._zero = torch.zeros((), device=self.device)  # an absent term
         self.low, self.high = self.normalizer.bounds(self.device)
         # successive calls continue self.generator's stream (different batches, reproducible)
@@ -385,7 +387,7 @@ class DeepInversion(TeacherSynthesizer):
             logits = self._teacher_logits(t, xj)
             ce = self._ce(t, logits, y)
             bn = hooks[t].loss(cfg.first_bn_multiplier).reshape(()) if t in hooks else self._zero
-            comp = self._comp(logits, s_logits)
+            comp = self._comp(logits, s_logits, t)
         tv = total_variation(x)
         l2 = l2_prior(x)
         loss = ce + cfg.bn_scale * bn + cfg.var_scale * tv + cfg.l2_scale * l2
@@ -415,9 +417,15 @@ class DeepInversion(TeacherSynthesizer):
         assert self._capture.features is not None
         self.bank.add(t, self._capture.features, y)
 
-    def _comp(self, logits: torch.Tensor, s_logits: torch.Tensor | None) -> torch.Tensor:
+    def _comp(
+        self, logits: torch.Tensor, s_logits: torch.Tensor | None, t: int | None = None
+    ) -> torch.Tensor:
         if s_logits is None:
             return self._zero
+        if t is not None and self.cfg.comp_known:
+            # teacher t's disagreement with the student among the classes it knows only
+            known = self._known_dev[t]
+            logits, s_logits = masked_logits(logits, known), masked_logits(s_logits, known)
         return competition_loss(logits, s_logits, self.cfg.temperature)
 
     def _sampling_terms(
@@ -581,8 +589,6 @@ class DeepInversion(TeacherSynthesizer):
             # The student in eval mode treats every image on its own, so one forward over the
             # T·N images is T separate ones.
             s_logits = student(xj.reshape(n_t * n, *xj.shape[2:])).view(n_t, n, -1)
-            comp = torch.stack(
-                [competition_loss(logits[t], s_logits[t], cfg.temperature) for t in range(n_t)]
-            )
+            comp = torch.stack([self._comp(logits[t], s_logits[t], t) for t in range(n_t)])
             per_batch = per_batch + cfg.comp_scale * comp
         return per_batch, [ce, bn, tv, l2, comp]
