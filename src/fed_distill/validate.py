@@ -57,7 +57,11 @@ def validate_config(stage: str, cfg: DictConfig) -> None:
         from fed_distill.synthesis.config import SynthesisConfig
         from fed_distill.train.student_config import StudentConfig
 
-        as_object(cfg.synthesis, SynthesisConfig).validate(_num_teachers(cfg, stage))
+        synth = as_object(cfg.synthesis, SynthesisConfig).validate(_num_teachers(cfg, stage))
+        if "train" in groups:  # the stage trains the teachers: their upload must serve synthesis
+            from fed_distill.config import UploadConfig
+
+            synth.check_upload(as_object(cfg.upload, UploadConfig))
         scfg = as_object(cfg.student, StudentConfig).validate()
         if scfg.model and info is not None:
             _check_model(scfg.model, dict(scfg.model_kwargs), info, "student.model")

@@ -8,6 +8,7 @@ start-up. The defaults of :class:`SynthesisConfig` are the ``cpu`` preset; the Y
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fed_distill.errors import ConfigError
 
@@ -126,6 +127,16 @@ class SynthesisConfig:
     public_dataset: str = "mnist5k"
     public_data_dir: str | None = None  # None = the usual lookup (see `fed-distill data info`)
     public_limit: int | None = None  # use at most this many public images (None = all)
+
+    def check_upload(self, upload: Any) -> None:
+        """Raise ConfigError (one line) where this synthesis needs statistics the clients'
+        ``upload`` config (``fed_distill.config.UploadConfig``) does not send."""
+        if self.pixel_scale > 0 and not (upload.class_stats and upload.pixels):
+            raise ConfigError(
+                f"synthesis.pixel_scale={self.pixel_scale} needs the clients' pixel statistics:"
+                " add upload.pixels=true (docs/class_stats.md says what they reveal) or set"
+                " synthesis.pixel_scale=0"
+            )
 
     def validate(self, num_available: int | None = None) -> SynthesisConfig:
         """Raise ConfigError (one line) on a bad value; ``num_available`` = teachers at hand."""

@@ -294,8 +294,8 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
         # per-class BN input statistics on the client's labelled images (class_stats.py)
         t0 = time.perf_counter()
         norm = Normalizer(info.mean, info.std)
-        features = bool(upload.get("features", False))
-        stats = client_class_stats(model, data, part, norm, device, features)
+        features, pixels = bool(upload.get("features", False)), bool(upload.get("pixels", False))
+        stats = client_class_stats(model, data, part, norm, device, features, pixels)
         metrics["class_stats_s"] = time.perf_counter() - t0
         weights.update({f"{CLASS_STATS_PREFIX}{k}": v for k, v in stats.items()})
     kind, sleep_s = _fault(msg)
