@@ -12,7 +12,11 @@ what the synthetic images cost.
 
 With ``--pool`` the transfer set is instead the run's final synthetic pool
 (``student/dataset.pt``), the first ``--images`` of it: a fresh student on the same number of
-real and synthetic images tells whether the synthetic images lack in number or in kind.
+real and synthetic images tells whether the synthetic images lack in number or in kind. With
+``--pool --swap-real C ...`` the pool's images made for classes C are replaced by as many real
+training images of those classes (labelled by the teachers like the rest): whether the classes
+the student loses are short of the right *images* or of something else. The final per-class
+accuracies of the student are printed beside the ensemble's.
 
 The teachers' soft labels are computed once on the images (no augmentation; with
 ``--jitter J`` every batch is rolled by up to J pixels, as in the student loop, and labelled
@@ -52,6 +56,38 @@ def sharpen(q: torch.Tensor, s: float) -> torch.Tensor:
     return q.clamp_min(1e-12).log().div(s).softmax(dim=1)  # q^(1/s) / sum, without overflow
 
 
+def swap_real(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[int],
+    data,
+    norm: Normalizer,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """``images`` with those made for ``classes`` replaced by real training images of the same
+    classes, one for one (normalised like the pool)."""
+    out = images.clone()
+    for c in classes:
+        slots = (labels == c).nonzero().flatten()
+        real = (data.train_y == c).nonzero().flatten()
+        pick = real[torch.randperm(len(real), generator=gen)[: len(slots)]]
+        out[slots[: len(pick)]] = norm(data.train_x[pick])
+        print(f"class {c}: {len(pick)} of {len(slots)} pool images replaced by real ones")
+    return out
+
+
+def print_class_accuracy(student, teachers, shares, data, norm: Normalizer) -> None:
+    """The student's and the ensemble's test accuracy per class, one line each."""
+    y = data.test_y
+    s_pred = predict_logits(student, data.test_x, norm, "cpu").argmax(1)
+    t_logits = torch.stack([predict_logits(t, data.test_x, norm, "cpu") for t in teachers])
+    e_pred = ensemble_probs(t_logits, "weighted", shares).argmax(1)
+    k = shares.shape[1]
+    for name, pred in (("student", s_pred), ("ensemble", e_pred)):
+        accs = [100 * float((pred[y == c] == c).float().mean()) for c in range(k)]
+        print(f"  per class, {name:8s}: " + " ".join(f"{a:5.1f}" for a in accs), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -62,6 +98,15 @@ def main() -> int:
         "--pool",
         action="store_true",
         help="distil on the run's synthetic pool (student/dataset.pt) instead of real images",
+    )
+    ap.add_argument(
+        "--swap-real",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="CLASS",
+        help="with --pool: replace the pool's images of these intended classes by as many real"
+        " training images of them",
     )
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.1])
@@ -86,6 +131,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.jitter < 0:
         ap.error(f"--jitter must be >= 0, got {args.jitter}")
+    if args.swap_real and not args.pool:
+        ap.error("--swap-real replaces images of the synthetic pool: add --pool")
     if any(s < 0 for s in args.sharpen):
         ap.error("--sharpen values must be >= 0 (1 = soft labels as they are, 0 = one-hot argmax)")
 
@@ -109,11 +156,17 @@ def main() -> int:
         shape = (spec.in_channels, spec.image_size, spec.image_size)
         try:
             state = load_tensors(run / "student" / "dataset.pt", "synthetic dataset")
-            images, _ = SyntheticPool.from_state(state, shape, spec.num_classes).tensors()
+            images, labels = SyntheticPool.from_state(state, shape, spec.num_classes).tensors()
         except FedDistillError as e:
             print(f"error: {e}; run `fed-distill train-student` there first", file=sys.stderr)
             return 2
-        x = images[: args.images].contiguous(memory_format=torch.channels_last)
+        images, labels = images[: args.images], labels[: args.images]
+        bad = [c for c in args.swap_real if not 0 <= c < spec.num_classes]
+        if bad:
+            ap.error(f"--swap-real: classes {bad} are not in 0..{spec.num_classes - 1}")
+        if args.swap_real:
+            images = swap_real(images, labels, args.swap_real, data, norm, gen)
+        x = images.contiguous(memory_format=torch.channels_last)
     else:
         pick = torch.randperm(len(data.train_y), generator=gen)[: args.images]
         x = norm(data.train_x[pick]).contiguous(memory_format=torch.channels_last)
@@ -158,6 +211,7 @@ def main() -> int:
         rows.append(
             [temp, lr, sharp, *(f"{100 * a:.2f}" for a in accs), f"{time.perf_counter() - t0:.0f}"]
         )
+        print_class_accuracy(student, teachers, shares, data, norm)
         print(f"T={temp} lr={lr} sharpen={sharp}: {', '.join(rows[-1][3:-1])} %", flush=True)
     print(
         format_table(
