@@ -241,7 +241,7 @@ def test_oneshot_noise_split_on_flower_equals_in_process(tmp_path):
     assert main(["oneshot", *args, f"run_dir={tmp_path / 'local'}"]) == 0
     flower = run_flower("oneshot", [*args, f"run_dir={tmp_path / 'sim'}"], FlowerOptions())
     local = _results(tmp_path / "local")
-    for key in ("teacher_acc", "ensemble_acc_by_method", "fedavg_acc", "student_acc"):
+    for key in ("teacher_acc", "teacher_local_acc", "ensemble_acc_by_method", "student_acc"):
         _close(local[key], flower[key], key)
     split = json.loads((tmp_path / "sim" / "split.json").read_text())
     stds = [c.get("features", {}).get("noise_std", 0.0) for c in split["clients"]]
@@ -252,6 +252,8 @@ def test_oneshot_noise_split_on_flower_equals_in_process(tmp_path):
             for d in ("local", "sim")
         )
         _close(a["local_test_acc"], b["local_test_acc"], f"teacher {i} local_test_acc")
+        # results.json scores each teacher's local test part as its client holds it (noisy)
+        _close(local["teacher_local_acc"][i], a["local_test_acc"], f"teacher {i} local")
         _close(a["train_loss"], b["train_loss"], f"teacher {i} train_loss")
         name = f"teachers/class_stats_{i}.safetensors"
         a, b = read_weights(tmp_path / "local" / name), read_weights(tmp_path / "sim" / name)

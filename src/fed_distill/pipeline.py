@@ -406,6 +406,31 @@ def load_teacher_class_stats(
     return stats  # type: ignore[return-value]
 
 
+def local_test_accuracy(
+    model: torch.nn.Module,
+    data: Dataset,
+    client: Any,
+    norm: Normalizer,
+    device: torch.device | str,
+) -> float:
+    """``model``'s accuracy on the client's local test part, as the client holds it."""
+    te = torch.as_tensor(client.test, dtype=torch.long)
+    return evaluate(
+        model, client_images(client, data.test_x, te, "test"), data.test_y[te], norm, device
+    )
+
+
+def held_local_accuracy(
+    accs: list[float], teachers: list[torch.nn.Module], split: Split, data: Dataset, *on: Any
+) -> None:
+    """In ``accs`` (each teacher's accuracy on its client's local test part, taken from the
+    official test images), those of clients whose images carry a feature skew (``split=noise``)
+    measured on the part as the client holds it instead; ``on``: normaliser, device."""
+    for i, c in enumerate(split.clients[: len(teachers)]):
+        if c.features:
+            accs[i] = local_test_accuracy(teachers[i], data, c, *on)
+
+
 def train_teacher(
     model: torch.nn.Module,
     data: Dataset,
@@ -455,9 +480,7 @@ def train_teacher(
         **res.history,
         "best_epoch": res.best_epoch,
         "best_val_acc": res.best_val_acc,
-        "local_test_acc": evaluate(
-            model, client_images(client, data.test_x, te, "test"), data.test_y[te], norm, device
-        ),
+        "local_test_acc": local_test_accuracy(model, data, client, norm, device),
         "test_acc": evaluate(model, data.test_x, data.test_y, norm, device),
         "num_train": len(client.train),
         "train_class_counts": client.train_class_counts,

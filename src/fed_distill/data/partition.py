@@ -13,6 +13,7 @@ client's images.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ __all__ = [
     "check_split_params",
     "client_features",
     "client_images",
+    "clients_images",
     "get_partition",
     "list_partitions",
     "load_split",
@@ -217,6 +219,11 @@ def client_images(
     reaches the teacher, its class statistics and its local test, never the official test set."""
     index = torch.as_tensor(index, dtype=torch.long)
     return apply_features(client.features, source[index], index, part)
+
+
+def clients_images(clients: Sequence[ClientSplit], source: torch.Tensor) -> torch.Tensor:
+    """The train and val images of ``clients``, client after client, as they hold them."""
+    return torch.cat([client_images(c, source, c.train + c.val) for c in clients])
 
 
 def make_split(

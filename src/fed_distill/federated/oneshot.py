@@ -31,7 +31,7 @@ from fed_distill.artifacts import (
     tensors_digest,
 )
 from fed_distill.config import as_object, to_container
-from fed_distill.data.partition import Split
+from fed_distill.data.partition import Split, clients_images
 from fed_distill.data.sources import Dataset
 from fed_distill.data.transforms import Normalizer
 from fed_distill.ensemble import class_shares
@@ -44,6 +44,7 @@ from fed_distill.pipeline import (
     _fingerprint,
     checkpoint_dir,
     format_table,
+    held_local_accuracy,
     load_split_and_data,
     load_teacher_class_stats,
     load_teachers,
@@ -413,7 +414,8 @@ def _server_data(
         )
     t = torch.as_tensor(idx, dtype=torch.long)
     print(f"server holds {len(idx)} real images of its own")
-    return ctx.data.train_x[t], ctx.data.train_y[t]
+    x = clients_images(ctx.split.clients[ctx.split.num_teachers :], ctx.data.train_x)  # as held
+    return x, ctx.data.train_y[t]
 
 
 def _save_student(
@@ -496,6 +498,7 @@ def evaluate_oneshot(
     fedavg = None if ctx.spec.mixed else fedavg_model(ctx)
     test = (ctx.data.test_x, ctx.data.test_y, ctx.normalizer, ctx.device)
     out = per_class.evaluate_on_test(ctx.teachers, local, fedavg, student, *test, method, shares)
+    held_local_accuracy(out["teacher_local_acc"], ctx.teachers, ctx.split, ctx.data, *test[2:])
     out["class_names"] = list(ctx.data.info.class_names)
     if ctx.spec.mixed:
         out["fedavg_note"] = f"not applicable: {FEDAVG_MIXED_NOTE}"
