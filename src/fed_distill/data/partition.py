@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from fed_distill.artifacts import load_json, save_json
-from fed_distill.data import strategies  # noqa: F401 - the built-in partitions register here
 from fed_distill.data.partition_registry import (
     COMMON_KEYS,
     check_partition_params,
@@ -32,6 +31,10 @@ from fed_distill.data.partition_registry import (
     own_params,
     register_partition,
     split_kwargs,
+)
+from fed_distill.data.strategies import (  # importing it registers the built-in partitions
+    deal,
+    sorted_parts,
 )
 from fed_distill.errors import SplitError
 
@@ -143,9 +146,8 @@ def split_test_like(
         if total == 0 or len(idx) == 0:
             continue
         cuts = np.round(np.cumsum(train_counts[:, k]) / total * len(idx)).astype(int)[:-1]
-        for q, chunk in zip(parts, np.split(idx, cuts), strict=True):
-            q.extend(chunk.tolist())
-    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+        deal(parts, idx, cuts)
+    return sorted_parts(parts)
 
 
 def hold_out_val(

@@ -53,6 +53,22 @@ def _min_size_fits(min_size: int, num_clients: int, n: int) -> None:
         )
 
 
+def share_cuts(p: np.ndarray, n: int) -> np.ndarray:
+    """Where to cut ``n`` indices so that client i gets the fraction ``p[i]`` of them."""
+    return (np.cumsum(p) * n).astype(int)[:-1]
+
+
+def deal(parts: list[list[int]], idx: np.ndarray, cuts: np.ndarray) -> None:
+    """Hand the consecutive chunks of ``idx`` between ``cuts`` to ``parts``, in order."""
+    for q, chunk in zip(parts, np.split(idx, cuts), strict=True):
+        q.extend(chunk.tolist())
+
+
+def sorted_parts(parts: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Each client's indices as a sorted int64 array (what every partition returns)."""
+    return [np.sort(np.array(q, dtype=np.int64)) for q in parts]
+
+
 def _no_draw(what: str, alpha: float, min_size: int) -> SplitError:
     return SplitError(
         f"no {what}(alpha={alpha}) split gave every client >= {min_size} samples in"
@@ -89,11 +105,9 @@ def split_dirichlet(
             if p.sum() <= 0:
                 p = np.full(num_clients, 1.0 / num_clients)
             p = p / p.sum()
-            cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
-            for q, chunk in zip(parts, np.split(idx, cuts), strict=True):
-                q.extend(chunk.tolist())
+            deal(parts, idx, share_cuts(p, len(idx)))
         if min(len(q) for q in parts) >= min_size:
-            return [np.sort(np.array(q, dtype=np.int64)) for q in parts]
+            return sorted_parts(parts)
     raise _no_draw("Dirichlet", alpha, min_size)
 
 
@@ -114,7 +128,7 @@ def split_quantity(
     by_class = [rng.permutation(np.flatnonzero(labels == k)) for k in range(num_classes)]
     for _ in range(MAX_TRIES):
         p = rng.dirichlet(np.full(num_clients, alpha))
-        cuts = [(np.cumsum(p) * len(idx)).astype(int)[:-1] for idx in by_class]
+        cuts = [share_cuts(p, len(idx)) for idx in by_class]
         sizes = sum(
             np.diff(np.concatenate([[0], c, [len(idx)]]))
             for c, idx in zip(cuts, by_class, strict=True)
@@ -122,9 +136,8 @@ def split_quantity(
         if min(sizes) >= min_size:
             parts: list[list[int]] = [[] for _ in range(num_clients)]
             for idx, c in zip(by_class, cuts, strict=True):
-                for q, chunk in zip(parts, np.split(idx, c), strict=True):
-                    q.extend(chunk.tolist())
-            return [np.sort(np.array(q, dtype=np.int64)) for q in parts]
+                deal(parts, idx, c)
+            return sorted_parts(parts)
     raise _no_draw("quantity Dirichlet", alpha, min_size)
 
 
@@ -162,7 +175,7 @@ def split_by_classes(
         idx = rng.permutation(np.flatnonzero(labels == k))
         for i, chunk in zip(owners, np.array_split(idx, len(owners)), strict=True):
             parts[i].extend(chunk.tolist())
-    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+    return sorted_parts(parts)
 
 
 def _check_shards(params: Mapping[str, Any], num_clients: Any, num_classes: int | None) -> None:
