@@ -72,8 +72,16 @@ def first_time_at(curve: dict, target: float, key: str) -> float | None:
     return None
 
 
-def prepare_teachers(base: Path, alpha: float, seed: int, teachers_from: Path | None) -> Path:
-    """split.json + teachers/ for this alpha (trained once, or copied from an earlier run)."""
+def prepare_teachers(
+    base: Path,
+    alpha: float,
+    seed: int,
+    teachers_from: Path | None,
+    dataset: str = "fashion_mnist",
+    extra: tuple[str, ...] = (),
+) -> Path:
+    """split.json + teachers/ for this alpha (trained once, or copied from an earlier run);
+    ``extra`` overrides (e.g. ``device=cuda``) go to both stages."""
     src = base / f"alpha{alpha}" / "_teachers"
     if teachers_from is not None:
         s = teachers_from / f"alpha{alpha}"
@@ -82,12 +90,13 @@ def prepare_teachers(base: Path, alpha: float, seed: int, teachers_from: Path | 
             shutil.copy2(s / "split.json", src / "split.json")
             shutil.copytree(s / "teachers", src / "teachers", dirs_exist_ok=True)
     common = [
-        "dataset=fashion_mnist",
+        f"dataset={dataset}",
         "split=dirichlet",
         f"split.alpha={alpha}",
         "split.num_clients=5",
         f"seed={seed}",
         f"run_dir={src}",
+        *extra,
     ]
     if not (src / "split.json").is_file():
         run_stage("split", common)
@@ -103,6 +112,7 @@ def run_one(
     seed: int,
     extra: list[str],
     keep: bool = False,
+    dataset: str = "fashion_mnist",
 ):
     """``fed-distill oneshot`` on a copy of ``src``'s teachers in ``run_dir`` (made afresh, or
     with ``keep`` an existing one continued: the student resumes from its checkpoint)."""
@@ -113,7 +123,7 @@ def run_one(
         shutil.copy2(src / "split.json", run_dir / "split.json")
         shutil.copytree(src / "teachers", run_dir / "teachers")
     overrides = [
-        "dataset=fashion_mnist",
+        f"dataset={dataset}",
         "split=dirichlet",
         f"split.alpha={alpha}",
         "split.num_clients=5",

@@ -95,6 +95,40 @@ def test_presets_bring_their_student_and_an_explicit_student_wins():
     assert compose_config([]).synthesis.method == "deepinversion"
 
 
+def test_dense_with_ensemble_weighted_distils_the_class_share_ensemble():
+    assert compose_config(["synthesis=dense"]).student.ensemble == "logits"  # published
+    cfg = compose_config(["synthesis=dense", "synthesis.ensemble=weighted"])
+    assert cfg.synthesis.ensemble == cfg.student.ensemble == "weighted"  # one key, both ends
+    explicit = ["synthesis=dense", "synthesis.ensemble=weighted", "student.ensemble=logits"]
+    assert compose_config(explicit).student.ensemble == "logits"  # an explicit key wins
+
+
+@pytest.mark.parametrize("rule", ["logits", "weighted"])
+def test_dense_ce_aims_at_its_ensemble_rule(rule):
+    # two classes; teacher 0 holds 3/4 of class 0, teacher 1 3/4 of class 1
+    a, b = _Reader([0, 1]), _Reader([1, 0])
+    cfg = SynthesisConfig(method="dense", batch_size=4, bn_scale=0.0, ensemble=rule)
+    counts = np.array([[3, 1], [1, 3]])
+    synth = build_synthesizer(cfg, [a, b], counts, (1, 1, 2), NORM, False, "cpu", seed=0)
+    x = torch.tensor([[[[0.3, 0.1]]], [[[0.0, 0.2]]]])
+    y = torch.tensor([0, 1])
+    _, ce, bn, adv = synth._terms(x, y, None, [])
+    za = 10 * x[:, 0, 0, :].numpy()
+    zb = za[:, ::-1]  # teacher 1 reads the classes swapped
+
+    def softmax(z):
+        return np.exp(z) / np.exp(z).sum(1, keepdims=True)
+
+    if rule == "logits":
+        p = softmax((za + zb) / 2)
+    else:
+        q = softmax(za) * [0.75, 0.25] + softmax(zb) * [0.25, 0.75]
+        p = q / q.sum(1, keepdims=True)
+    expect = -np.log(p[[0, 1], [0, 1]]).mean()
+    assert ce.item() == pytest.approx(expect, rel=1e-5)
+    assert bn.item() == adv.item() == 0.0
+
+
 @pytest.mark.parametrize(
     "make,match",
     [
@@ -237,23 +271,63 @@ def test_peers_benchmark_rows_report_final_best_and_time_to_reach(benchmark_modu
     }
     runs["dense"]["results"]["class_acc"] = {"student": [0.9, 0.4], "ensemble": [0.95, 0.8]}
     runs["dense"]["results"]["class_names"] = ["Coat", "Shirt"]
-    rows = {r[1]: r for r in peers.rows_for(0.5, runs)}
-    assert rows["dense"][4] == "65.00" and rows["dense"][6:8] == ["75.00", "30.0"]  # best, min
-    assert rows["dense"][5] == "40.0 (Shirt)"  # the worst class gap beside the final accuracy
-    assert rows["default"][5] == "—"  # results without per-class figures
-    assert rows["dense"][9] == "2.0 (0.07 of its time)"  # the default passed 65 % at 2 min
-    assert rows["default"][9] == "—" and rows["default"][2] == "yes"
+    runs["dense"]["results"]["ensemble_acc_by_method"] = {"logits": 0.7, "weighted": 0.8}
+    rows = {r[2]: r for r in peers.rows_for(0.5, runs, seed=1)}
+    assert rows["dense"][:2] == [0.5, 1]
+    assert rows["dense"][5] == "65.00" and rows["dense"][7:9] == ["75.00", "30.0"]  # best, min
+    assert rows["dense"][6] == "40.0 (Shirt)"  # the worst class gap beside the final accuracy
+    assert rows["default"][6] == "—"  # results without per-class figures
+    assert rows["dense"][10] == "0.812"  # 65 % of the class-share ensemble's 80 %
+    assert rows["default"][10] == "0.889"  # no per-rule figures: its own ensemble (90 %)
+    assert rows["dense"][11] == "2.0 (0.07 of its time)"  # the default passed 65 % at 2 min
+    assert rows["default"][11] == "—" and rows["default"][3] == "yes"
+    other = {r[2]: r for r in peers.rows_for(0.5, {"dense": run([0.7, 0.75], [5, 10])}, seed=2)}
+    means = {r[1]: r for r in peers.mean_rows([rows["dense"], other["dense"]])}
+    # (65 + 75) / 2 final, (75 + 75) / 2 best, (30 + 10) / 2 min, (0.812 + 0.833) / 2 share
+    assert means["dense"] == [0.5, "dense", 2, "70.00", "75.00", "20.0", "0.823"]
 
 
-@pytest.mark.parametrize("method", [pytest.param("dense", marks=pytest.mark.slow), "coboost"])
+@pytest.mark.slow
+def test_peers_benchmark_passes_the_device_to_every_stage(benchmark_module, tmp_path):
+    peers = benchmark_module("peers")
+    small = ["train.epochs=2", "train.min_steps=20", "synthesis.iterations=2"]
+    small += ["synthesis.batch_size=32", "synthesis.ngf=8"]
+    args = ["--dataset", "digits", "--rounds", "1", "--default-epochs", "1", "--seeds", "3"]
+    args += ["--only", "default", "dense/weighted", "--out", str(tmp_path / "out")]
+    args += ["--figures", str(tmp_path / "fig")]
+    if not torch.cuda.is_available():  # the teachers' stage is the first to place a model
+        with pytest.raises(ConfigError, match="device=cuda was asked for"):
+            peers.main([*args, "--device", "cuda", "--", *small])
+    assert peers.main([*args, "--device", "cpu", "--", *small]) == 0
+    base = tmp_path / "out" / "seed3" / "alpha0.5"
+    for slug, rule in (("default", "weighted"), ("dense_weighted", "weighted")):
+        r = json.loads((base / slug / "results.json").read_text())
+        assert r["config"]["device"] == "cpu" and r["config"]["seed"] == 3  # not "auto"
+        assert r["config"]["dataset"]["name"] == "digits" and r["ensemble_method"] == rule
+    assert len(json.loads((base / "dense_weighted.json").read_text())["curve"]["test_acc"]) == 1
+    assert (tmp_path / "fig" / "peers_digits_alpha0.5_seed3.png").is_file()
+    table = (tmp_path / "out" / "table.txt").read_text()
+    assert "dense/weighted" in table and "mean over seeds" in table
+
+
+@pytest.mark.parametrize(
+    "method,rule",
+    [
+        pytest.param("dense", "logits", marks=pytest.mark.slow),
+        pytest.param("dense", "weighted", marks=pytest.mark.slow),
+        ("coboost", "logits"),
+    ],
+)
 def test_oneshot_with_a_peer_records_every_round_and_the_best_selected_on_test(
-    cli, tmp_path, method
+    cli, tmp_path, method, rule
 ):
     small = "synthesis.batch_size=32 synthesis.iterations=3 synthesis.ngf=8 student.epochs=2"
+    small += f" synthesis.ensemble={rule}"
     data = f"dataset=digits split=iid split.num_clients=2 seed=1 run_dir={tmp_path}"
     code, _, err = cli("oneshot", *data.split(), *FAST_TRAIN, f"synthesis={method}", *small.split())
     assert code == 0, err
     r = json.loads((tmp_path / "results.json").read_text())
+    assert r["ensemble_method"] == r["config"]["student"]["ensemble"] == rule
     curve = r["student_curve"]
     assert len(curve["test_acc"]) == len(curve["elapsed_s"]) == 2
     assert curve["best_test_acc_selected_on_test"] == max(curve["test_acc"])
