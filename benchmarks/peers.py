@@ -39,8 +39,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthesis as bench  # noqa: E402  (benchmarks/synthesis.py: prepare_teachers, run_one)
 from fed_distill.artifacts import save_figure  # noqa: E402
+from fed_distill.errors import ConfigError  # noqa: E402
 from fed_distill.federated.per_class import worst_class_gap  # noqa: E402
 from fed_distill.tables import format_table  # noqa: E402
+from fed_distill.utils import resolve_device  # noqa: E402
 
 # row -> (overrides, whether per-class statistics apply: the method matches BN statistics)
 METHODS: dict[str, tuple[list[str], bool]] = {
@@ -233,6 +235,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         ap.error("--rounds must be a positive integer")
+    if args.device:  # before any stage writes: `cuda` without a GPU is one line, exit 1
+        try:
+            resolve_device(args.device)
+        except ConfigError as e:
+            print(f"peers: FAIL: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
     return args
 
 

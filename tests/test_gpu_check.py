@@ -2,6 +2,7 @@
 CIFAR-format files it writes, the convolution watch, the GPU verdict) work on the CPU. The CUDA
 run itself needs a GPU (docs/gpu.md)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,33 @@ def test_verdict_on_the_cpu_and_on_gpu_like_counts(gpu_check):
     watch.work = {("cuda", "float32", True): 100}
     assert gpu_check.check(watch, amp=False, peak_bytes=1) == []
     assert "no teacher training step ran in float16" in gpu_check.check(watch, True, 1)[0]
+
+
+def _script(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    cmd = ["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the check would run")
+def test_peers_without_cuda_fails_with_one_line_before_any_stage(tmp_path):
+    p = _script("--peers", "--out", str(tmp_path / "out"))
+    assert p.returncode == 1 and p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peers: FAIL: device=cuda was asked for")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_peers_runs_the_benchmark_with_later_arguments_winning(tmp_path):
+    # the CPU path of the one GPU command: --device cpu after --peers replaces its cuda
+    small = ["train.epochs=1", "train.min_steps=10", "synthesis.iterations=2"]
+    small += ["synthesis.batch_size=16", "synthesis.ngf=8"]
+    out = tmp_path / "out"
+    args = ["--peers", "--device", "cpu", "--dataset", "digits", "--rounds", "1"]
+    args += ["--only", "dense/weighted", "--out", str(out), "--figures", str(tmp_path)]
+    p = _script(*args, "--", *small, timeout=600)
+    assert p.returncode == 0, p.stderr
+    r = json.loads((out / "alpha0.5" / "dense_weighted" / "results.json").read_text())
+    assert r["config"]["device"] == "cpu" and r["config"]["synthesis"]["method"] == "dense"
+    assert "dense/weighted" in (out / "table.txt").read_text()

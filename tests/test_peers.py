@@ -295,9 +295,14 @@ def test_peers_benchmark_passes_the_device_to_every_stage(benchmark_module, tmp_
     args = ["--dataset", "digits", "--rounds", "1", "--default-epochs", "1", "--seeds", "3"]
     args += ["--only", "default", "dense/weighted", "--out", str(tmp_path / "out")]
     args += ["--figures", str(tmp_path / "fig")]
-    if not torch.cuda.is_available():  # the teachers' stage is the first to place a model
+    if not torch.cuda.is_available():  # the split and teachers' stages get it: cuda fails there
         with pytest.raises(ConfigError, match="device=cuda was asked for"):
-            peers.main([*args, "--device", "cuda", "--", *small])
+            extra = tuple(peers.common(peers.parse_args(["--device", "cpu", "--", *small])))
+            assert extra[0] == "device=cpu"
+            peers.bench.prepare_teachers(
+                tmp_path / "t", 0.5, 3, None, "digits", ("device=cuda", *extra[1:])
+            )
+        assert not (tmp_path / "t" / "alpha0.5" / "_teachers" / "teachers").exists()
     assert peers.main([*args, "--device", "cpu", "--", *small]) == 0
     base = tmp_path / "out" / "seed3" / "alpha0.5"
     for slug, rule in (("default", "weighted"), ("dense_weighted", "weighted")):
