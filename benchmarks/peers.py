@@ -21,6 +21,7 @@ seeds; writes one time-to-accuracy figure per alpha and seed with every curve.
     .venv/bin/python benchmarks/peers.py --reuse default dense  # re-read finished rows
     .venv/bin/python benchmarks/peers.py --dataset digits --alphas 0.5 0.3 --seeds 0 1
     .venv/bin/python benchmarks/peers.py --device cuda          # every stage on the GPU
+    .venv/bin/python benchmarks/peers.py --progress --out DIR   # how far each row has got
 
 Each finished row is saved as OUT/alpha*/ROW.json (OUT/seedS/alpha*/ for a seed S other than
 0); --reuse reads it back instead of rerunning it, and --resume continues the run directories in
@@ -38,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthesis as bench  # noqa: E402  (benchmarks/synthesis.py: prepare_teachers, run_one)
-from fed_distill.artifacts import save_figure  # noqa: E402
+from fed_distill.artifacts import load_checkpoint, save_figure  # noqa: E402
 from fed_distill.errors import ConfigError  # noqa: E402
 from fed_distill.federated.per_class import worst_class_gap  # noqa: E402
 from fed_distill.tables import format_table  # noqa: E402
@@ -211,6 +212,59 @@ def run_alpha(alpha: float, seed: int, args) -> dict:
     return runs
 
 
+def partial_curve(run_dir: Path) -> dict | None:
+    """An unfinished run's curve so far, from its student checkpoint (None: there is none).
+    Minutes are the student loop's (without generate-initial, which the peers skip)."""
+    path = run_dir / "checkpoints" / "student.safetensors"
+    if not path.is_file():
+        return None
+    m = load_checkpoint(path)["metrics"]
+    return {"test_acc": list(m["test_acc"]), "elapsed_s": list(m["elapsed_s"])}
+
+
+PROGRESS_HEADERS = [
+    "alpha",
+    "seed",
+    "method",
+    "state",
+    "rounds reached",
+    "last %",
+    "best so far % (selected on test)",
+    "student min",
+]
+
+
+def progress(args) -> int:
+    """--progress: where every asked-for row stands, finished (its ROW.json) or not (its
+    checkpoint), without running anything; one figure per alpha and seed with the curves."""
+    rows = []
+    for alpha in args.alphas:
+        for seed in args.seeds:
+            base = seed_dir(Path(args.out), seed) / f"alpha{alpha}"
+            runs = {}
+            for label in args.only:
+                slug = label.replace("/", "_")
+                saved = base / f"{slug}.json"
+                curve = (
+                    json.loads(saved.read_text())["curve"]
+                    if saved.is_file()
+                    else partial_curve(base / slug)
+                )
+                if curve is None:
+                    continue
+                runs[label] = {"curve": curve}
+                last = [a for a in curve["test_acc"] if a is not None and a == a][-1]
+                state = "finished" if saved.is_file() else "unfinished"
+                rows.append([alpha, seed, label, state, len(curve["test_acc"])])
+                rows[-1] += [f"{100 * last:.2f}", f"{100 * best_over_rounds(curve):.2f}"]
+                rows[-1].append(f"{curve['elapsed_s'][-1] / 60:.1f}")
+            if runs:
+                title = f"{args.dataset}, 5 clients, Dirichlet {alpha}, seed {seed}"
+                plot(runs, title, args.rounds, figure_path(args, alpha, seed))
+    print(format_table(PROGRESS_HEADERS, rows))
+    return 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -231,6 +285,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="continue the run directories already in OUT (an interrupted student resumes)",
     )
     ap.add_argument("--reuse", nargs="*", default=[], help="rows read from OUT/alpha*/ROW.json")
+    ap.add_argument(
+        "--progress",
+        action="store_true",
+        help="run nothing: how far each row in OUT has got (finished or from its checkpoint)",
+    )
     ap.add_argument("overrides", nargs="*", help="extra fed-distill overrides (after --)")
     args = ap.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
@@ -246,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.progress:
+        return progress(args)
     base = Path(args.out)
     rows, summary = [], {}
     for alpha in args.alphas:

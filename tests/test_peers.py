@@ -338,3 +338,27 @@ def test_oneshot_with_a_peer_records_every_round_and_the_best_selected_on_test(
     assert curve["best_test_acc_selected_on_test"] == max(curve["test_acc"])
     assert r["config"]["student"]["pool_passes"] == 1  # the preset brought its student
     assert r["synthetic_images"] == 64
+
+
+def test_peers_progress_reads_finished_rows_and_checkpoints_and_runs_nothing(
+    benchmark_module, tmp_path, capsys
+):
+    from fed_distill.artifacts import save_checkpoint
+
+    peers = benchmark_module("peers")
+    base = tmp_path / "out" / "seed1" / "alpha0.3"
+    base.mkdir(parents=True)
+    done = {"curve": {"test_acc": [0.5, 0.9, 0.8], "elapsed_s": [60.0, 120.0, 180.0]}}
+    (base / "default.json").write_text(json.dumps(done))
+    metrics = {"test_acc": [0.1, 0.35, 0.3], "elapsed_s": [30.0, 60.0, 96.0]}
+    ckpt = base / "dense" / "checkpoints" / "student.safetensors"
+    save_checkpoint({"epoch": 2, "metrics": metrics}, ckpt)  # what the student loop writes
+    args = ["--progress", "--out", str(tmp_path / "out"), "--alphas", "0.3", "--seeds", "1"]
+    args += ["--dataset", "digits", "--figures", str(tmp_path / "fig")]
+    assert peers.main([*args, "--only", "default", "dense", "coboost"]) == 0
+    rows = {line.split()[2]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["default"][3:] == ["finished", "3", "80.00", "90.00", "3.0"]
+    assert rows["dense"][3:] == ["unfinished", "3", "30.00", "35.00", "1.6"]
+    assert "coboost" not in rows  # never started: no row, and nothing was run
+    assert sorted(p.name for p in base.iterdir()) == ["default.json", "dense"]
+    assert (tmp_path / "fig" / "peers_digits_alpha0.3_seed1.png").is_file()
