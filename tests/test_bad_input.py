@@ -687,6 +687,8 @@ def test_malicious_resume_checkpoint_is_ignored_and_never_runs(cli, base_run, tm
         ("student.model=resnet9000", "unknown model 'resnet9000'"),
         ("student.fresh=2", "student.fresh"),
         ("student.mix=cutout", "student.mix must be one of"),
+        ("student.targets=fast", "student.targets must be one of"),
+        ("student.target_teachers=0", "student.target_teachers must be a positive integer"),
         ("synthesis.pixel_scale=3", "needs the clients' pixel statistics: add upload.pixels=true"),
         ("synthesis.label_mode=owners", "synthesis.label_mode must be one of"),
         ("train.lr=-1", "learning rate"),

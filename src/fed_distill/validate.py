@@ -63,6 +63,7 @@ def validate_config(stage: str, cfg: DictConfig) -> None:
 
             synth.check_upload(as_object(cfg.upload, UploadConfig))
         scfg = as_object(cfg.student, StudentConfig).validate()
+        _check_targets(scfg, synth.method)
         if scfg.model and info is not None:
             _check_model(scfg.model, dict(scfg.model_kwargs), info, "student.model")
     if "fedmd" in groups:
@@ -71,6 +72,14 @@ def validate_config(stage: str, cfg: DictConfig) -> None:
 
         check_fedmd_config(as_object(cfg.fedmd, FedMDConfig), _kwargs(cfg.get("split")))
     check_run_dir(cfg.run_dir)
+
+
+def _check_targets(scfg: Any, method: str) -> None:
+    """student.targets: a mode that can serve the student's and the synthesizer's settings."""
+    from fed_distill.synthesis.registry import own_soft_labels
+    from fed_distill.train.targets import resolve_targets
+
+    resolve_targets(scfg.targets, scfg.mix, scfg.perturb, scfg.fresh, own_soft_labels(method))
 
 
 # ----------------------------------------------------------------------------- run folder

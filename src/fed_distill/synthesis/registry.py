@@ -57,6 +57,19 @@ def list_synthesizers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def has_own_soft_labels(cls: type[Synthesizer]) -> bool:
+    """Whether the synthesizer class labels the student's batches by its own rule
+    (:meth:`Synthesizer.student_probs`, e.g. Co-Boosting's re-fitted weights)."""
+    return cls.student_probs is not Synthesizer.student_probs
+
+
+def own_soft_labels(method: str) -> bool:
+    """:func:`has_own_soft_labels` of the synthesizer registered as ``method`` (False when
+    none is: the name is checked where the synthesizer is built)."""
+    entry = _REGISTRY.get(method)
+    return entry is not None and has_own_soft_labels(entry[0])
+
+
 def build_synthesizer(
     cfg: SynthesisConfig,
     teachers: list[nn.Module],

@@ -28,6 +28,7 @@ from fed_distill.ensemble import ensemble_probs
 from fed_distill.errors import ConfigError, FedDistillError
 from fed_distill.synthesis.base import Synthesizer, SyntheticBatch
 from fed_distill.synthesis.losses import kl_per_sample
+from fed_distill.synthesis.registry import has_own_soft_labels
 from fed_distill.train.fit import (
     evaluate,
     load_optimizer_state,
@@ -37,83 +38,10 @@ from fed_distill.train.fit import (
     rng_state,
     set_rng_state,
 )
+from fed_distill.train.pool import SyntheticPool  # noqa: F401  (the loop's pool, re-exported)
 from fed_distill.train.student_config import StudentConfig
+from fed_distill.train.targets import PoolTargets, TeacherSampler, resolve_targets
 from fed_distill.utils import progress_bar
-
-
-class SyntheticPool:
-    """The growing synthetic dataset: normalised float images, labels, producing teachers."""
-
-    def __init__(self) -> None:
-        self.images: list[torch.Tensor] = []
-        self.labels: list[torch.Tensor] = []
-        self.teacher_ids: list[list[int]] = []
-        self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def append(self, batch: SyntheticBatch) -> None:
-        self.images.append(batch.images.detach().cpu())
-        self.labels.append(batch.labels.detach().cpu())
-        self.teacher_ids.append(list(batch.teacher_ids))
-        self._cat = None
-
-    def __len__(self) -> int:
-        return sum(len(y) for y in self.labels)
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cat is None:
-            if not self.images:
-                raise FedDistillError("the synthetic pool is empty")
-            self._cat = (torch.cat(self.images), torch.cat(self.labels))
-        return self._cat
-
-    def replace_with(self, other: SyntheticPool) -> None:
-        """Take over ``other``'s batches (a pool restored from a checkpoint)."""
-        self.images, self.labels, self.teacher_ids = other.images, other.labels, other.teacher_ids
-        self._cat = None
-
-    def state(self) -> dict[str, torch.Tensor]:
-        x, y = self.tensors()
-        sizes = torch.tensor([len(b) for b in self.labels])
-        width = max(len(t) for t in self.teacher_ids)
-        ids = torch.full((len(self.teacher_ids), width), -1, dtype=torch.long)
-        for i, t in enumerate(self.teacher_ids):
-            ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        return {"images": x, "labels": y, "batch_sizes": sizes, "batch_teachers": ids}
-
-    @classmethod
-    def from_state(
-        cls, state: dict[str, torch.Tensor], image_shape: tuple[int, ...], num_classes: int
-    ) -> SyntheticPool:
-        """Rebuild a pool from ``dataset.pt``-style tensors, checking shapes and values."""
-        for k in ("images", "labels", "batch_sizes", "batch_teachers"):
-            if k not in state or not isinstance(state[k], torch.Tensor):
-                raise FedDistillError(
-                    f"synthetic dataset lacks tensor '{k}'; regenerate it (fed-distill generate-initial)"
-                )
-        x, y, sizes = state["images"], state["labels"], state["batch_sizes"]
-        if x.dim() != 4 or tuple(x.shape[1:]) != tuple(image_shape) or not x.is_floating_point():
-            raise FedDistillError(
-                f"synthetic images have shape {tuple(x.shape)}, expected (N, {', '.join(map(str, image_shape))}) floats"
-            )
-        if (
-            len(y) != len(x)
-            or y.dtype != torch.long
-            or (len(y) and (y.min() < 0 or y.max() >= num_classes))
-        ):
-            raise FedDistillError(
-                "synthetic labels do not match the images or the number of classes"
-            )
-        if int(sizes.sum()) != len(x) or not torch.isfinite(x).all():
-            raise FedDistillError(
-                "synthetic dataset is inconsistent (batch sizes) or holds NaN/Inf"
-            )
-        pool = cls()
-        start = 0
-        for b, n in enumerate(sizes.tolist()):
-            ids = [int(t) for t in state["batch_teachers"][b].tolist() if t >= 0]
-            pool.append(SyntheticBatch(x[start : start + n], y[start : start + n], ids))
-            start += n
-        return pool
 
 
 def teacher_targets(
@@ -175,9 +103,16 @@ class _Loop:
     real: tuple[torch.Tensor, torch.Tensor] | None  # the server's own real data, if any
     # the synthesizer's own rule for the soft labels (Synthesizer.student_probs)
     combine: Callable[[torch.Tensor, float], torch.Tensor | None] | None = None
+    # student.targets=cached: the pool's soft labels, computed once (train/targets.py)
+    cache: PoolTargets | None = None
+    # student.targets=sampled: k teachers per step (train/targets.py)
+    sampler: TeacherSampler | None = None
 
-    def probs(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
-        """The teachers' soft labels on ``x`` (with autograd: the perturbation needs it)."""
+    def probs(self, x: torch.Tensor, temperature: float, sampled: bool = False) -> torch.Tensor:
+        """The teachers' soft labels on ``x`` (with autograd: the perturbation needs it); with
+        ``sampled`` and a sampler, from this step's draw of teachers only."""
+        if sampled and self.sampler is not None and not self.sampler.exact:
+            return self.sampler.label(self.teachers, x, temperature)
         logits = torch.stack([t(x) for t in self.teachers])
         own = self.combine(logits, temperature) if self.combine is not None else None
         if own is not None:
@@ -193,8 +128,11 @@ class _Loop:
         (g,) = torch.autograd.grad((u * p).sum(), x)
         return (x + self.cfg.perturb * g.sign()).detach()
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One student step on ``x``; the images beyond ``len(y)`` (fresh generator samples)
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One student step on ``x``, with the teachers' soft labels ``targets`` if known
+        (cached), else computed here; the images beyond ``len(y)`` (fresh generator samples)
         take the ensemble's top class as their label. Returns (loss, accuracy), on device."""
         cfg, student, cw = self.cfg, self.student, self.cw
         x, y = x.to(self.device, memory_format=self.fmt), y.to(self.device)
@@ -202,11 +140,10 @@ class _Loop:
             x = self.perturb(x)
         student.train()
         s_logits = student(x)
-        targets = None
-        if cfg.loss == "kl" or len(y) < len(x):
+        if targets is None and (cfg.loss == "kl" or len(y) < len(x)):
             t = cfg.temperature if cfg.loss == "kl" else 1.0
             with torch.no_grad():
-                targets = self.probs(x, t)
+                targets = self.probs(x, t, sampled=True)
         if len(y) < len(x):
             y = torch.cat([y, targets[len(y) :].argmax(1)])
         w = cw[y] if cw is not None else None
@@ -238,16 +175,18 @@ class _Loop:
         ce_r = F.cross_entropy(self.student(xr), yr, reduction="none")
         return _weighted_mean(ce_r, self.cw[yr] if self.cw is not None else None)
 
-    def roll_flip(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalised float images: pad-free jitter (roll) and flips, batch-wise.
+    def roll_flip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised float images: pad-free jitter (roll) and flips, batch-wise. Returns the
+        images and which were flipped (None without flips)."""
         j = self.cfg.jitter
         if j:
             dx, dy = torch.randint(-j, j + 1, (2,), generator=self.gen).tolist()
             x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+        flip = None
         if self.hflip:
             flip = torch.rand(x.shape[0], generator=self.gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-        return x
+        return x, flip
 
     def state(self) -> dict[str, Any]:
         """The loop's part of a checkpoint."""
@@ -256,6 +195,7 @@ class _Loop:
             **optimizer_state(self.opt, self.sched),
             "generator": self.gen.get_state(),
             "fresh_generator": self.fresh_gen.get_state(),
+            **({"teacher_draws": self.sampler.gen.get_state()} if self.sampler else {}),
             "rng": rng_state(self.device),
         }
 
@@ -265,6 +205,8 @@ class _Loop:
         self.gen.set_state(ckpt["generator"])
         if "fresh_generator" in ckpt:  # absent from checkpoints of earlier versions
             self.fresh_gen.set_state(ckpt["fresh_generator"])
+        if self.sampler is not None and "teacher_draws" in ckpt:
+            self.sampler.gen.set_state(ckpt["teacher_draws"])
         set_rng_state(ckpt["rng"], self.device)
 
 
@@ -364,6 +306,13 @@ def distill(
             print(f"student: no checkpoints ({e})")
             checkpoint_path = None
     loop.combine = synthesizer.student_probs
+    own = has_own_soft_labels(type(synthesizer))
+    mode = resolve_targets(cfg.targets, cfg.mix, cfg.perturb, cfg.fresh, own)
+    if mode == "cached" and cfg.loss == "kl":
+        loop.cache = PoolTargets(lambda x: loop.probs(x, cfg.temperature), hflip)
+    if mode == "sampled":
+        n_t = len(loop.teachers)
+        loop.sampler = TeacherSampler(n_t, cfg.target_teachers, cfg.ensemble, shares, seed + 104729)
     synthesizer.bind_pool(pool)
     ckpt = load_resumable(checkpoint_path, meta, "student")
     if ckpt is not None:
@@ -373,6 +322,8 @@ def distill(
             f"student: resuming from epoch {start + 1}/{cfg.epochs} with {len(pool)} synthetic"
             f" images (checkpoint {checkpoint_path})"
         )
+    if loop.cache is not None:  # the pool so far: generate-initial's batches or a checkpoint's
+        loop.cache.sync(pool.images, loop.device)
     bar = progress_bar(range(start, cfg.epochs), desc="student", enabled=progress)
     for epoch in bar:
         row = _train_epoch(loop, synthesizer, pool, res, n_fresh)
@@ -452,21 +403,26 @@ def _train_epoch(
         res.synthesis_seconds += time.perf_counter() - t0
         res.synthesized_images += len(batch)
         record_batch_metrics(res.di_metrics, batch, loop.teachers, loop.student, loop.device)
-        if cfg.fresh_step:
-            loss, acc = loop.step(batch.images, batch.labels)  # use the fresh batch at once
+        pool.append(batch)
+        cache = loop.cache
+        if cache is not None:
+            cache.sync(pool.images, loop.device)
+        if cfg.fresh_step:  # use the fresh batch at once
+            loss, acc = loop.step(batch.images, batch.labels, cache.last() if cache else None)
             losses.append(loss)
             accs.append(acc)
-        pool.append(batch)
     x_all, y_all = pool.tensors()
     for idx in _pool_batches(loop, len(y_all), n_fresh):
-        xb, yb = x_all[idx], y_all[idx]
+        xb, yb, flip = x_all[idx], y_all[idx], None
         if n_fresh:
             fresh = synthesizer.sample(n_fresh, loop.fresh_gen)
             xb = torch.cat([xb, fresh.to(xb.device, xb.dtype)])
-        xb = loop.roll_flip(xb) if cfg.augment else xb
+        if cfg.augment:
+            xb, flip = loop.roll_flip(xb)
         if cfg.mix != "none":
             xb = mix_batch(xb, cfg.mix, cfg.mix_prob, loop.gen)
-        loss, acc = loop.step(xb, yb)
+        targets = loop.cache.lookup(idx, flip) if loop.cache is not None else None
+        loss, acc = loop.step(xb, yb, targets)
         losses.append(loss)
         accs.append(acc)
     if cfg.pool_passes:

@@ -13,6 +13,8 @@ from fed_distill.errors import ConfigError
 
 STUDENT_INITS = ("random", "fedavg")
 STUDENT_MIXES = ("none", "cutmix", "mixup")
+TARGET_MODES = ("auto", "live", "cached", "sampled")
+AUTO_TARGETS = "sampled"  # what student.targets=auto means where that mode can serve the settings
 
 
 @dataclass
@@ -66,6 +68,13 @@ class StudentConfig:
     # x + perturb * sign(grad_x sum(u * soft labels at `temperature`)), u ~ U(-1, 1), in
     # normalised-pixel units (0 = off)
     perturb: float = 0.0
+    # The teachers' soft labels of the student's batches (train/targets.py): live = every
+    # teacher on every augmented batch | sampled = `target_teachers` teachers drawn per step
+    # (all of them when there are no more), so the cost does not grow with the number of
+    # clients | cached = once per pool image and its mirror, looked up (the teachers never see
+    # the roll) | auto = the recommended mode where it serves the other settings, else live.
+    targets: str = "auto"
+    target_teachers: int = 5
     augment: bool = True  # random roll (jitter) and flip of pool batches
     jitter: int = 2
     # Mixing of pool batches (after roll and flip), relabelled by the teachers like every
@@ -125,6 +134,16 @@ class StudentConfig:
             isinstance(self.mix_prob, (int, float)) and 0 <= self.mix_prob <= 1
         ):
             raise ConfigError(f"student.mix_prob must be in [0, 1], got {self.mix_prob!r}")
+        if isinstance(self.target_teachers, bool) or not (
+            isinstance(self.target_teachers, int) and self.target_teachers >= 1
+        ):
+            raise ConfigError(
+                f"student.target_teachers must be a positive integer, got {self.target_teachers!r}"
+            )
+        if self.targets not in TARGET_MODES:
+            raise ConfigError(
+                f"student.targets must be one of {', '.join(TARGET_MODES)}, got '{self.targets}'"
+            )
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"student.optimizer must be sgd or adam, got '{self.optimizer}'")
         if self.schedule not in ("cosine", "none"):
