@@ -5,6 +5,11 @@ Usage (from the project root)::
     .venv/bin/python benchmarks/fedmd.py                          # default preset, seed 0
     .venv/bin/python benchmarks/fedmd.py --preset fashion --seed 1 fedmd.rounds=10
     .venv/bin/python benchmarks/fedmd.py --report runs/bench_fedmd/results.json   # table only
+    # consensus rules against the plain mean, on the same parties (one transfer learning and
+    # baselines per preset and seed, shared by every rule that changes only the rounds):
+    .venv/bin/python benchmarks/fedmd.py --rules mean,confidence,class_share,sharpen \
+        --presets fashion_unlabelled_pool,fashion_unlabelled_pool_skewed --seeds 0,1,2
+    .venv/bin/python benchmarks/fedmd.py --rules-table runs/bench_fedmd_rules   # table only
 
 The issue's targets: an average gain of at least +15 points over "alone", within 5 points of
 "pooled", and R = 20 rounds in under 20 minutes on this machine. The script runs
@@ -109,15 +114,144 @@ def report(r: dict[str, Any], wall_s: float | None = None, cpu_s: float | None =
     return "\n".join(lines)
 
 
+# The rules --rules compares: name -> overrides. Rules that change only the rounds share the
+# transfer learning and baselines; `reliability` holds images out of training (other parties),
+# so it is compared with `mean_holdout`, the plain mean on those very parties.
+RULES = {
+    "mean": [],
+    "confidence": ["fedmd.aggregate=confidence"],
+    "class_share": ["fedmd.aggregate=class_share"],
+    "sharpen": ["fedmd.sharpen=0.5"],
+    "class_share_sharpen": ["fedmd.aggregate=class_share", "fedmd.sharpen=0.5"],
+    "mean_holdout": ["fedmd.reliability_holdout=2"],
+    "reliability": ["fedmd.aggregate=reliability", "fedmd.reliability_holdout=2"],
+}
+
+
+def _setup_key(cfg: Any) -> str:
+    """What a rule's parties depend on: every fedmd setting but the round-only ones."""
+    from dataclasses import asdict
+
+    from fed_distill.config import as_object
+    from fed_distill.federated.config import FedMDConfig
+    from fed_distill.federated.fedmd_run import ROUND_ONLY
+
+    c = asdict(as_object(cfg.fedmd, FedMDConfig))
+    return json.dumps({k: v for k, v in c.items() if k not in ROUND_ONLY}, sort_keys=True)
+
+
+def run_rules(
+    rules: list[str], presets: list[str], seeds: list[int], out: Path, extra: list[str]
+) -> None:
+    """Every rule on every preset and seed; ``out/PRESET_sSEED/RULE/results.json`` each. A
+    rule whose results are there is not rerun."""
+    from fed_distill.api import compose
+    from fed_distill.federated.fedmd_run import branch_rounds, setup_run
+
+    for preset in presets:
+        for seed in seeds:
+            setups: dict[str, Any] = {}
+            for rule in rules:
+                run_dir = out / f"{preset}_s{seed}" / rule
+                if (run_dir / "results.json").is_file():
+                    continue
+                base = [f"fedmd={preset}", f"seed={seed}", "progress=false", *extra]
+                cfg = compose("fedmd", [*base, *RULES[rule], f"run_dir={run_dir}"])
+                key = _setup_key(cfg)
+                if key not in setups:  # kept: the parties are small
+                    t0 = time.perf_counter()
+                    setups[key] = setup_run(cfg)
+                    print(f"== {preset} seed {seed}: setup {time.perf_counter() - t0:.0f}s")
+                t0 = time.perf_counter()
+                branch_rounds(setups[key], cfg)
+                print(f"== {preset} seed {seed} {rule}: {time.perf_counter() - t0:.0f}s")
+
+
+def _mean_std(values: list[float | None], scale: float = 100.0) -> str:
+    vals = [scale * v for v in values if v is not None]
+    if not vals:
+        return "-"
+    return f"{np.mean(vals):.1f} ± {np.std(vals):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
+
+
+def _round_mean(values: list[float | None] | None) -> float | None:
+    vals = [v for v in values or [] if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def rules_table(out: Path, markdown: bool = False) -> str:
+    """mean ± std over seeds (n = seeds found) per preset and rule, from ``out``'s results:
+    accuracies in %, the share of the alone-to-pooled gap closed, and the consensus's accuracy
+    on the alignment subsets (mean over rounds; private: the private classes' images)."""
+    from fed_distill.federated.fedmd_results import headline
+    from fed_distill.tables import format_table
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in sorted(out.glob("*_s*/*/results.json")):
+        preset = path.parent.parent.name.rsplit("_s", 1)[0]
+        groups.setdefault((preset, path.parent.name), []).append(json.loads(path.read_text()))
+    order = {name: i for i, name in enumerate(RULES)}
+    rows = []
+    for (preset, rule), runs in sorted(
+        groups.items(), key=lambda g: (g[0][0], order.get(g[0][1], 99))
+    ):
+        hs = [headline(r) for r in runs]
+        rows.append(
+            [
+                preset,
+                rule,
+                len(runs),
+                runs[0]["rounds"],
+                *(_mean_std([h[k] for h in hs]) for k in ("alone", "alone_extended", "final")),
+                _mean_std([h["pooled"] for h in hs]),
+                _mean_std([h["gap_closed"] for h in hs]),
+                _mean_std([_round_mean(r.get("consensus_acc")) for r in runs]),
+                _mean_std([_round_mean(r.get("consensus_private_acc")) for r in runs]),
+            ]
+        )
+    header = [
+        "preset",
+        "rule",
+        "n",
+        "rounds",
+        "alone",
+        "alone ext.",
+        "FedMD final",
+        "pooled",
+        "gap closed %",
+        "consensus acc",
+        "consensus private",
+    ]
+    return format_table(header, rows, markdown=markdown)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default=DEFAULT_PRESET)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--report", default=None, help="only print the table of a results.json")
+    ap.add_argument("--rules", default=None, help=f"compare rules: any of {', '.join(RULES)}")
+    ap.add_argument("--presets", default=f"{DEFAULT_PRESET},{DEFAULT_PRESET}_skewed")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--out", default="runs/bench_fedmd_rules")
+    ap.add_argument("--rules-table", default=None, help="only print the rules table of a folder")
+    ap.add_argument("--markdown", action="store_true")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args(argv)
 
+    if args.rules_table:
+        print(rules_table(Path(args.rules_table), args.markdown))
+        return 0
+    if args.rules:
+        unknown = [r for r in args.rules.split(",") if r not in RULES]
+        if unknown:
+            ap.error(f"unknown rule {unknown[0]}; available: {', '.join(RULES)}")
+        seeds = [int(s) for s in args.seeds.split(",")]
+        out = Path(args.out)
+        run_rules(args.rules.split(","), args.presets.split(","), seeds, out, args.overrides)
+        print(rules_table(out, args.markdown))
+        return 0
     if args.report:
         print(report(json.loads(Path(args.report).read_text())))
         return 0

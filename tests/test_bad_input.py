@@ -25,7 +25,7 @@ import torch
 from conftest import FAST_TRAIN
 from fed_distill.artifacts import read_weights, save_tensors, save_weights
 from fed_distill.errors import ConfigError, FedDistillError, ProtocolError
-from fed_distill.federated.fedmd import aggregate, validate_scores
+from fed_distill.federated.fedmd import aggregate, validate_report, validate_scores
 from fed_distill.report import write_report
 
 # the smallest synthesis and student: 5 steps a batch, one initial batch, one epoch of 2 steps
@@ -370,6 +370,11 @@ CLI_CASES = [
     ("split-class-counts-not-list", split_edit(lambda d: _set(d["clients"][0], "train_class_counts", 7)), "train_class_counts"),
     ("cfg-fedmd-rounds", config("fedmd", "fedmd=quick", "fedmd.rounds=-1"), "fedmd.rounds"),
     ("cfg-fedmd-public-dataset", config("fedmd", "fedmd=quick", "fedmd.public=imagenet"), "imagenet"),
+    ("cfg-fedmd-aggregate-unknown", config("fedmd", "fedmd=quick", "fedmd.aggregate=vote"), "fedmd.aggregate must be one of mean, median, trimmed_mean, confidence, class_share, reliability, got 'vote'"),
+    ("cfg-fedmd-sharpen-zero", config("fedmd", "fedmd=quick", "fedmd.sharpen=0"), "fedmd.sharpen must be a finite number > 0 (1 = off)"),
+    ("cfg-fedmd-sharpen-negative", config("fedmd", "fedmd=quick", "fedmd.sharpen=-0.5"), "fedmd.sharpen must be a finite number > 0 (1 = off), got -0.5"),
+    ("cfg-fedmd-reliability-no-holdout", config("fedmd", "fedmd=quick", "fedmd.aggregate=reliability"), "aggregate=reliability needs fedmd.reliability_holdout >= 1"),
+    ("cfg-fedmd-holdout-everything", config("fedmd", "fedmd=quick", "fedmd.aggregate=reliability", "fedmd.reliability_holdout=15"), "fedmd.reliability_holdout=15 leaves party 0 nothing to train on"),
     # --- split files ------------------------------------------------------------------------------
     ("split-truncated", split_truncated, "not valid JSON"),
     ("split-not-json", split_bytes(b"\x00\xffgarbage"), "not valid JSON"),
@@ -487,6 +492,36 @@ API_CASES = [
     ),
     ("scores-none", lambda: validate_scores(None, (8, 4), 1), ProtocolError, "NoneType"),
     ("aggregate-nothing", lambda: aggregate([]), ProtocolError, "no party"),
+    (
+        "report-reliability-nan",
+        lambda: validate_report(
+            {"scores": _scores(), "reliability": torch.tensor([float("nan")])},
+            (8, 4),
+            "party 3 (fedmd_4)",
+            ("reliability",),
+        ),
+        ProtocolError,
+        "party 3 (fedmd_4): reliability is not finite",
+    ),
+    (
+        "report-reliability-out-of-range",
+        lambda: validate_report(
+            {"scores": _scores(), "reliability": torch.tensor([1.2])}, (8, 4), 1, ("reliability",)
+        ),
+        ProtocolError,
+        "party 1: reliability must be one number in [0, 1]",
+    ),
+    (
+        "report-class-counts-negative",
+        lambda: validate_report(
+            {"scores": _scores(), "class_counts": torch.tensor([3.0, -1.0, 0.0, 0.0])},
+            (8, 4),
+            2,
+            ("class_counts",),
+        ),
+        ProtocolError,
+        "party 2: class_counts must be whole numbers >= 0",
+    ),
     (
         "aggregate-negative-weights",
         lambda: aggregate([_scores(), _scores()], "mean", [1.0, -2.0]),

@@ -390,6 +390,7 @@ def test_quick_preset_end_to_end(tmp_path, capsys):
         "parties",
         "config",
         "consensus_distance",
+        "consensus_acc",
         "left_out",
         "alone_extended_acc",
         "ensemble_acc",
@@ -399,6 +400,7 @@ def test_quick_preset_end_to_end(tmp_path, capsys):
     assert n == len(r["party_acc"]) == len(r["alone_acc"]) == len(r["pooled_acc"])
     assert all(len(acc) == r["rounds"] + 1 for acc in r["party_acc"])
     assert len(r["round_times_s"]) == len(r["consensus_distance"]) == r["rounds"]
+    assert len(r["consensus_acc"]) == r["rounds"] and all(0 <= v <= 1 for v in r["consensus_acc"])
     assert len(r["ensemble_acc"]) == r["rounds"] + 1
     assert [acc[0] for acc in r["party_acc"]] == r["alone_acc"]
     values = [v for acc in r["party_acc"] for v in acc] + r["pooled_acc"]

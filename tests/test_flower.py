@@ -169,6 +169,8 @@ def test_fedmd_on_flower_simulation_equals_in_process(tmp_path):
         "public_val_acc",
         "private_acc_after_public",
         "consensus_distance",
+        "consensus_acc",
+        "consensus_private_acc",
         "left_out",
         "device",
         "data",
@@ -212,6 +214,34 @@ def test_fedmd_faulty_clients_are_left_out_with_reasons(tmp_path):
     # rejected scores still digest (as in-process); parties that never answered skip the round
     assert isinstance(r["party_acc"][1][2], float) and r["party_acc"][1][3] is None
     assert r["party_acc"][2][3] is None and len(r["party_acc"][2]) == 4
+
+
+def test_fedmd_consensus_rule_on_flower_equals_in_process_and_refuses_bad_reports(tmp_path):
+    """The server applies the same rule as in-process (reliability from held-out images, then
+    sharpened); a party reporting a NaN or out-of-range reliability is refused, named."""
+    rule = [
+        *FEDMD,
+        "fedmd.aggregate=reliability",
+        "fedmd.reliability_holdout=1",
+        "fedmd.sharpen=0.5",
+        "fedmd.pooled=false",
+        "fedmd.extended_alone=false",
+    ]
+    assert main(["fedmd", *rule, f"run_dir={tmp_path / 'local'}"]) == 0
+    flower = run_flower("fedmd", [*rule, f"run_dir={tmp_path / 'sim'}"], FlowerOptions())
+    local = _results(tmp_path / "local")
+    for key in ("party_acc", "consensus_acc", "consensus_private_acc", "consensus_distance"):
+        _close(local[key], flower[key], key)
+    assert flower["left_out"] == [[], []] and len(flower["consensus_acc"]) == 2
+    opts = FlowerOptions(faults=["0:1:extra_nan", "2:2:extra_range"])
+    r = run_flower("fedmd", [*rule, f"run_dir={tmp_path / 'faults'}"], opts)
+    reasons = {(d["party"], k): d["reason"] for k, ds in enumerate(r["left_out"], 1) for d in ds}
+    assert set(reasons) == {(0, 1), (2, 2)}
+    assert reasons[(0, 1)].startswith("party 0 (fedmd_1): reliability is not finite")
+    assert (
+        "party 2 (fedmd_4): reliability must be one number in [0, 1], got [1.5]" in reasons[(2, 2)]
+    )
+    assert r["consensus_distance"][0][0] is None and r["consensus_distance"][1][2] is None
 
 
 def test_oneshot_on_flower_simulation_equals_in_process(tmp_path):

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PARTITIONS = ("balanced", "writer", "subclass")
-AGGREGATES = ("mean", "median", "trimmed_mean")
 SCORE_KINDS = ("logits", "softmax")
 DIGEST_LOSSES = ("mae", "kl")
 LABEL_SPACES = ("joint", "shared")
@@ -85,9 +84,16 @@ class FedMDConfig:
     public_subset_size: int = 5000  # stratified public subset drawn afresh every round
     scores: str = "logits"  # what parties send: logits | softmax (with temperature)
     temperature: float = 1.0  # softmax scores and the KL digest loss
-    aggregate: str = "mean"  # mean | median | trimmed_mean
+    # mean | median | trimmed_mean | confidence | class_share | reliability (see
+    # federated/fedmd_consensus.py: what each weighs and what parties send for it)
+    aggregate: str = "mean"
     aggregate_weights: list[float] | None = None  # per-party weights of the mean
     trim: float = 0.1  # trimmed_mean: fraction cut at each end
+    # DS-FL's entropy reduction: the consensus's log-probabilities divided by it (1 = off)
+    sharpen: float = 1.0
+    # private images per party held out of all its training (aggregate=reliability measures
+    # the party's accuracy on them each round and sends it with its scores); 0 = none
+    reliability_holdout: int = 0
     on_invalid_scores: str = "error"  # error | skip (leave the party out of that round)
     digest_loss: str = "mae"  # mae (the paper, on logits) | kl (with temperature)
     digest_epochs: int = 1
@@ -119,8 +125,10 @@ def check_fedmd_config(c: FedMDConfig, split: Mapping[str, Any] | None = None) -
             raise ConfigError(f"fedmd.{msg}")
 
     private_split_params(c, split)  # the partition's own check, where it is a registered one
+    from fed_distill.federated.fedmd_consensus import check_consensus_config
+
+    check_consensus_config(c)  # the rule's name, its own check and sharpen
     for key, allowed in (
-        ("aggregate", AGGREGATES),
         ("scores", SCORE_KINDS),
         ("digest_loss", DIGEST_LOSSES),
         ("label_space", LABEL_SPACES),
@@ -147,7 +155,14 @@ def check_fedmd_config(c: FedMDConfig, split: Mapping[str, Any] | None = None) -
         "pooled_batch_size",
     ):
         need(getattr(c, key) >= 1, f"{key} must be >= 1, got {getattr(c, key)}")
-    for key in ("rounds", "revisit_epochs", "public_val_size", "crop_padding", "checkpoint_every"):
+    for key in (
+        "rounds",
+        "revisit_epochs",
+        "public_val_size",
+        "crop_padding",
+        "checkpoint_every",
+        "reliability_holdout",
+    ):
         need(getattr(c, key) >= 0, f"{key} must be >= 0, got {getattr(c, key)}")
     need(
         c.public_size is None or c.public_size >= 1,

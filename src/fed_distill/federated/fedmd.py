@@ -55,12 +55,15 @@ import torch.nn.functional as F
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError, ModelError
 from fed_distill.federated.config import FedMDConfig
+from fed_distill.federated.fedmd_consensus import get_rule
 from fed_distill.federated.fedmd_data import FedMDData
 from fed_distill.federated.fedmd_server import (  # noqa: F401  (re-exported: the protocol's steps)
     aggregate,
     collect_scores,
     consensus_distance,
+    consensus_of,
     draw_public_subset,
+    validate_report,
     validate_scores,
 )
 from fed_distill.train.fit import FitResult, TrainConfig, fit, predict_logits
@@ -356,6 +359,35 @@ class Party:
             seed=self.seed_for(*stage),
             **kwargs,
         )
+
+
+def party_report(
+    model: torch.nn.Module, party: Party, subset_x: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Communicate (client): what party ``party`` sends on the round's public subset -- its
+    class scores, and what the rule (``fedmd.aggregate``) needs besides: ``class_counts`` (its
+    private images per output, a count per class) or ``reliability`` (its accuracy on its
+    held-out private images). The in-process rounds and the Flower client both call this."""
+    c, d = party.c, party.data
+    out = {
+        "scores": class_scores(
+            model,
+            subset_x,
+            d.public_norm,
+            kind=c.scores,
+            temperature=c.temperature,
+            device=party.device,
+        )
+    }
+    sends = get_rule(c.aggregate).sends
+    if "class_counts" in sends:
+        counts = torch.bincount(party.own_data()[1], minlength=d.num_outputs)
+        out["class_counts"] = counts.float()
+    if "reliability" in sends:
+        hx, hy = d.holdout_x[party.index], d.holdout_y[party.index]
+        acc = private_accuracy(model, hx, hy, d.private_norm, d.offset, d.num_private, party.device)
+        out["reliability"] = torch.tensor([acc], dtype=torch.float32)
+    return out
 
 
 def local_round(

@@ -70,6 +70,13 @@ class FedMDData:
     public_hflip: bool = False
     private_hflip: bool = False
     party_info: list[dict[str, Any]] = field(default_factory=list)
+    # The benchmark's answer key for the public pool: the joint label of every image whose
+    # class is known (the unlabelled images of private classes included), -1 elsewhere. Only
+    # the server's consensus_acc reads it; no party trains or selects on it.
+    public_true_y: torch.Tensor | None = None
+    # per party, private images held out of all its training (fedmd.reliability_holdout)
+    holdout_x: list[torch.Tensor] = field(default_factory=list)
+    holdout_y: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_parties(self) -> int:
@@ -104,6 +111,7 @@ class FedMDData:
             "private_classes": self.private_names,
             "private_test": len(self.test_y),
             "private_per_party": [len(y) for y in self.private_y],
+            "holdout_per_party": [len(y) for y in self.holdout_y],
             "offset": self.offset,
             "num_outputs": self.num_outputs,
             "image": [self.in_channels, self.image_size, self.image_size],
@@ -410,6 +418,34 @@ def _public_pool(
     return train_ix, val_ix, public_y
 
 
+def known_labels(y: np.ndarray, classes: list[int], offset: int) -> torch.Tensor:
+    """Like :func:`joint_labels`, but a class not in ``classes`` becomes -1 (unknown)."""
+    table = np.full(max([*classes, int(y.max(initial=0))]) + 1, -1, dtype=np.int64)
+    table[classes] = np.arange(len(classes)) + offset
+    return torch.from_numpy(table[y])
+
+
+def hold_out(
+    x: list[torch.Tensor], y: list[torch.Tensor], k: int, rng: np.random.Generator
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """``k`` images of each party, drawn at random, taken out of its private data: (kept x,
+    kept y, held-out x, held-out y). At least one image must be left to train on."""
+    kx, ky, hx, hy = [], [], [], []
+    for p, (xp, yp) in enumerate(zip(x, y, strict=True)):
+        if k >= len(yp):
+            raise ConfigError(
+                f"fedmd.reliability_holdout={k} leaves party {p} nothing to train on"
+                f" ({len(yp)} private images)"
+            )
+        out = torch.zeros(len(yp), dtype=torch.bool)
+        out[torch.as_tensor(rng.choice(len(yp), size=k, replace=False))] = True
+        kx.append(xp[~out])
+        ky.append(yp[~out])
+        hx.append(xp[out])
+        hy.append(yp[out])
+    return kx, ky, hx, hy
+
+
 def build_fedmd_data(
     c: FedMDConfig, num_parties: int, seed: int, split: Mapping[str, Any] | None = None
 ) -> FedMDData:
@@ -440,6 +476,12 @@ def build_fedmd_data(
         for p, ix in enumerate(parts)
     ]
     private_y = [joint_labels(y_tr[ix], priv_classes, offset) for ix in parts]
+    holdout_x, holdout_y = [], []
+    if c.reliability_holdout > 0:  # its own stream: the rest of the build is unchanged
+        hold_rng = np.random.default_rng(np.random.SeedSequence([seed, 7331, 1]))
+        private_x, private_y, holdout_x, holdout_y = hold_out(
+            private_x, private_y, c.reliability_holdout, hold_rng
+        )
     for p, y in enumerate(private_y):
         info[p]["num_samples"] = len(y)
         info[p]["class_counts"] = torch.bincount(y - offset, minlength=len(priv_classes)).tolist()
@@ -451,6 +493,12 @@ def build_fedmd_data(
     owned = np.concatenate(parts) if same_files else None
     train_ix, val_ix, public_y = _public_pool(c, pub, pub_classes, owned, rng)
     pub_offset_labels = 0  # public classes always start at output 0
+    true_y = public_y.clone()
+    unlabelled = (public_y < 0).numpy()
+    if unlabelled.any() and same_files:  # images of the private classes: known to the benchmark
+        true_y[unlabelled] = known_labels(
+            pub.train_y.numpy()[train_ix][unlabelled], priv_classes, offset
+        )
     return FedMDData(
         public_x=pub.train_x[torch.as_tensor(train_ix)],
         public_y=public_y,
@@ -473,4 +521,7 @@ def build_fedmd_data(
         public_hflip=pub.info.hflip,
         private_hflip=priv.info.hflip,
         party_info=info,
+        public_true_y=true_y,
+        holdout_x=holdout_x,
+        holdout_y=holdout_y,
     )

@@ -75,8 +75,9 @@ def headline(results: dict[str, Any]) -> dict[str, float | None]:
 
 def plot_fedmd(results: dict[str, Any], path: str | Path) -> None:
     """Per-party private test accuracy per round (round 0 = alone), with the mean in black, the
-    mean alone and mean pooled levels as horizontal lines, and each party's pooled accuracy as a
-    star at the right edge."""
+    mean alone and mean pooled levels as horizontal lines, each party's pooled accuracy as a
+    star at the right edge, and the consensus's accuracy on each round's alignment subset (red;
+    ``consensus_acc``, and ``consensus_private_acc`` dotted) from round 1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,6 +107,13 @@ def plot_fedmd(results: dict[str, Any], path: str | Path) -> None:
             ls="--",
             label="ensemble (diagnostic)",
         )
+    for key, ls, label in (
+        ("consensus_acc", "-", "consensus, alignment subset"),
+        ("consensus_private_acc", ":", "consensus, private classes' images"),
+    ):
+        vals = [np.nan if v is None else v for v in results.get(key) or []]
+        if vals and not np.all(np.isnan(vals)):
+            ax.plot(xs[1:], vals, color="crimson", lw=2.0, ls=ls, marker="o", ms=4, label=label)
     ax.axhline(np.mean(results["alone_acc"]), color="grey", ls="--", lw=1.5, label="mean alone")
     pooled_vals = [p for p in pooled if p is not None]
     if pooled_vals:

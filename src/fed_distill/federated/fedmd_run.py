@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from fed_distill.artifacts import save_checkpoint
+from fed_distill.errors import ConfigError
 from fed_distill.federated.config import (
     FedMDConfig,
     check_fedmd_config,
@@ -30,20 +31,22 @@ from fed_distill.federated.config import (
 from fed_distill.federated.fedmd import (
     Party,
     build_party_model,
-    class_scores,
     local_round,
     party_architectures,
+    party_report,
     restricted_accuracy,
     step_seed,
 )
 from fed_distill.federated.fedmd_baselines import alone_extended, pooled_baseline, transfer_learning
+from fed_distill.federated.fedmd_consensus import get_rule
 from fed_distill.federated.fedmd_data import FedMDData, build_fedmd_data
 from fed_distill.federated.fedmd_results import plot_fedmd, summary_table
 from fed_distill.federated.fedmd_server import (
-    aggregate,
     collect_scores,
     consensus_distance,
+    consensus_of,
     draw_public_subset,
+    record_consensus,
 )
 from fed_distill.tracking import log_scalars
 
@@ -59,6 +62,8 @@ class RunState:
     extended: list[float | None] = field(default_factory=list)
     party_acc: list[list[float]] = field(default_factory=list)
     distances: list[list[float | None]] = field(default_factory=list)
+    consensus_acc: list[float | None] = field(default_factory=list)  # per round, all known labels
+    consensus_private_acc: list[float | None] = field(default_factory=list)  # private classes
     left_out: list[list[dict[str, Any]]] = field(default_factory=list)
     round_times: list[float] = field(default_factory=list)
     steps: dict[str, float] = field(
@@ -119,6 +124,8 @@ def save_state(run: FedMDRun, st: RunState) -> None:
         "extended": st.extended,
         "party_acc": st.party_acc,
         "distances": st.distances,
+        "consensus_acc": st.consensus_acc,
+        "consensus_private_acc": st.consensus_private_acc,
         "left_out": st.left_out,
         "round_times": st.round_times,
         "steps": st.steps,
@@ -144,6 +151,8 @@ def restore_state(run: FedMDRun, st: RunState) -> None:
     st.transfer, st.ensemble = ckpt["transfer"], ckpt["ensemble"]
     st.pooled, st.extended, st.party_acc = ckpt["pooled"], ckpt["extended"], ckpt["party_acc"]
     st.distances, st.left_out = ckpt["distances"], ckpt["left_out"]
+    st.consensus_acc = ckpt.get("consensus_acc", [None] * len(st.distances))
+    st.consensus_private_acc = ckpt.get("consensus_private_acc", [None] * len(st.distances))
     st.round_times, st.steps, st.done = ckpt["round_times"], ckpt["steps"], ckpt["done"]
     st.stage_times = {**ckpt["stage_times"], "data": st.stage_times["data"]}
     st.t_start -= ckpt["elapsed"]
@@ -248,29 +257,27 @@ def baselines_phase(run: FedMDRun, st: RunState) -> None:
 def one_round(run: FedMDRun, st: RunState, r: int) -> list[dict[str, Any]]:
     """Round ``r``: draw, communicate, aggregate, distribute, digest, revisit, evaluate.
     Returns the parties left out of the consensus."""
-    c, data, device, models = run.c, run.data, run.device, st.models
+    c, data, models = run.c, run.data, st.models
     idx = torch.as_tensor(draw_public_subset(data.public_y, c.public_subset_size, run.seed, r))
     subset_x = data.public_x[idx]
 
     t0 = time.perf_counter()
-    messages = [
-        class_scores(
-            m, subset_x, data.public_norm, kind=c.scores, temperature=c.temperature, device=device
-        )
-        for m in models
-    ]
+    messages = [party_report(m, run.party(i), subset_x) for i, m in enumerate(models)]
     st.steps["communicate"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     expected = (len(idx), data.num_outputs)
-    valid, used, left_out = collect_scores(messages, expected, run.names, c.on_invalid_scores)
-    weights = [c.aggregate_weights[i] for i in used] if c.aggregate_weights is not None else None
-    consensus = aggregate(valid, c.aggregate, weights, c.trim)
+    sends = get_rule(c.aggregate).sends
+    valid, used, left_out = collect_scores(
+        messages, expected, run.names, c.on_invalid_scores, sends
+    )
+    consensus = consensus_of(valid, c, used)
     dist: list[float | None] = [None] * len(models)
-    for i, s in zip(used, valid, strict=True):
-        dist[i] = consensus_distance(s, consensus)
+    for i, rep in zip(used, valid, strict=True):
+        dist[i] = consensus_distance(rep["scores"], consensus)
     st.distances.append(dist)
     st.left_out.append(left_out)
+    record_consensus(st, consensus, data, idx)
     st.steps["aggregate"] += time.perf_counter() - t0
 
     logit_sum = torch.zeros(len(data.test_y), data.num_outputs)
@@ -353,6 +360,8 @@ def results_of(
         "public_val_acc": [tr["public_val_acc"] for tr in transfer],
         "private_acc_after_public": [tr["private_acc_after_public"] for tr in transfer],
         "consensus_distance": st.distances,
+        "consensus_acc": st.consensus_acc,
+        "consensus_private_acc": st.consensus_private_acc,
         "left_out": st.left_out,
         "wall_time_s": time.perf_counter() - st.t_start,
         "round_times_s": st.round_times,
@@ -380,16 +389,9 @@ def _print_data(run: FedMDRun) -> None:
 # ============================================================================ the runner
 
 
-def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
-    """``fed-distill fedmd``: transfer learning, R rounds of FedMD, alone and pooled baselines.
-
-    Writes ``run_dir/results.json`` (``rounds``, ``party_acc`` [per party, rounds+1 values,
-    round 0 = after transfer learning], ``alone_acc``, ``pooled_acc``, ``alone_extended_acc``,
-    ``wall_time_s``, ``round_times_s``, ``parties``, per-round ``consensus_distance`` and
-    ``left_out`` parties, the resolved ``config``) and ``run_dir/fedmd_accuracy.png``.
-    Presets: ``fedmd=quick|fashion|fashion_same_domain|mnist_femnist_balanced|...``.
-    """
-    from fed_distill.artifacts import remove_file, save_json, save_weights
+def start_run(cfg: DictConfig) -> tuple[FedMDRun | None, RunState, dict[str, Any] | None]:
+    """Check the config, build the data and restore a checkpoint: the run, its state so far
+    and None; or None, an empty state and the results when the same run is already done."""
     from fed_distill.config import as_object
     from fed_distill.pipeline import _fingerprint, checkpoint_dir
     from fed_distill.utils import progress_bar, resolve_device, seed_everything
@@ -417,32 +419,113 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
         shaped["split"] = params
     fp = _fingerprint(shaped)
     ckpt_path = checkpoint_dir(run_dir) / "fedmd.safetensors"
+    names = [f"party {i} ({a})" for i, a in enumerate(archs)]
     old = _finished(run_dir, fp, ckpt_path, bool(cfg.force))
     if old is not None:
-        return old
+        return None, st, old
     seed_everything(seed)
 
     t0 = time.perf_counter()
     data = build_fedmd_data(c, len(archs), seed, split)
     st.stage_times["data"] = time.perf_counter() - t0
-    names = [f"party {i} ({a})" for i, a in enumerate(archs)]
     run = FedMDRun(c, data, archs, names, device, seed, show, ckpt_path, {"fingerprint": fp})
     _print_data(run)
     st.pooled, st.extended = [None] * len(archs), [None] * len(archs)
     restore_state(run, st)
+    return run, st, None
 
-    transfer_phase(run, st)
-    alone = [tr["alone_acc"] for tr in st.transfer]
-    baselines_phase(run, st)
-    rounds_phase(run, st, alone)
 
-    if c.save_models:
+def finish_run(run: FedMDRun, st: RunState, cfg: DictConfig) -> dict[str, Any]:
+    """Save the parties' models, ``results.json`` and the figure; remove the checkpoint."""
+    from fed_distill.artifacts import remove_file, save_json, save_weights
+
+    run_dir = Path(str(cfg.run_dir))
+    if run.c.save_models:
         for i, m in enumerate(st.models):
-            save_weights(m, run_dir / "parties" / f"party_{i}.safetensors", {"arch": archs[i]})
-    results = results_of(run, st, alone, cfg, fp)
+            save_weights(m, run_dir / "parties" / f"party_{i}.safetensors", {"arch": run.archs[i]})
+    alone = [tr["alone_acc"] for tr in st.transfer]
+    results = results_of(run, st, alone, cfg, run.meta["fingerprint"])
     save_json(results, run_dir / "results.json")
-    remove_file(ckpt_path)
+    remove_file(run.ckpt_path)
     plot_fedmd(results, run_dir / "fedmd_accuracy.png")
     print(summary_table(results))
     print(f"results in {run_dir / 'results.json'}, figure {run_dir / 'fedmd_accuracy.png'}")
     return results
+
+
+def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
+    """``fed-distill fedmd``: transfer learning, R rounds of FedMD, alone and pooled baselines.
+
+    Writes ``run_dir/results.json`` (``rounds``, ``party_acc`` [per party, rounds+1 values,
+    round 0 = after transfer learning], ``alone_acc``, ``pooled_acc``, ``alone_extended_acc``,
+    ``wall_time_s``, ``round_times_s``, ``parties``, per-round ``consensus_distance``,
+    ``consensus_acc`` and ``left_out`` parties, the resolved ``config``) and
+    ``run_dir/fedmd_accuracy.png``.
+    Presets: ``fedmd=quick|fashion|fashion_same_domain|mnist_femnist_balanced|...``.
+    """
+    run, st, old = start_run(cfg)
+    if run is None:
+        return old
+    transfer_phase(run, st)
+    baselines_phase(run, st)
+    rounds_phase(run, st, [tr["alone_acc"] for tr in st.transfer])
+    return finish_run(run, st, cfg)
+
+
+# Settings that only change the rounds: runs that differ in nothing else share the data,
+# transfer learning and baselines (branch_rounds).
+ROUND_ONLY = (
+    "name",
+    "aggregate",
+    "aggregate_weights",
+    "trim",
+    "sharpen",
+    "scores",
+    "temperature",
+    "digest_loss",
+    "digest_epochs",
+    "digest_batch_size",
+    "on_invalid_scores",
+    "checkpoint_every",
+)
+
+
+def setup_run(cfg: DictConfig) -> tuple[FedMDRun, RunState]:
+    """Transfer learning and the baselines of ``cfg``, in memory (no checkpoint, nothing
+    written): the common start :func:`branch_rounds` continues from."""
+    run, st, _ = start_run(cfg)
+    if run is None:
+        raise ConfigError("setup_run: run_dir holds this run's results already; use force=true")
+    transfer_phase(run, st)
+    baselines_phase(run, st)
+    st.stage_times["setup"] = time.perf_counter() - st.t_start
+    return run, st
+
+
+def branch_rounds(base: tuple[FedMDRun, RunState], cfg: DictConfig) -> dict[str, Any]:
+    """The rounds of ``cfg`` from a copy of ``base`` (:func:`setup_run`): the very parties and
+    baselines, so rules differ only in their rounds. ``cfg`` may differ from the base's only
+    in :data:`ROUND_ONLY` keys. Writes and returns ``cfg.run_dir``'s results like a run."""
+    from fed_distill.config import as_object
+    from fed_distill.pipeline import _fingerprint
+
+    run0, st0 = base
+    c: FedMDConfig = as_object(cfg.fedmd, FedMDConfig)
+    check_fedmd_config(c, split_of(cfg))
+    c.data_dir = run0.c.data_dir
+    a, b = asdict(run0.c), asdict(c)
+    differ = sorted(k for k in a if a[k] != b[k] and k not in ROUND_ONLY)
+    if differ or int(cfg.seed) != run0.seed:
+        raise ConfigError(f"branch_rounds: the runs differ in more than the rounds: {differ}")
+    shaped = {"fedmd": {k: v for k, v in b.items() if k != "checkpoint_every"}, "seed": run0.seed}
+    if (params := private_split_params(c, split_of(cfg))) is not None:
+        shaped["split"] = params
+    meta = {"fingerprint": _fingerprint(shaped)}
+    ckpt = run0.ckpt_path.parent / "unused.safetensors"
+    d = run0
+    run = FedMDRun(c, d.data, d.archs, d.names, d.device, d.seed, d.show, ckpt, meta)
+    st = copy.deepcopy(st0)
+    st.t_start = time.perf_counter() - st0.stage_times["setup"]
+    c.checkpoint_every = 0
+    rounds_phase(run, st, [tr["alone_acc"] for tr in st.transfer])
+    return finish_run(run, st, cfg)

@@ -5,7 +5,6 @@ draw each round's public subset. Plain functions of tensors: the in-process roun
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,8 +12,9 @@ import numpy as np
 import torch
 
 from fed_distill.errors import ConfigError, ProtocolError
-from fed_distill.federated.config import AGGREGATES
-from fed_distill.federated.fedmd_data import stratified_subset
+from fed_distill.federated.config import FedMDConfig
+from fed_distill.federated.fedmd_consensus import aggregate, get_rule, validate_extra
+from fed_distill.federated.fedmd_data import FedMDData, stratified_subset
 
 
 def validate_scores(scores: Any, expected_shape: Sequence[int], party: str | int) -> torch.Tensor:
@@ -47,47 +47,20 @@ def validate_scores(scores: Any, expected_shape: Sequence[int], party: str | int
     return scores.detach().to("cpu", torch.float32)
 
 
-def aggregate(
-    scores_list: Sequence[torch.Tensor],
-    method: str = "mean",
-    weights: Sequence[float] | None = None,
-    trim: float = 0.1,
-) -> torch.Tensor:
-    """Aggregate (server): the consensus of the parties' scores, element-wise.
-
-    * ``mean`` -- the paper's average; optional per-party ``weights`` (normalised to sum 1).
-    * ``median`` -- coordinate-wise median (the mean of the two middle values for an even count).
-    * ``trimmed_mean`` -- per coordinate, drop the ``floor(trim * n)`` lowest and highest values
-      and average the rest.
-
-    The robust options bound the influence of a few outlier parties.
-    """
-    if len(scores_list) == 0:
-        raise ProtocolError("aggregate: no party sent class scores")
-    if method not in AGGREGATES:
-        raise ConfigError(f"fedmd.aggregate must be one of {', '.join(AGGREGATES)}, got '{method}'")
-    stack = torch.stack([s.float() for s in scores_list])  # (P, N, C)
-    n = stack.shape[0]
-    if weights is not None:
-        if method != "mean":
-            raise ConfigError(f"aggregate weights only apply to mean, not '{method}'")
-        w = torch.as_tensor(list(weights), dtype=torch.float32)
-        if w.shape != (n,) or not bool(torch.isfinite(w).all()) or (w < 0).any() or w.sum() <= 0:
-            raise ConfigError(
-                f"aggregate weights must be {n} non-negative numbers with a positive sum, "
-                f"got {list(weights)}"
-            )
-        return torch.einsum("p,pnc->nc", w / w.sum(), stack)
-    if method == "mean":
-        return stack.mean(0)
-    ordered = stack.sort(dim=0).values
-    if method == "median":
-        mid = n // 2
-        return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
-    if not 0 <= trim < 0.5:
-        raise ConfigError(f"fedmd.trim must be in [0, 0.5), got {trim}")
-    k = int(math.floor(trim * n))
-    return ordered[k : n - k].mean(0)
+def validate_report(
+    msg: Any, expected_shape: Sequence[int], party: str | int, sends: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
+    """Check one party's whole message (server side): its scores (:func:`validate_scores`) and
+    what the rule needs besides (``sends``: ``class_counts``, ``reliability``). ``msg``: a dict
+    of tensors, or the scores alone. A ProtocolError naming the party for anything amiss."""
+    who = party if isinstance(party, str) else f"party {party}"
+    parts = msg if isinstance(msg, dict) else {"scores": msg}
+    report = {"scores": validate_scores(parts.get("scores"), expected_shape, who)}
+    for name in sends:
+        if name not in parts:
+            raise ProtocolError(f"{who}: the message lacks '{name}', which the rule needs")
+        report[name] = validate_extra(name, parts[name], int(expected_shape[-1]), who)
+    return report
 
 
 def collect_scores(
@@ -95,17 +68,19 @@ def collect_scores(
     expected_shape: Sequence[int],
     party_names: Sequence[str],
     on_invalid: str = "error",
-) -> tuple[list[torch.Tensor], list[int], list[dict[str, Any]]]:
-    """Validate every party's message (server side).
+    sends: Sequence[str] = (),
+) -> tuple[list[dict[str, torch.Tensor]], list[int], list[dict[str, Any]]]:
+    """Validate every party's message (server side, :func:`validate_report`).
 
-    Returns the valid scores, the indices of the parties they came from, and the left-out
-    parties (``{"party", "reason"}``). ``on_invalid="error"`` raises the first ProtocolError;
-    ``"skip"`` leaves the party out of this round's consensus (at least one must remain).
+    Returns the valid reports (``{"scores", *sends}``), the indices of the parties they came
+    from, and the left-out parties (``{"party", "reason"}``). ``on_invalid="error"`` raises the
+    first ProtocolError; ``"skip"`` leaves the party out of this round's consensus (at least
+    one must remain).
     """
     valid, used, left_out = [], [], []
     for i, (msg, name) in enumerate(zip(messages, party_names, strict=True)):
         try:
-            valid.append(validate_scores(msg, expected_shape, name))
+            valid.append(validate_report(msg, expected_shape, name, sends))
             used.append(i)
         except ProtocolError as e:
             if on_invalid != "skip":
@@ -117,6 +92,57 @@ def collect_scores(
             + "; ".join(d["reason"] for d in left_out)
         )
     return valid, used, left_out
+
+
+def consensus_of(
+    reports: Sequence[dict[str, torch.Tensor]], c: FedMDConfig, used: Sequence[int]
+) -> torch.Tensor:
+    """Aggregate (server): the consensus of the valid reports of parties ``used`` by the run's
+    rule (``fedmd.aggregate``, its weights, trim, sharpen). Both runners call this."""
+    w = [c.aggregate_weights[i] for i in used] if c.aggregate_weights is not None else None
+    extra = {
+        name: torch.stack([r[name] for r in reports]).squeeze(-1)
+        if name == "reliability"
+        else torch.stack([r[name] for r in reports])
+        for name in get_rule(c.aggregate).sends
+    }
+    return aggregate(
+        [r["scores"] for r in reports],
+        c.aggregate,
+        w,
+        c.trim,
+        kind=c.scores,
+        temperature=c.temperature,
+        sharpen_t=c.sharpen,
+        **extra,
+    )
+
+
+def consensus_accuracy(
+    consensus: torch.Tensor, true_y: torch.Tensor, blocks: Sequence[tuple[int, int]]
+) -> float | None:
+    """The consensus's accuracy on the public subset's images whose true label the benchmark
+    knows (``true_y`` >= 0; never shown to a party), each image scored as the parties are:
+    by the argmax over its own task's outputs, ``blocks`` = (first output, count) per task
+    (the public classes, the private ones). None where no image's label is in a block."""
+    right, total = 0, 0
+    for lo, count in blocks:
+        keep = (true_y >= lo) & (true_y < lo + count)
+        pred = consensus[keep][:, lo : lo + count].argmax(1) + lo
+        right += int((pred == true_y[keep]).sum())
+        total += int(keep.sum())
+    return right / total if total else None
+
+
+def record_consensus(st: Any, consensus: torch.Tensor, data: FedMDData, idx: torch.Tensor) -> None:
+    """The consensus's accuracy on the round's subset where the benchmark knows the labels,
+    each image over its own task's outputs (``consensus_acc``), and on the private classes'
+    images only (``consensus_private_acc``), appended to ``st`` (a RunState or the Flower
+    server's log)."""
+    true_y, private = data.public_true_y[idx], (data.offset, data.num_private)
+    tasks = [(0, data.offset), private] if data.offset > 0 else [private]
+    st.consensus_acc.append(consensus_accuracy(consensus, true_y, tasks))
+    st.consensus_private_acc.append(consensus_accuracy(consensus, true_y, [private]))
 
 
 def consensus_distance(scores: torch.Tensor, consensus: torch.Tensor) -> float:

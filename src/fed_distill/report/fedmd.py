@@ -41,6 +41,7 @@ FEDMD_KEYS = (
     "fedmd.public_subset_size",
     "fedmd.scores",
     "fedmd.aggregate",
+    "fedmd.sharpen",
     "fedmd.digest_loss",
     "fedmd.digest_epochs",
     "fedmd.revisit_epochs",
@@ -80,6 +81,9 @@ def _check_fedmd_results(rep: Report, results: Any) -> None:
             _check_acc_list(results[k], path, k, n)
     if results.get("ensemble_acc"):
         _check_acc_list(results["ensemble_acc"], path, "ensemble_acc", r + 1)
+    for k in ("consensus_acc", "consensus_private_acc"):  # one value per round (older runs: none)
+        if k in results:
+            _check_acc_list(results[k], path, k, r)
     if "round_times_s" in results:
         _check_num_list(results["round_times_s"], path, "round_times_s")
     for k in ("stage_times_s", "step_times_s"):
@@ -187,7 +191,10 @@ def _round_figures(rep: Report, results: dict[str, Any]) -> None:
     rep.figure(
         "fedmd_accuracy",
         "Private test accuracy of each party per round (round 0 = alone), with the mean, the mean alone "
-        "and mean pooled levels, and each party's pooled accuracy as a star.",
+        "and mean pooled levels, and each party's pooled accuracy as a star; in red, the consensus's "
+        "accuracy on each round's alignment subset, where the benchmark knows the labels (solid: "
+        "every known image, each over its own task's outputs; dotted: the private classes' images) "
+        "— if it sits near the parties, the rule has not raised the ceiling they digest.",
         lambda p: _plot_fedmd(results, p),
     )
     left = [

@@ -193,20 +193,13 @@ class _RoundStep:
 
 @app.query("fedmd_scores")
 def fedmd_scores(msg: Message, context: Context) -> Message:
-    """Communicate: class scores of the party's model on the public samples the server names."""
-    from fed_distill.federated.fedmd import class_scores
+    """Communicate: class scores of the party's model on the public samples the server names,
+    and what the consensus rule needs besides (:func:`~fed_distill.federated.fedmd.party_report`)."""
+    from fed_distill.federated.fedmd import Party, party_report
 
     r = _RoundStep.of(msg, context)
-    scores = {
-        "scores": class_scores(
-            r.model,
-            r.data.public_x[r.arrays["idx"]],
-            r.data.public_norm,
-            kind=r.c.scores,
-            temperature=r.c.temperature,
-            device=r.device,
-        )
-    }
+    me = Party(r.party, r.data, r.c, r.device, int(r.cfg.seed))
+    scores = party_report(r.model, me, r.data.public_x[r.arrays["idx"]])
     kind, sleep_s = _fault(msg)
     if kind:
         inject_fault(kind, scores, sleep_s)

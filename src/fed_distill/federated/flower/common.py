@@ -22,7 +22,7 @@ ONESHOT_TRAIN = "train.oneshot_teacher"  # train the local teacher once, upload 
 # reply keys of a one-shot client's class statistics, beside its weights' keys
 CLASS_STATS_PREFIX = "class_stats."
 
-FAULTS = ("nan", "inf", "shape", "dtype", "timeout", "error")
+FAULTS = ("nan", "inf", "shape", "dtype", "timeout", "error", "extra_nan", "extra_range")
 
 
 def to_record(tensors: dict[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
@@ -67,8 +67,15 @@ def inject_fault(kind: str, tensors: dict[str, torch.Tensor], sleep_s: float) ->
     """Make a reply bad in the way ``kind`` names, in place (a testing knob: ``--fault``).
 
     nan/inf poison one value of every float tensor, shape drops the last row, dtype casts to
-    int64, timeout sleeps past the server's deadline, error raises inside the ClientApp.
+    int64, timeout sleeps past the server's deadline, error raises inside the ClientApp;
+    extra_nan / extra_range set what a FedMD party sends besides its scores (class counts,
+    reliability) to NaN / 1.5 (out of range, not a whole number).
     """
+    if kind in ("extra_nan", "extra_range"):
+        for k, t in list(tensors.items()):
+            if k != "scores":
+                tensors[k] = torch.full_like(t, float("nan") if kind == "extra_nan" else 1.5)
+        return
     if kind == "timeout":
         time.sleep(sleep_s)
         return

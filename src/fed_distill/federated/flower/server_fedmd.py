@@ -20,13 +20,15 @@ from fed_distill.config import as_object, to_container
 from fed_distill.errors import FlowerError, ProtocolError
 from fed_distill.federated.config import FedMDConfig, check_fedmd_config, split_of
 from fed_distill.federated.fedmd import party_architectures, restricted_accuracy
+from fed_distill.federated.fedmd_consensus import get_rule
 from fed_distill.federated.fedmd_data import build_fedmd_data
 from fed_distill.federated.fedmd_results import plot_fedmd, summary_table
 from fed_distill.federated.fedmd_server import (
-    aggregate,
     collect_scores,
     consensus_distance,
+    consensus_of,
     draw_public_subset,
+    record_consensus,
 )
 from fed_distill.federated.flower.common import (
     FEDMD_ROUND,
@@ -55,6 +57,8 @@ class _RoundLog:
     party_acc: list[list[float | None]]
     ensemble: list[float | None]
     distances: list[list[float | None]] = field(default_factory=list)
+    consensus_acc: list[float | None] = field(default_factory=list)
+    consensus_private_acc: list[float | None] = field(default_factory=list)
     left_out: list[list[dict[str, Any]]] = field(default_factory=list)
     round_times: list[float] = field(default_factory=list)
     steps: dict[str, float] = field(
@@ -136,7 +140,7 @@ class _FedMD:
         messages = []
         for i in answered:
             rec = replies[i].content.get("arrays")
-            messages.append(from_record(rec).get("scores") if rec is not None else None)
+            messages.append(from_record(rec) if rec is not None else None)
         left_out = [{"party": p, "reason": why} for p, why in sorted(left.items())]
         if answered:
             valid, used_pos, rejected = collect_scores(
@@ -144,6 +148,7 @@ class _FedMD:
                 (len(idx), self.data.num_outputs),
                 [self.names[i] for i in answered],
                 "skip",
+                get_rule(c.aggregate).sends,
             )
         else:
             valid, used_pos, rejected = [], [], []
@@ -157,13 +162,10 @@ class _FedMD:
                 f"round {r}: no party's class scores could be used: "
                 + "; ".join(d["reason"] for d in left_out)
             )
-        weights = (
-            [c.aggregate_weights[i] for i in used] if c.aggregate_weights is not None else None
-        )
-        consensus = aggregate(valid, c.aggregate, weights, c.trim)
+        consensus = consensus_of(valid, c, used)
         dist: list[float | None] = [None] * n
-        for i, s in zip(used, valid, strict=True):
-            dist[i] = consensus_distance(s, consensus)
+        for i, rep in zip(used, valid, strict=True):
+            dist[i] = consensus_distance(rep["scores"], consensus)
         steps["aggregate"] += time.perf_counter() - t0
         return answered, consensus, dist, left_out
 
@@ -177,6 +179,7 @@ class _FedMD:
         )
         answered, consensus, dist, left_out = self.consensus(r, idx, steps)
         log.distances.append(dist)
+        record_consensus(log, consensus, self.data, idx)
         accs, ens, late = self.digest(r, idx, consensus, answered, steps)
         for p, why in sorted(late.items()):
             left_out.append({"party": p, "reason": why, "step": "digest"})
@@ -289,6 +292,8 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
         "public_val_acc": [tr[i]["public_val_acc"] for i in range(n)],
         "private_acc_after_public": [tr[i]["private_acc_after_public"] for i in range(n)],
         "consensus_distance": log.distances,
+        "consensus_acc": log.consensus_acc,
+        "consensus_private_acc": log.consensus_private_acc,
         "left_out": log.left_out,
         "wall_time_s": time.perf_counter() - t_start,
         "round_times_s": round_times,
