@@ -158,6 +158,66 @@ def plot(rows: list[list[Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+# The synthesizers whose cost per image is timed against the number of teachers.
+SYNTHESIZERS = {
+    "cpu (cycling, the default)": ["synthesis=cpu"],
+    "cpu_sampling (2 per step)": ["synthesis=cpu_sampling"],
+    "cpu, mode=ensemble": ["synthesis=cpu", "synthesis.mode=ensemble"],
+    "generator": ["synthesis=generator"],
+}
+
+
+def synthesis_cost(teacher_counts: list[int], iterations: int) -> list[list[Any]]:
+    """Seconds per synthetic image of one batch (adaptive: against a student), for every
+    synthesizer of ``SYNTHESIZERS`` and number of teachers: random cnn_small teachers on
+    Fashion-MNIST's image size, BN statistics warmed on noise, Dirichlet(0.5) label counts and
+    per-class statistics as clients upload them. Cost does not depend on what the weights
+    learnt, so no teacher is trained; the build (converting T teachers) is timed apart."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from fed_distill.api import compose
+    from fed_distill.class_stats import compute_class_stats
+    from fed_distill.config import as_object
+    from fed_distill.data.transforms import Normalizer
+    from fed_distill.models import build_model
+    from fed_distill.synthesis import SynthesisConfig, build_synthesizer
+
+    norm, rng = Normalizer((0.286,), (0.353,)), np.random.default_rng(0)
+    rows = []
+    for n in teacher_counts:
+        torch.manual_seed(n)
+        teachers = [build_model("cnn_small", 10, 1, 28).train() for _ in range(n)]
+        images = torch.randint(0, 256, (n, 100, 1, 28, 28), dtype=torch.uint8)
+        labels = torch.arange(100) % 10
+        with torch.no_grad():
+            for t, x in zip(teachers, images, strict=True):
+                t(norm(x))  # BN running statistics of some input
+        teachers = [t.eval() for t in teachers]
+        stats = [
+            compute_class_stats(t, images[i], labels, norm, 10) for i, t in enumerate(teachers)
+        ]
+        counts = (rng.dirichlet([0.5] * n, size=10).T * 6000).round().astype(np.int64)
+        student = build_model("cnn_small", 10, 1, 28)
+        for name, overrides in SYNTHESIZERS.items():
+            over = [*overrides, f"synthesis.iterations={iterations}"]
+            scfg = as_object(compose("oneshot", over).synthesis, SynthesisConfig)
+            t0 = time.perf_counter()
+            synth = build_synthesizer(
+                scfg, teachers, counts, (1, 28, 28), norm, True, "cpu", 0, class_stats=stats
+            )
+            built = time.perf_counter() - t0
+            synth.synthesize(student)  # warm-up
+            t0 = time.perf_counter()
+            batch = synth.synthesize(student)
+            per_image = (time.perf_counter() - t0) / len(batch)
+            rows.append([n, name, f"{built:.2f}", f"{1000 * per_image:.1f}"])
+            print(format_table(["teachers", "synthesizer", "build s", "ms per image"], rows[-1:]))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[5, 10, 20, 50, 100])
@@ -165,8 +225,20 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/scale"))
     ap.add_argument("--figure", type=Path, default=Path("docs/figures/scale.png"))
     ap.add_argument("--table-only", action="store_true", help="run nothing; table what has run")
+    ap.add_argument(
+        "--synthesis-cost",
+        type=int,
+        nargs="+",
+        metavar="T",
+        help="only time each synthesizer's cost per image with T random teachers",
+    )
+    ap.add_argument("--iterations", type=int, default=10, help="for --synthesis-cost")
     ap.add_argument("overrides", nargs="*", help="after --: overrides for every run")
     a = ap.parse_args()
+    if a.synthesis_cost:
+        rows = synthesis_cost(a.synthesis_cost, a.iterations)
+        print(format_table(["teachers", "synthesizer", "build s", "ms per image"], rows, True))
+        return 0
     if any(n < 1 for n in a.clients):
         ap.error("--clients must be positive")
     rows = []
