@@ -6,6 +6,8 @@ defaults, for 5, 10, 20, 50 and 100 clients.
     .venv/bin/python benchmarks/scale.py --clients 5 100 --seeds 0 1
     .venv/bin/python benchmarks/scale.py --table-only             # the table of what has run
     .venv/bin/python benchmarks/scale.py --clients 20 -- student.targets=live   # the old loop
+    .venv/bin/python benchmarks/scale.py --synthesis-cost 5 20 100   # ms per synthetic image
+    .venv/bin/python benchmarks/scale.py --student-cost 5 20 100     # ms per student batch
 
 Each (clients, seed) runs ``fed-distill oneshot split.num_clients=N seed=S`` in its own process
 (so that its peak memory is its own) into ``--out/clientsN_seedS``; a run whose results.json
@@ -158,6 +160,69 @@ def plot(rows: list[list[Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+def _random_teachers(n: int) -> tuple[list[Any], Any, Any]:
+    """``n`` random cnn_small teachers (BN statistics warmed on noise), their uint8 images and
+    the Fashion-MNIST normaliser: cost does not depend on what the weights learnt."""
+    import torch
+
+    from fed_distill.data.transforms import Normalizer
+    from fed_distill.models import build_model
+
+    norm = Normalizer((0.286,), (0.353,))
+    torch.manual_seed(n)
+    teachers = [build_model("cnn_small", 10, 1, 28).train() for _ in range(n)]
+    images = torch.randint(0, 256, (n, 100, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        for t, x in zip(teachers, images, strict=True):
+            t(norm(x))  # BN running statistics of some input
+    return [t.eval() for t in teachers], images, norm
+
+
+def student_cost(teacher_counts: list[int], repeats: int = 5) -> list[list[Any]]:
+    """Milliseconds per student batch (``student.batch_size`` images) of the soft labels, for
+    the live loop (every teacher on every image) and ``sampled`` (``target_teachers`` drawn per
+    image), against the number of teachers, beside the student's own forward and backward on
+    that batch; Dirichlet(0.5) class shares, the ``weighted`` rule, median of ``repeats``."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from fed_distill.models import build_model
+    from fed_distill.train.student import teacher_targets
+    from fed_distill.train.student_config import StudentConfig
+    from fed_distill.train.targets import TeacherSampler
+
+    scfg = StudentConfig()
+    rng, rows = np.random.default_rng(0), []
+    x = torch.randn(scfg.batch_size, 1, 28, 28)
+    student, T = build_model("cnn_small", 10, 1, 28), scfg.temperature
+
+    def timed(fn: Any) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1000 * float(np.median(times))
+
+    own = timed(lambda: student(x).logsumexp(1).mean().backward())
+    for n in teacher_counts:
+        teachers, _, _ = _random_teachers(n)
+        counts = rng.dirichlet([0.5] * n, size=10).T * 6000
+        shares = torch.tensor(counts / counts.sum(0, keepdims=True), dtype=torch.float32)
+        sampler = TeacherSampler(n, scfg.target_teachers, "weighted", shares, 0)
+        live = timed(lambda ts=teachers, sh=shares: teacher_targets(ts, x, T, "weighted", sh))
+        sampled = timed(lambda ts=teachers, smp=sampler: smp.label(ts, x, T))
+        rows.append([n, scfg.batch_size, f"{live:.1f}", f"{sampled:.1f}", f"{own:.1f}"])
+        print(format_table(STUDENT_COST, rows[-1:]))
+    return rows
+
+
+STUDENT_COST = ["teachers", "batch", "live ms", "sampled ms", "student fwd+bwd ms"]
+
+
 # The synthesizers whose cost per image is timed against the number of teachers.
 SYNTHESIZERS = {
     "cpu (cycling, the default)": ["synthesis=cpu"],
@@ -181,21 +246,13 @@ def synthesis_cost(teacher_counts: list[int], iterations: int) -> list[list[Any]
     from fed_distill.api import compose
     from fed_distill.class_stats import compute_class_stats
     from fed_distill.config import as_object
-    from fed_distill.data.transforms import Normalizer
     from fed_distill.models import build_model
     from fed_distill.synthesis import SynthesisConfig, build_synthesizer
 
-    norm, rng = Normalizer((0.286,), (0.353,)), np.random.default_rng(0)
-    rows = []
+    rng, rows = np.random.default_rng(0), []
+    labels = torch.arange(100) % 10
     for n in teacher_counts:
-        torch.manual_seed(n)
-        teachers = [build_model("cnn_small", 10, 1, 28).train() for _ in range(n)]
-        images = torch.randint(0, 256, (n, 100, 1, 28, 28), dtype=torch.uint8)
-        labels = torch.arange(100) % 10
-        with torch.no_grad():
-            for t, x in zip(teachers, images, strict=True):
-                t(norm(x))  # BN running statistics of some input
-        teachers = [t.eval() for t in teachers]
+        teachers, images, norm = _random_teachers(n)
         stats = [
             compute_class_stats(t, images[i], labels, norm, 10) for i, t in enumerate(teachers)
         ]
@@ -233,8 +290,18 @@ def main() -> int:
         help="only time each synthesizer's cost per image with T random teachers",
     )
     ap.add_argument("--iterations", type=int, default=10, help="for --synthesis-cost")
+    ap.add_argument(
+        "--student-cost",
+        type=int,
+        nargs="+",
+        metavar="T",
+        help="only time a student batch's soft labels (live, sampled) with T random teachers",
+    )
     ap.add_argument("overrides", nargs="*", help="after --: overrides for every run")
     a = ap.parse_args()
+    if a.student_cost:
+        print(format_table(STUDENT_COST, student_cost(a.student_cost), True))
+        return 0
     if a.synthesis_cost:
         rows = synthesis_cost(a.synthesis_cost, a.iterations)
         print(format_table(["teachers", "synthesizer", "build s", "ms per image"], rows, True))

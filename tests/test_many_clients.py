@@ -55,6 +55,27 @@ def test_scale_runs_each_size_once_and_tables_cost_and_accuracy(
     assert results.stat().st_mtime_ns == before
 
 
+def test_cost_modes_time_every_synthesizer_and_the_student_targets(
+    benchmark_module, monkeypatch, capsys
+):
+    """--synthesis-cost / --student-cost: a row per synthesizer (or one per teacher count), each
+    a positive time; run nothing else."""
+    scale = benchmark_module("scale")
+    rows = scale.synthesis_cost([2, 3], iterations=1)
+    assert [r[0] for r in rows] == [2] * len(scale.SYNTHESIZERS) + [3] * len(scale.SYNTHESIZERS)
+    assert all(float(r[3]) > 0 for r in rows)
+    monkeypatch.setattr(sys, "argv", ["scale.py", "--student-cost", "2", "7"])
+    assert scale.main() == 0
+    table = capsys.readouterr().out
+    assert "| live ms | sampled ms |" in table
+    lines = [
+        line for line in table.splitlines() if line.startswith("| 2 |") or line.startswith("| 7 |")
+    ]
+    assert len(lines) == 2
+    for line in lines:
+        assert all(float(c) > 0 for c in line.strip("|").split("|")[2:])
+
+
 def test_more_clients_than_min_size_allows_is_one_line_and_writes_nothing(cli, tmp_path):
     run = tmp_path / "run"
     code, out, err = cli("oneshot", "dataset=digits", "split.num_clients=500", f"run_dir={run}")
