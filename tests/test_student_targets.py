@@ -129,6 +129,32 @@ def test_sampled_soft_labels_converge_to_the_ensemble_as_draws_grow(method):
     assert errors[0] > 0.2, errors
 
 
+def test_sampled_asks_few_teachers_each_about_a_whole_group_of_images():
+    """100 teachers, a batch of 128, k = 5: one draw per group of 32 images, so at most 20
+    teacher calls of at least 32 images each (not ~100 calls of a few images)."""
+    sizes: list[int] = []
+
+    class Counted(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            sizes.append(len(x))
+            return self.inner(x)
+
+    base = _peaked_teachers(4)
+    teachers = [Counted(base[i % 4]) for i in range(100)]
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 50, size=(100, 10))
+    x = torch.randn(128, 1, 8, 8)
+    sampler = TeacherSampler(100, 5, "weighted", class_shares(counts), seed=0)
+    with torch.no_grad():
+        sampler.label(teachers, x, 1.0)
+    assert 0 < len(sizes) <= 20 and min(sizes) >= TeacherSampler.GROUP
+    assert sum(sizes) <= 128 * 5
+
+
 def test_a_class_no_drawn_teacher_holds_falls_back_to_their_mean():
     teachers = _peaked_teachers(2)
     counts = np.array([[10] * 5 + [0] * 5, [0] * 5 + [10] * 5])  # disjoint halves
