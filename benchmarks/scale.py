@@ -181,7 +181,7 @@ def _random_teachers(n: int) -> tuple[list[Any], Any, Any]:
 def student_cost(teacher_counts: list[int], repeats: int = 5) -> list[list[Any]]:
     """Milliseconds per student batch (``student.batch_size`` images) of the soft labels, for
     the live loop (every teacher on every image) and ``sampled`` (``target_teachers`` drawn per
-    image), against the number of teachers, beside the student's own forward and backward on
+    group of images), against the number of teachers, beside the student's own forward and backward on
     that batch; Dirichlet(0.5) class shares, the ``weighted`` rule, median of ``repeats``."""
     import time
 

@@ -67,8 +67,9 @@ class TeacherSampler:
 
     Each image gets ``k`` teachers (one draw per group of images, below), with replacement,
     teacher ``t`` with probability ``q_t``: its mean class share under the ``weighted`` rule
-    (a teacher that holds little of anything is rarely asked), uniform under the others. Under ``probs`` / ``logits`` the drawn
-    teachers are averaged (for ``probs`` an unbiased estimate of the ensemble). The ``weighted``
+    (a teacher that holds little of anything is rarely asked), uniform under the others. Under
+    ``probs`` / ``logits`` the drawn teachers are averaged (for ``probs`` an unbiased estimate
+    of the ensemble). The ``weighted``
     rule's class-``c`` probability is the share-weighted mean ``sum_t s_tc p_t(c|x)`` (the
     shares of a class sum to 1); it is estimated per class by the drawn teachers' mean of
     ``p_t(c|x)`` weighted by ``s_tc / q_t`` (self-normalised importance sampling: consistent,
