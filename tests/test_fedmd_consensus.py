@@ -20,7 +20,12 @@ from fed_distill.federated.fedmd_consensus import (
 )
 from fed_distill.federated.fedmd_data import build_fedmd_data
 from fed_distill.federated.fedmd_run import branch_rounds, setup_run
-from fed_distill.federated.fedmd_server import collect_scores, consensus_accuracy, validate_report
+from fed_distill.federated.fedmd_server import (
+    collect_scores,
+    consensus_accuracy,
+    oracle_corrected,
+    validate_report,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,6 +151,15 @@ def test_consensus_accuracy_scores_each_image_over_its_own_tasks_outputs():
     assert consensus_accuracy(consensus, torch.tensor([-1] * 4), [(0, 2)]) is None
 
 
+def test_oracle_consensus_swaps_only_the_wrong_rows_scores():
+    consensus = t([[1, 0, 9, 8], [0, 0, 1, 2], [0, 0, 3, 1], [5, 0, 0, 0]])
+    true_y = torch.tensor([1, 3, 3, -1])  # row 1 right, rows 0 and 2 wrong, row 3 unknown
+    fixed = oracle_corrected(consensus, true_y, [(0, 2), (2, 2)])
+    assert fixed.tolist() == [[0, 1, 9, 8], [0, 0, 1, 2], [0, 0, 1, 3], [5, 0, 0, 0]]
+    assert consensus_accuracy(fixed, true_y, [(0, 2), (2, 2)]) == 1.0
+    assert consensus[0, 0].item() == 1  # the rule's consensus is left as it was
+
+
 # ----------------------------------------------------------------------------- data
 DIGITS = dict(
     public="digits",
@@ -223,6 +237,8 @@ def test_rules_branch_from_one_setup_as_full_runs_do(tmp_path):
     same = branch_rounds(base, share)
     assert same["consensus_acc"] == pytest.approx(mean["consensus_acc"], abs=0.01)
     assert same["mean_acc"] == pytest.approx(mean["mean_acc"], abs=0.01)
+    oracle = compose("fedmd", [*TINY, "fedmd.oracle_consensus=true", f"run_dir={tmp_path / 'o'}"])
+    assert branch_rounds(base, oracle)["consensus_acc"] == [1.0, 1.0]
     with pytest.raises(ConfigError, match="differ in more than the rounds"):
         branch_rounds(base, compose("fedmd", [*TINY, "fedmd.revisit_epochs=3"]))
 

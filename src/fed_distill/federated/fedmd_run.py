@@ -47,6 +47,7 @@ from fed_distill.federated.fedmd_server import (
     consensus_of,
     draw_public_subset,
     record_consensus,
+    round_consensus,
 )
 from fed_distill.tracking import log_scalars
 
@@ -271,7 +272,7 @@ def one_round(run: FedMDRun, st: RunState, r: int) -> list[dict[str, Any]]:
     valid, used, left_out = collect_scores(
         messages, expected, run.names, c.on_invalid_scores, sends
     )
-    consensus = consensus_of(valid, c, used)
+    consensus = round_consensus(consensus_of(valid, c, used), c, data, idx)
     dist: list[float | None] = [None] * len(models)
     for i, rep in zip(used, valid, strict=True):
         dist[i] = consensus_distance(rep["scores"], consensus)
@@ -480,6 +481,7 @@ ROUND_ONLY = (
     "aggregate_weights",
     "trim",
     "sharpen",
+    "oracle_consensus",
     "scores",
     "temperature",
     "digest_loss",

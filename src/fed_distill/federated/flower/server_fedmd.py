@@ -29,6 +29,7 @@ from fed_distill.federated.fedmd_server import (
     consensus_of,
     draw_public_subset,
     record_consensus,
+    round_consensus,
 )
 from fed_distill.federated.flower.common import (
     FEDMD_ROUND,
@@ -162,7 +163,7 @@ class _FedMD:
                 f"round {r}: no party's class scores could be used: "
                 + "; ".join(d["reason"] for d in left_out)
             )
-        consensus = consensus_of(valid, c, used)
+        consensus = round_consensus(consensus_of(valid, c, used), c, self.data, idx)
         dist: list[float | None] = [None] * n
         for i, rep in zip(used, valid, strict=True):
             dist[i] = consensus_distance(rep["scores"], consensus)
