@@ -124,7 +124,7 @@ RULES = {
     "sharpen": ["fedmd.sharpen=0.5"],
     "class_share_sharpen": ["fedmd.aggregate=class_share", "fedmd.sharpen=0.5"],
     # a diagnostic, not a rule: the mean with its errors on known-label images corrected, so
-    # FedMD's final accuracy is the ceiling a perfect consensus gives this digest and revisit
+    # FedMD's final accuracy is what a right consensus (same margins) gives this digest/revisit
     "oracle": ["fedmd.oracle_consensus=true"],
     "mean_holdout": ["fedmd.reliability_holdout=2"],
     "reliability": ["fedmd.aggregate=reliability", "fedmd.reliability_holdout=2"],

@@ -93,7 +93,7 @@ class FedMDConfig:
     sharpen: float = 1.0
     # diagnostic, not a rule: the consensus's errors on the public images whose true label the
     # benchmark knows are corrected (fedmd_server.oracle_corrected); consensus_acc becomes 1 and
-    # FedMD's final accuracy is the ceiling a perfect consensus would give this digest/revisit
+    # FedMD's final accuracy is what a right consensus (same margins) gives this digest/revisit
     oracle_consensus: bool = False
     # private images per party held out of all its training (aggregate=reliability measures
     # the party's accuracy on them each round and sends it with its scores); 0 = none

@@ -147,8 +147,9 @@ def oracle_corrected(
     """A diagnostic consensus (``fedmd.oracle_consensus``): on every image whose true label
     the benchmark knows and whose argmax over its task's outputs is wrong, the scores of the
     predicted and the true class are swapped. Scale and softness stay those of the rule's
-    consensus; its accuracy on those images becomes 1. What FedMD reaches with it is the
-    ceiling of a perfect consensus under the same digest and revisit."""
+    consensus; its accuracy on those images becomes 1. What FedMD reaches with it is what a
+    consensus right on every such image, with the rule's margins, gives the same digest and
+    revisit (not a ceiling: another rule's score shape can do better)."""
     out = consensus.clone()
     for lo, count in blocks:
         rows = torch.nonzero((true_y >= lo) & (true_y < lo + count)).flatten()
