@@ -182,7 +182,7 @@ def test_coboost_refit_moves_weight_to_the_teacher_that_labels_the_pool_right(mo
     assert pool_ce(w) < pool_ce(before)
 
 
-def _setup(method: str, **synth_kw):
+def _setup(method: str, student_kw: dict | None = None, **synth_kw):
     torch.manual_seed(0)
     teachers = [build_model("cnn_small", 10, 1, 8, width=8).eval() for _ in range(2)]
     counts = np.array([[5] * 5 + [1] * 5, [1] * 5 + [5] * 5])
@@ -203,6 +203,7 @@ def _setup(method: str, **synth_kw):
         ensemble="logits",
         clip_grad=10.0 if method == "coboost" else 0.0,
         perturb=0.03 if method == "coboost" else 0.0,
+        **(student_kw or {}),
     )
     return student, teachers, synth, SyntheticPool(), cfg
 
@@ -211,15 +212,40 @@ class Stop(Exception):
     pass
 
 
+def test_dense_cached_soft_labels_are_the_live_loops_for_far_fewer_teacher_calls():
+    assert compose_config(["synthesis=dense"]).student.targets == "cached"  # the preset
+    digits = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8)
+    kw_d = dict(normalizer=NORM, hflip=True, device="cpu", seed=3, progress=False)
+    kw_d["test"] = (digits, torch.arange(50) % 10)
+    runs = {}
+    for mode in ("live", "cached"):
+        student, teachers, synth, pool, cfg = _setup("dense", {"targets": mode, "jitter": 0})
+        seen = [0]
+        for t in teachers:
+            t.register_forward_hook(
+                lambda m, i, o, seen=seen: seen.__setitem__(0, seen[0] + len(o))
+            )
+        res = distill(student, teachers, synth, pool, cfg, **kw_d)
+        runs[mode] = (res, student.state_dict(), seen[0])
+    (live, w_live, n_live), (cached, w_cached, n_cached) = runs["live"], runs["cached"]
+    np.testing.assert_allclose(cached.metrics["loss"], live.metrics["loss"], rtol=1e-4)
+    for k, v in w_live.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(w_cached[k], v, rtol=1e-3, atol=1e-4)
+    # the KD passes see 16 + 32 + 48 + 64 = 160 images; the cache labels 64 images twice
+    assert n_live - n_cached == 2 * (160 - 2 * 64)
+
+
 @pytest.mark.parametrize(
-    "method,kw",
+    "method,kw,student_kw",
     [
-        ("dense", {"flip": True}),
-        ("coboost", {"bn_scale": 0.0, "grad_clip": 10.0}),
-        ("coboost", {"coboost_weights": "client_class", "bn_scale": 1.0}),
+        ("dense", {"flip": True}, None),
+        ("dense", {"flip": True}, {"targets": "cached", "jitter": 0}),  # the preset's
+        ("coboost", {"bn_scale": 0.0, "grad_clip": 10.0}, None),
+        ("coboost", {"coboost_weights": "client_class", "bn_scale": 1.0}, None),
     ],
 )
-def test_peer_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path, method, kw):
+def test_peer_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path, method, kw, student_kw):
     digits = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8)
     kw_d = dict(
         normalizer=NORM,
@@ -229,7 +255,7 @@ def test_peer_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path, metho
         test=(digits, torch.arange(50) % 10),
         progress=False,
     )
-    student, teachers, synth, pool, cfg = _setup(method, **kw)
+    student, teachers, synth, pool, cfg = _setup(method, student_kw, **kw)
     ref = distill(student, teachers, synth, pool, cfg, **kw_d)
     ref_state = {k: v.clone() for k, v in student.state_dict().items()}
     ref_weights = None if synth.weights is None else synth.weights.clone()
@@ -240,13 +266,13 @@ def test_peer_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path, metho
             raise Stop
 
     ckpt = tmp_path / "student.safetensors"
-    student, teachers, synth, pool, cfg = _setup(method, **kw)
+    student, teachers, synth, pool, cfg = _setup(method, student_kw, **kw)
     with pytest.raises(Stop):
         distill(
             student, teachers, synth, pool, cfg, checkpoint_path=ckpt, on_epoch=stop_at_2, **kw_d
         )
     assert load_checkpoint(ckpt)["epoch"] == 1
-    student, teachers, synth, pool, cfg = _setup(method, **kw)
+    student, teachers, synth, pool, cfg = _setup(method, student_kw, **kw)
     torch.manual_seed(1234)  # restored from the checkpoint
     res = distill(student, teachers, synth, pool, cfg, checkpoint_path=ckpt, **kw_d)
     assert res.metrics["loss"] == ref.metrics["loss"]
@@ -255,7 +281,8 @@ def test_peer_distill_resumed_from_a_checkpoint_is_bit_identical(tmp_path, metho
         assert torch.equal(v, student.state_dict()[k]), k
     if ref_weights is not None:
         assert torch.equal(ref_weights, synth.weights)
-        assert not torch.equal(ref_weights, _setup(method, **kw)[2].weights)  # re-fitted
+        fresh = _setup(method, student_kw, **kw)[2].weights
+        assert not torch.equal(ref_weights, fresh)  # re-fitted
 
 
 def test_peers_benchmark_rows_report_final_best_and_time_to_reach(benchmark_module):
