@@ -120,6 +120,23 @@ def cli(capsys):
 
 
 @pytest.fixture
+def same_training():
+    """Assert two distillations trained alike up to float rounding: ``check(res, model, ref,
+    ref_model)`` compares their per-epoch losses and their floating-point weights."""
+    import numpy as np
+    import torch
+
+    def check(res, model, ref, ref_model) -> None:
+        np.testing.assert_allclose(res.metrics["loss"], ref.metrics["loss"], rtol=1e-4)
+        got = model.state_dict()
+        for k, v in ref_model.state_dict().items():
+            if v.is_floating_point():
+                torch.testing.assert_close(got[k], v, rtol=1e-3, atol=1e-4)
+
+    return check
+
+
+@pytest.fixture
 def benchmark_module():
     """Import ``benchmarks/NAME.py`` (a script, not a package) as a module."""
     import importlib.util
