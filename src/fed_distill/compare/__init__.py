@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shlex
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,7 @@ class Comparison:
     varied: dict[str, list[str]]  # protocol -> keys that differ between the runs
     skipped: list[Skipped]
     figures: dict[str, str] = field(default_factory=dict)  # protocol -> file name in out
+    replaced: list[str] = field(default_factory=list)  # files of an earlier compare overwritten
 
     @property
     def runs(self) -> int:
@@ -64,26 +67,66 @@ def compare(
     command: str | None = None,
 ) -> Comparison:
     """Compare the runs under ``paths`` and write compare.md, compare.csv and the figures into
-    ``out``; a CompareError (one line) when no complete run is found. ``command``, if given,
-    is quoted at the top of compare.md."""
+    ``out``; a CompareError (one line) when no complete run is found or ``out`` cannot take
+    the files (checked before anything is read or written). ``command``, if given, is quoted
+    at the top of compare.md."""
+    out = check_out(out)
     runs, skipped = find_runs(paths)
     if not runs:
         why = f": {skipped[0]}" if len(skipped) == 1 else f" ({len(skipped)} paths skipped)"
         raise CompareError(f"nothing to compare, no complete run found{why}")
-    out = Path(out)
     cmp = Comparison(out, {}, {}, {}, skipped)
     for protocol in PROTOCOLS:
         mine: list[Run] = [r for r in runs if r.protocol == protocol]
         if mine:
             cmp.groups[protocol], cmp.shown[protocol] = group_runs(mine, by)
             cmp.varied[protocol] = differing_keys(mine)
+    before = {name for name in OUTPUTS if (out / name).exists()}
+    try:
+        _write(cmp, by, command)
+    except OSError as e:  # the disk filled, the folder went away: still one line
+        raise CompareError(f"--out {out}: cannot write the comparison ({e})") from None
+    written = ["compare.md", "compare.csv", *cmp.figures.values()]
+    cmp.replaced = [name for name in written if name in before]
+    return cmp
+
+
+def _write(cmp: Comparison, by: Sequence[str] | None, command: str | None) -> None:
     for protocol, groups in cmp.groups.items():
         name = f"compare_{protocol}.png"
-        if plot_curves(groups, protocol, out / name):
+        if plot_curves(groups, protocol, cmp.out / name):
             cmp.figures[protocol] = name
-    write_text(markdown(cmp, by, command), out / "compare.md")
-    write_text(csv_text(cmp), out / "compare.csv")
-    return cmp
+    write_text(markdown(cmp, by, command), cmp.out / "compare.md")
+    write_text(csv_text(cmp), cmp.out / "compare.csv")
+
+
+OUTPUTS = ("compare.md", "compare.csv", *(f"compare_{p}.png" for p in PROTOCOLS))
+
+
+def check_out(out: str | Path) -> Path:
+    """``--out DIR``: a folder (existing, or creatable: its nearest existing parent is a
+    writable folder) whose ``compare.*`` files are not folders; else one CompareError line
+    naming the path. Creates and writes nothing."""
+    out = Path(out).expanduser()
+    fix = "choose another --out"
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out} is a file, not a folder; {fix}")
+    base = out
+    while not base.exists():
+        if base.parent == base:
+            break
+        base = base.parent
+    if base != out and not base.is_dir():
+        raise CompareError(f"--out {out} cannot be created: {base} is a file; {fix}")
+    try:  # a real probe (a permission check alone says yes to root on a read-only mount)
+        os.rmdir(tempfile.mkdtemp(prefix=".fed-distill-probe-", dir=base))
+    except OSError as e:
+        what = "is not writable" if base == out else f"cannot be created in {base}"
+        raise CompareError(f"--out {out} {what} ({e.strerror or e}); {fix}") from None
+    for name in OUTPUTS:
+        if (out / name).exists() and not (out / name).is_file():
+            raise CompareError(f"--out {out}: {name} there is not a file; {fix}")
+    return out
 
 
 def csv_text(cmp: Comparison) -> str:
@@ -198,5 +241,6 @@ def run_compare(args: Sequence[str]) -> Comparison | None:
     for s in cmp.skipped:
         print(s)
     files = ["compare.md", "compare.csv", *cmp.figures.values()]
-    print(f"wrote {', '.join(files)} in {cmp.out}")
+    again = f" (replacing the earlier {', '.join(cmp.replaced)})" if cmp.replaced else ""
+    print(f"wrote {', '.join(files)} in {cmp.out}{again}")
     return cmp

@@ -140,7 +140,29 @@ def read_run(folder: Path) -> Run | str:
     problem = check_results(results, protocol)
     if problem:
         return f"{file} is malformed: {problem}"
-    return Run(folder, protocol, results, flat_config(results.get("config") or {}))
+    config = protocol_config(results.get("config") or {}, protocol)
+    return Run(folder, protocol, results, flat_config(config))
+
+
+# The config groups each protocol reads (its results.json records the whole config, the other
+# protocol's groups at their defaults): FedMD reads ``split`` only for ``fedmd.partition`` set
+# to a registered partition, not to one of its own.
+READS = {"fedmd": ("fedmd", "split"), "oneshot": None}
+FEDMD_OWN_PARTITIONS = ("balanced", "writer", "subclass")
+
+
+def protocol_config(cfg: dict[str, Any], protocol: str) -> dict[str, Any]:
+    """``cfg`` without the groups ``protocol`` does not read (top-level values are kept), so a
+    FedMD run is never labelled by the one-shot ``synthesis`` it did not run."""
+    fedmd = cfg.get("fedmd") if isinstance(cfg.get("fedmd"), dict) else {}
+    own_split = fedmd.get("partition", "balanced") in FEDMD_OWN_PARTITIONS
+    reads = READS[protocol]
+    if reads is None:  # one-shot: every group but FedMD's
+        return {k: v for k, v in cfg.items() if k != "fedmd" or not isinstance(v, dict)}
+    skip = {"split"} if own_split else set()
+    return {
+        k: v for k, v in cfg.items() if not isinstance(v, dict) or (k in reads and k not in skip)
+    }
 
 
 def _num(v: Any, none_ok: bool = True) -> bool:
@@ -181,7 +203,42 @@ def check_results(r: dict[str, Any], protocol: str) -> str | None:
             return f"'{key}' has an unexpected value {_short(r[key])}"
     if "config" in r and not isinstance(r["config"], dict):
         return "'config' must be a mapping"
+    return check_ranges(r)
+
+
+# Figures that are times or rates: finite and >= 0. Every ``*_acc`` key (top level, in
+# ``class_acc`` and ``student_curve``) is an accuracy: a fraction in [0, 1].
+NON_NEGATIVE = ("wall_time_s", "synthesis_images_per_s", "round_times_s")
+
+
+def check_ranges(r: dict[str, Any]) -> str | None:
+    """The first accuracy outside [0, 1] or time below 0, or any such value not finite (NaN,
+    inf), described; None when all are in range."""
+    where: list[tuple[str, Any, float]] = [
+        (k, v, 1.0) for k, v in r.items() if k.endswith("_acc") and not isinstance(v, dict)
+    ]
+    for group, keys in (("class_acc", None), ("student_curve", ("test_acc",))):
+        inner = r.get(group)
+        if isinstance(inner, dict):
+            where += [
+                (f"{group}.{k}", v, 1.0) for k, v in inner.items() if keys is None or k in keys
+            ]
+    where += [(k, r[k], math.inf) for k in NON_NEGATIVE if k in r]
+    for key, value, top in where:
+        for x in _leaves(value):
+            if not (isinstance(x, int | float) and 0 <= x <= top and math.isfinite(x)):
+                what = "an accuracy in [0, 1]" if top == 1.0 else "a finite number >= 0"
+                return f"'{key}' holds {json.dumps(x)}, not {what}"
     return None
+
+
+def _leaves(v: Any) -> Iterable[Any]:
+    """The numbers in a value, nested lists flattened; None (a figure a run lacks) left out."""
+    if isinstance(v, list):
+        for x in v:
+            yield from _leaves(x)
+    elif v is not None:
+        yield v
 
 
 def _class_acc(v: Any) -> bool:
@@ -229,7 +286,8 @@ ABSENT = "(absent)"
 
 
 def resolve_by(runs: Sequence[Run], by: Sequence[str]) -> list[str]:
-    """``--by`` keys as config keys: ``synthesis`` stands for ``synthesis.name``."""
+    """``--by`` keys as config keys: ``synthesis`` stands for ``synthesis.name``; a key no run
+    of this protocol reads is one CompareError line naming the protocol."""
     known = {k for r in runs for k in r.config}
     out = []
     for key in by:
@@ -239,9 +297,10 @@ def resolve_by(runs: Sequence[Run], by: Sequence[str]) -> list[str]:
             out.append(f"{key}.name")
         else:
             differ = ", ".join(differing_keys(runs)) or "none: the runs differ only in seed"
+            kind = PROTOCOLS[runs[0].protocol] if runs else ""
             raise CompareError(
-                f"--by {key}: no run's config has this key; keys that differ between the runs: "
-                f"{differ}"
+                f"--by {key}: no {kind} run's config has this key (compare the protocols apart"
+                f" if only the other reads it); keys that differ between these runs: {differ}"
             )
     return out
 
