@@ -171,14 +171,26 @@ def check_class_stats(
 
 def _pixel_shape(stats: Mapping[str, torch.Tensor], num_classes: int, who: str) -> tuple:
     """The shape both pixel statistics must have: (K, D) with the D the client sent (the
-    synthesizer checks D against the image size it makes)."""
-    t = stats.get("pixel.mean", stats.get("pixel.var"))
-    assert t is not None
-    if t.dim() != 2 or t.shape[1] < 1:
+    synthesizer checks D against the image size it makes); each key is named for its own
+    shape, and a mean and variance of different widths are named together, neither blamed
+    for the other."""
+    widths = {}
+    for key in ("pixel.mean", "pixel.var"):
+        t = stats.get(key)
+        if t is None:
+            continue
+        if t.dim() != 2 or t.shape[1] < 1:
+            raise ProtocolError(
+                f"{who}: class statistic '{key}' must be (classes, pixels), got {tuple(t.shape)}"
+            )
+        widths[key] = int(t.shape[1])
+    if len(set(widths.values())) > 1:
         raise ProtocolError(
-            f"{who}: class statistic 'pixel.mean' must be (classes, pixels), got {tuple(t.shape)}"
+            f"{who}: class statistics 'pixel.mean' of shape {tuple(stats['pixel.mean'].shape)} and"
+            f" 'pixel.var' of shape {tuple(stats['pixel.var'].shape)} must have the same width"
+            " (the images' channels x height x width); recompute them with upload.pixels=true"
         )
-    return (num_classes, int(t.shape[1]))
+    return (num_classes, next(iter(widths.values())))
 
 
 def save_class_stats(stats: Mapping[str, torch.Tensor], path: str | Path) -> None:

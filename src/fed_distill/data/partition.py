@@ -170,18 +170,65 @@ def partition_indices(
     params: dict[str, Any],
 ) -> tuple[list[np.ndarray], dict[str, Any]]:
     """Partition ``strategy``'s index arrays (one per client) and what it records besides its
-    parameters; ``params`` checked already (:func:`check_split_params`)."""
+    parameters; ``params`` checked already (:func:`check_split_params`). What the partition
+    returns is checked here, where the split is made (:func:`check_parts`)."""
     if num_clients > len(labels):
         raise SplitError(
             f"cannot split {len(labels)} samples among {num_clients} clients; use fewer clients"
         )
     out = get_partition(strategy).fn(labels, num_clients, rng, num_classes, **params)
-    parts, record = out if isinstance(out, tuple) else (out, {})
-    if len(parts) != num_clients:
+    # (parts, record) where the second item is the record, else the parts alone (a tuple of
+    # two index arrays for two clients is parts)
+    paired = isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)
+    parts, record = out if paired else (out, {})
+    return check_parts(strategy, parts, num_clients, len(labels)), dict(record)
+
+
+def check_parts(strategy: str, parts: Any, num_clients: int, n: int) -> list[np.ndarray]:
+    """A partition's output as int64 arrays, or one SplitError line naming the partition: one
+    part per client, each a non-empty 1-D list of integer indices into the ``n`` samples,
+    with no index twice within a client or across clients."""
+    bad = f"partition '{strategy}'"
+    if isinstance(parts, np.ndarray) and parts.dtype != object and parts.ndim == 1:
+        parts = [parts]  # one flat array: the count check below says what is wrong
+    try:
+        count = len(parts)
+    except TypeError:
         raise SplitError(
-            f"partition '{strategy}' returned {len(parts)} parts for {num_clients} clients"
-        )
-    return [np.asarray(p, dtype=np.int64) for p in parts], dict(record)
+            f"{bad} returned {type(parts).__name__}, not one index list per client"
+        ) from None
+    if count != num_clients:
+        raise SplitError(f"{bad} returned {count} parts for {num_clients} clients")
+    out: list[np.ndarray] = []
+    owner = np.full(n, -1, dtype=np.int64)
+    for i, p in enumerate(parts):
+        a = np.asarray(p)
+        if a.size == 0:
+            raise SplitError(
+                f"{bad} gave client {i} no samples; use fewer clients or another split"
+            )
+        if a.ndim != 1 or a.dtype.kind not in "iu":
+            what = f"{a.ndim}-D" if a.ndim != 1 else f"{a.dtype} values"
+            raise SplitError(
+                f"{bad}: client {i}'s part must be a flat list of integer indices, got {what}"
+            )
+        if a.min() < 0 or a.max() >= n:
+            j = int(a.min() if a.min() < 0 else a.max())
+            raise SplitError(f"{bad}: client {i} holds index {j}, outside the samples 0..{n - 1}")
+        a = a.astype(np.int64)
+        uniq, counts = np.unique(a, return_counts=True)
+        if (counts > 1).any():
+            raise SplitError(f"{bad}: client {i} holds index {int(uniq[counts > 1][0])} twice")
+        taken = owner[a] >= 0
+        if taken.any():
+            j = int(a[taken][0])
+            raise SplitError(
+                f"{bad}: index {j} is held by client {int(owner[j])} and client {i}; clients"
+                " must hold disjoint samples"
+            )
+        owner[a] = i
+        out.append(a)
+    return out
 
 
 def client_features(
@@ -252,11 +299,6 @@ def make_split(
     yte = np.asarray(test_y, dtype=np.int64)
     rng = np.random.default_rng(seed)
     train_parts, record = partition_indices(strategy, ytr, n, rng, num_classes, own)
-    for i, p in enumerate(train_parts):
-        if len(p) == 0:
-            raise SplitError(
-                f"client {i} received no training samples; use fewer clients or another split"
-            )
     counts = np.stack([np.bincount(ytr[p], minlength=num_classes) for p in train_parts])
     if get_partition(strategy).test == "same":
         test_parts = partition_indices(strategy, yte, n, rng, num_classes, own)[0]

@@ -28,6 +28,9 @@ from fed_distill.errors import ConfigError
 
 # Keys every split has (``SplitConfig`` in config.py); a partition's parameters take other names.
 COMMON_KEYS = ("strategy", "num_clients", "val_fraction", "server_clients")
+# ``SplitConfig.num_clients``'s default: a partition whose parameters fix the number of
+# clients (``split=classes``) refuses any other value that differs from its own count.
+DEFAULT_NUM_CLIENTS = 5
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,22 @@ def register_partition(
     if (features is None) != (images is None):
         raise ConfigError("register_partition: give features and images together, or neither")
 
+    for what, hook in (("check", check), ("clients", clients), ("features", features)):
+        if hook is not None and not callable(hook):
+            raise ConfigError(
+                f"register_partition {name!r}: {what} must be a function, got {hook!r:.40}"
+            )
+    if images is not None and not callable(images):
+        raise ConfigError(
+            f"register_partition {name!r}: images must be a function, got {images!r:.40}"
+        )
+
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(fn):
+            raise ConfigError(
+                f"register_partition({name!r}) decorates a function"
+                f" fn(labels, num_clients, rng, num_classes, *, params...), got {fn!r:.40}"
+            )
         params = _declared_params(name, fn)
         old = _REGISTRY.get(name)
         if old is not None and _qualname(old.fn) != _qualname(fn):
@@ -194,6 +212,17 @@ def check_split_params(
     """Every split key, checked once, before any data is read (``make_split`` and the start-up
     validation both call this); returns what :func:`check_partition_params` returns."""
     full, n = check_partition_params(strategy, params, num_clients, num_classes)
+    # None or 0 from Python, or the schema's default: "not given"
+    if get_partition(strategy).clients is not None and num_clients not in (
+        n,
+        None,
+        0,
+        DEFAULT_NUM_CLIENTS,
+    ):
+        raise ConfigError(
+            f"split.num_clients={num_clients}, but split={strategy} makes {n} clients from its"
+            f" own parameters; drop split.num_clients or make its parameters name {num_clients}"
+        )
     if not (is_number(val_fraction) and 0 <= val_fraction < 1):
         raise ConfigError(f"split.val_fraction must be in [0, 1), got {val_fraction}")
     if not (is_int(server_clients, 0) and server_clients < n):
@@ -220,5 +249,31 @@ def split_kwargs(node: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def own_params(strategy: str, node: Mapping[str, Any]) -> dict[str, Any]:
-    """The values of ``strategy``'s own parameters in ``node`` (a ``split`` config)."""
+    """The values of ``strategy``'s own parameters in ``node`` (a ``split`` config); a key of
+    another partition set to other than its default is refused (:func:`check_foreign_keys`)."""
+    check_foreign_keys(strategy, node)
     return {k: node[k] for k in get_partition(strategy).params if k in node}
+
+
+def check_foreign_keys(strategy: str, node: Mapping[str, Any]) -> None:
+    """One ConfigError line for a ``split.KEY`` that only other partitions take, set to other
+    than its default (``split=dirichlet split.sigma=-1``): it would be ignored, so the user
+    meant another partition. A ``split`` config carries every partition's keys at their
+    defaults, so only a value that differs can have been set."""
+    own = get_partition(strategy).params
+    for key, (_, default) in all_params().items():
+        if key in own or key not in node or _same(node[key], default):
+            continue
+        owners = [p.name for p in _REGISTRY.values() if key in p.params]
+        raise ConfigError(
+            f"split.{key}={node[key]!r} is a parameter of split={'|'.join(owners)}, not of"
+            f" split={strategy}; drop it or choose split={owners[0]}"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple):
+        a = list(a)
+    if isinstance(b, tuple):
+        b = list(b)
+    return type(a) is type(b) and a == b or (is_number(a) and is_number(b) and a == b)

@@ -15,9 +15,12 @@ Label space (``label_space``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from fed_distill.checks import check_finite
 
 PARTITIONS = ("balanced", "writer", "subclass")
 SCORE_KINDS = ("logits", "softmax")
@@ -128,6 +131,7 @@ def check_fedmd_config(c: FedMDConfig, split: Mapping[str, Any] | None = None) -
         if not ok:
             raise ConfigError(f"fedmd.{msg}")
 
+    check_aggregate_weights(c)
     private_split_params(c, split)  # the partition's own check, where it is a registered one
     from fed_distill.federated.fedmd_consensus import check_consensus_config
 
@@ -192,21 +196,39 @@ def check_fedmd_config(c: FedMDConfig, split: Mapping[str, Any] | None = None) -
     need(c.temperature > 0, f"temperature must be > 0, got {c.temperature}")
     need(c.width_scale > 0, f"width_scale must be > 0, got {c.width_scale}")
     need(0 <= c.trim < 0.5, f"trim must be in [0, 0.5), got {c.trim}")
-    if c.aggregate_weights is not None:
-        n = c.num_parties or len(c.parties)
-        need(
-            len(c.aggregate_weights) == n,
-            f"aggregate_weights has {len(c.aggregate_weights)} entries for {n} parties",
-        )
-        need(
-            c.aggregate == "mean",
-            f"aggregate_weights only apply to aggregate=mean, not '{c.aggregate}'",
-        )
     for key in ("public_classes", "private_classes"):
         classes = getattr(c, key)
         if classes is not None:
             need(len(classes) > 0, f"{key} must list at least one class (or be null for all)")
             need(len(set(classes)) == len(classes), f"{key} lists a class twice: {classes}")
+    check_finite(c, "fedmd")  # what the checks above let through: inf
+
+
+def check_aggregate_weights(c: FedMDConfig) -> None:
+    """``fedmd.aggregate_weights``: one finite weight >= 0 per party, not all zero, and only
+    with aggregate=mean; refused here, before any party's transfer learning."""
+    from fed_distill.errors import ConfigError
+
+    w = c.aggregate_weights
+    if w is None:
+        return
+    n = c.num_parties or len(c.parties)
+    if len(w) != n:
+        raise ConfigError(f"fedmd.aggregate_weights has {len(w)} entries for {n} parties")
+    if c.aggregate != "mean":
+        raise ConfigError(
+            f"fedmd.aggregate_weights only apply to aggregate=mean, not '{c.aggregate}'"
+        )
+    for i, x in enumerate(w):
+        if isinstance(x, bool) or not isinstance(x, int | float) or not 0 <= x < math.inf:
+            raise ConfigError(
+                f"fedmd.aggregate_weights[{i}] must be a finite number >= 0 (party {i}'s weight),"
+                f" got {x!r}"
+            )
+    if not any(w):
+        raise ConfigError(
+            "fedmd.aggregate_weights are all 0: no party counts; give at least one a weight > 0"
+        )
 
 
 def private_split_params(
@@ -238,6 +260,45 @@ def private_split_params(
             f" {parties} parties"
         )
     return params
+
+
+def preset_protocol(name: str) -> str | None:
+    """``"fedmd"`` for an ``experiment=NAME`` preset that sets the ``fedmd`` group, ``"oneshot"``
+    for one that does not (every built-in preset: FedMD's are ``fedmd=NAME``); None when no
+    built-in preset has that name."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    path = files("fed_distill.conf") / "experiment" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    raw = OmegaConf.to_container(OmegaConf.create(path.read_text()))
+    overrides = [next(iter(d)) for d in raw.get("defaults", []) if isinstance(d, dict)]
+    sets_fedmd = "fedmd" in raw or any(k.split()[-1].strip("/") == "fedmd" for k in overrides)
+    return "fedmd" if sets_fedmd else "oneshot"
+
+
+def check_preset_for_fedmd(cfg: Any) -> None:
+    """One ConfigError line when ``experiment=NAME`` is a one-shot preset and the run is
+    FedMD's: its keys (dataset, split, synthesis, ...) would be ignored, the run not the
+    one the preset describes."""
+    from importlib.resources import files
+
+    from fed_distill.errors import ConfigError
+
+    name = cfg.get("experiment")
+    if not name or preset_protocol(str(name)) != "oneshot":
+        return
+    presets = sorted(
+        p.name.removesuffix(".yaml")
+        for p in (files("fed_distill.conf") / "fedmd").iterdir()
+        if p.name.endswith(".yaml")
+    )
+    raise ConfigError(
+        f"experiment={name} is a one-shot preset (fed-distill oneshot experiment={name}); FedMD"
+        f" takes its presets as fedmd=NAME ({', '.join(presets)})"
+    )
 
 
 def split_of(cfg: Any) -> dict[str, Any] | None:

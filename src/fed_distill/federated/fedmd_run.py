@@ -25,6 +25,7 @@ from fed_distill.errors import ConfigError
 from fed_distill.federated.config import (
     FedMDConfig,
     check_fedmd_config,
+    check_preset_for_fedmd,
     private_split_params,
     split_of,
 )
@@ -398,6 +399,7 @@ def start_run(cfg: DictConfig) -> tuple[FedMDRun | None, RunState, dict[str, Any
     from fed_distill.utils import progress_bar, resolve_device, seed_everything
 
     st = RunState(t_start=time.perf_counter())
+    check_preset_for_fedmd(cfg)
     c: FedMDConfig = as_object(cfg.fedmd, FedMDConfig)
     split = split_of(cfg)
     check_fedmd_config(c, split)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fed_distill.checks import check_finite
 from fed_distill.errors import ConfigError
 
 SYNTHESIS_METHODS = ("deepinversion", "generator", "fast", "public", "dense", "coboost")
@@ -218,4 +219,5 @@ class SynthesisConfig:
         if self.class_weighted_ce and self.mode == "ensemble":
             # Ensemble CE is on the mean logits: there is no per-teacher term to weight.
             raise bad("class_weighted_ce applies to mode=cycling or sampling, not ensemble")
+        check_finite(self, "synthesis")  # what the checks above let through: inf
         return self

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fed_distill.artifacts import load_checkpoint, save_checkpoint
+from fed_distill.checks import check_finite
 from fed_distill.data.transforms import Normalizer, augment
 from fed_distill.errors import CheckpointError, ConfigError, FedDistillError
 from fed_distill.utils import progress_bar
@@ -81,6 +82,7 @@ class TrainConfig:
             make_schedule(make_optimizer(torch.nn.Linear(1, 1), self), 1, self, 1)
         except ValueError as e:
             raise ConfigError(f"train: {e}") from None
+        check_finite(self, "train")  # what the checks above let through: inf
         return self
 
 

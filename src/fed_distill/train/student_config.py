@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fed_distill.checks import check_finite
 from fed_distill.errors import ConfigError
 
 STUDENT_INITS = ("random", "fedavg")
@@ -163,4 +164,5 @@ class StudentConfig:
             )
         if self.class_weights is not None and not all(w >= 0 for w in self.class_weights):
             raise ConfigError("student.class_weights must be non-negative")
+        check_finite(self, "student")  # what the checks above let through: inf
         return self

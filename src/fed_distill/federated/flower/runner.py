@@ -141,6 +141,10 @@ def run_flower(protocol: str, overrides: list[str], opts: FlowerOptions) -> dict
     from fed_distill.validate import validate_config
 
     cfg = compose_config(overrides)
+    if protocol == "fedmd":
+        from fed_distill.federated.config import check_preset_for_fedmd
+
+        check_preset_for_fedmd(cfg)  # a one-shot preset would be ignored
     validate_config(protocol, cfg)  # the whole config and run_dir, before any node starts
     configure_threads()
     if not cfg.progress:
