@@ -54,9 +54,17 @@ class Exchange:
         }
 
     def ask(
-        self, message_type: str, contents: dict[int, Any], timeout: float, group: str
+        self,
+        message_type: str,
+        contents: dict[int, Any],
+        timeout: float,
+        group: str,
+        late: frozenset[int] = frozenset(),
     ) -> tuple[dict[int, Message], dict[int, str]]:
-        """Send ``contents[party]`` to each party; return (replies with content, left out -> reason)."""
+        """Send ``contents[party]`` to each party; return (replies with content, left out ->
+        reason). The parties in ``late`` (an injected ``timeout`` fault) have their deadline
+        forced: the server waits only for the others, and leaves these out as timed out
+        whenever their reply comes, so a test's outcome never hangs on the wall clock."""
         left: dict[int, str] = self._drain(list(contents), timeout)
         send = {p: c for p, c in contents.items() if p not in left}
         msgs = [
@@ -68,14 +76,17 @@ class Exchange:
         replies: dict[int, Message] = {}
         end = time.monotonic() + timeout
         waiting = set(ids)
-        while waiting:
+        while waiting - {mid for mid in waiting if by_id[mid] in late}:
             for m in self.grid.pull_messages(list(waiting)):
                 mid = m.metadata.reply_to_message_id
                 waiting.discard(mid)
                 replies[by_id[mid]] = m
-            if not waiting or time.monotonic() > end:
+            if time.monotonic() > end:
                 break
             time.sleep(0.02)
+        for p in late & set(replies):  # in time after all, but its deadline was forced
+            del replies[p]
+            left[p] = f"{self.names[p]}: no answer within {timeout:g}s (timeout)"
         for mid in waiting:
             p = by_id[mid]
             self.pending[p] = mid
@@ -137,11 +148,30 @@ def connect(
     return Exchange(grid, mapping, names)
 
 
+# How long a party with an injected ``timeout`` fault sleeps before it answers: the server
+# forces its deadline (``Exchange.ask(late=...)``), so the sleep only makes the reply late for
+# real, to be drained before the party's next message; it never decides the outcome.
+FAULT_SLEEP_S = 1.0
+
+
 def fault_options(
-    faults: dict[tuple[int, int], str], party: int, round_: int, timeout: float
+    faults: dict[tuple[int, int], str],
+    party: int,
+    round_: int,
+    timeout: float,
+    forced: bool = False,
 ) -> dict:
+    """What a party's message carries to inject its fault of ``round_`` (none: {}). A
+    ``timeout`` sleeps past the deadline ``timeout``, or, where the server forces the party's
+    deadline (``forced``: it asks with ``late=late_parties(...)``), briefly."""
     kind = faults.get((party, round_), "")
-    return {"fault": kind, "fault_sleep": timeout + 3.0} if kind else {}
+    sleep = min(FAULT_SLEEP_S, timeout) if forced else timeout + 3.0
+    return {"fault": kind, "fault_sleep": sleep} if kind else {}
+
+
+def late_parties(faults: dict[tuple[int, int], str], round_: int) -> frozenset[int]:
+    """The parties with an injected ``timeout`` fault in ``round_``: their deadline is forced."""
+    return frozenset(p for (p, r), kind in faults.items() if r == round_ and kind == "timeout")
 
 
 def flower_summary(job: dict[str, Any]) -> dict[str, Any]:

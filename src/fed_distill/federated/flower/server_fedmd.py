@@ -45,6 +45,7 @@ from fed_distill.federated.flower.exchange import (
     connect,
     fault_options,
     flower_summary,
+    late_parties,
     say,
 )
 from fed_distill.utils import resolve_device, seed_everything
@@ -118,9 +119,10 @@ class _FedMD:
 
     def consensus(
         self, r: int, idx: torch.Tensor, steps: dict[str, float]
-    ) -> tuple[list[int], torch.Tensor, list[float | None], list[dict[str, Any]]]:
+    ) -> tuple[list[int], torch.Tensor | None, list[float | None], list[dict[str, Any]]]:
         """Round ``r``'s communicate and aggregate steps: the parties that answered, the
-        consensus of the valid scores, each party's distance to it and who was left out."""
+        consensus of the valid scores (None when no party answered in time: the round is
+        skipped), each party's distance to it and who was left out."""
         n, c = self.n, self.c
         t0 = time.perf_counter()
         asks = {
@@ -129,11 +131,12 @@ class _FedMD:
                 party=i,
                 round=r,
                 **self.common,
-                **fault_options(self.faults, i, r, self.timeout),
+                **fault_options(self.faults, i, r, self.timeout, forced=True),
             )
             for i in range(n)
         }
-        replies, left = self.ex.ask(FEDMD_SCORES, asks, self.timeout, str(r))
+        late = late_parties(self.faults, r)
+        replies, left = self.ex.ask(FEDMD_SCORES, asks, self.timeout, str(r), late=late)
         steps["communicate"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -143,16 +146,19 @@ class _FedMD:
             rec = replies[i].content.get("arrays")
             messages.append(from_record(rec) if rec is not None else None)
         left_out = [{"party": p, "reason": why} for p, why in sorted(left.items())]
-        if answered:
-            valid, used_pos, rejected = collect_scores(
-                messages,
-                (len(idx), self.data.num_outputs),
-                [self.names[i] for i in answered],
-                "skip",
-                get_rule(c.aggregate).sends,
+        if not answered:  # every party timed out (or is still busy): skip, keep the run
+            say(
+                f"round {r}: every party was left out for timeout (no class scores within"
+                f" {self.timeout:g}s); the round is skipped, the rounds before it are kept"
             )
-        else:
-            valid, used_pos, rejected = [], [], []
+            return [], None, [None] * n, left_out
+        valid, used_pos, rejected = collect_scores(
+            messages,
+            (len(idx), self.data.num_outputs),
+            [self.names[i] for i in answered],
+            "skip",
+            get_rule(c.aggregate).sends,
+        )
         used = [answered[k] for k in used_pos]
         for d in rejected:
             d["party"] = answered[d["party"]]
@@ -180,6 +186,15 @@ class _FedMD:
         )
         answered, consensus, dist, left_out = self.consensus(r, idx, steps)
         log.distances.append(dist)
+        if consensus is None:  # a round every party missed: nothing to record but that
+            log.consensus_acc.append(None)
+            log.consensus_private_acc.append(None)
+            log.left_out.append(left_out)
+            for a in log.party_acc:
+                a.append(None)
+            log.ensemble.append(None)
+            log.round_times.append(time.perf_counter() - t_round)
+            return
         record_consensus(log, consensus, self.data, idx)
         accs, ens, late = self.digest(r, idx, consensus, answered, steps)
         for p, why in sorted(late.items()):
