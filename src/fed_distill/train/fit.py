@@ -56,6 +56,7 @@ class TrainConfig:
         def is_int(v: Any, minimum: int) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
 
+        check_finite(self, "train")  # NaN and inf in any float key, named (before torch's checks)
         for key in ("epochs", "batch_size", "eval_every"):
             if not is_int(getattr(self, key), 1):
                 raise ConfigError(
@@ -82,7 +83,6 @@ class TrainConfig:
             make_schedule(make_optimizer(torch.nn.Linear(1, 1), self), 1, self, 1)
         except ValueError as e:
             raise ConfigError(f"train: {e}") from None
-        check_finite(self, "train")  # what the checks above let through: inf
         return self
 
 
