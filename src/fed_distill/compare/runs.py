@@ -184,6 +184,7 @@ def check_results(r: dict[str, Any], protocol: str) -> str | None:
             **{k: _num for k in ("student_acc", "ensemble_acc", "fedavg_acc")},
         }
         opt: dict[str, Any] = {"synthesis_images_per_s": _num, "class_acc": _class_acc}
+        opt["student_refit_acc"] = _num
         opt["student_curve"] = lambda c: (
             isinstance(c, dict) and all(_nums(c.get(k, [])) for k in ("test_acc", "elapsed_s"))
         )

@@ -70,6 +70,8 @@ def _fedmd(name: str) -> Callable[[Run], float | None]:
 METRICS: dict[str, list[Metric]] = {
     "oneshot": [
         Metric("student_acc", "student %", "fraction", _key("student_acc")),
+        # refit=head: the student after the statistics round (— for one-shot-only runs)
+        Metric("student_refit_acc", "+stats round %", "fraction", _key("student_refit_acc")),
         Metric("ensemble_acc", "ensemble %", "fraction", _key("ensemble_acc")),
         Metric("fedavg_acc", "FedAvg %", "fraction", _key("fedavg_acc")),
         Metric("student_over_ensemble", "student/ens %", "fraction", _ratio),
