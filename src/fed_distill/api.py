@@ -44,6 +44,11 @@ STAGES: dict[str, tuple[str, str]] = {
         "fed_distill.federated.oneshot:run_oneshot",
         "the whole one-shot pipeline with baselines -> run_dir/results.json",
     ),
+    "refit": (
+        "fed_distill.federated.refit:run_refit",
+        "one statistics round: clients describe their classes in the student's features, the"
+        " server re-fits its head -> run_dir/student/student_refit.safetensors",
+    ),
     "fedmd": (
         "fed_distill.federated.fedmd_run:run_fedmd",
         "FedMD: heterogeneous parties distil through class scores on public data -> run_dir/results.json",
@@ -57,6 +62,7 @@ STAGE_OUTPUT: dict[str, str] = {
     "generate-initial": "student/initial.json",
     "train-student": "student/metrics.json",
     "oneshot": "results.json",
+    "refit": "student/refit.json",
     "fedmd": "results.json",
 }
 
@@ -80,6 +86,8 @@ def compose(stage: str, overrides: Sequence[str] | None = None):
         raise ConfigError("overrides must be a list of 'key=value' strings, not one string")
     overrides = list(overrides or [])
     stage_function(stage)
+    if stage == "refit" and not any(o.split("=", 1)[0].lstrip("+~") == "refit" for o in overrides):
+        overrides = ["refit=head", *overrides]  # the stage is the request for the round
     return mark_explicit(compose_config(overrides), overrides)
 
 

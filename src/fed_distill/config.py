@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fed_distill.errors import ConfigError
 from fed_distill.federated.config import FedMDConfig
+from fed_distill.federated.refit_config import REFIT_METHODS, RefitConfig
 from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.train.fit import TrainConfig
 from fed_distill.train.student_config import StudentConfig
@@ -127,6 +128,8 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     fedmd: FedMDConfig = field(default_factory=FedMDConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
+    # the statistics round after distillation: refit=none (one-shot) | head
+    refit: RefitConfig = field(default_factory=RefitConfig)
     experiment: str | None = None  # name of the preset applied (set by experiment=NAME)
 
 
@@ -160,6 +163,7 @@ def register_configs() -> None:
     for group, names, node in (
         ("dataset", list_datasets(), DatasetConfig),
         ("model", list_models(), ModelConfig),
+        ("refit", REFIT_METHODS, lambda name: RefitConfig(method=name)),
     ):
         for name in names:
             if (group, name) not in _STORED:

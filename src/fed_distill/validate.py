@@ -26,7 +26,8 @@ STAGE_GROUPS: dict[str, tuple[str, ...]] = {
     "train-teachers": ("model", "train"),
     "generate-initial": ("synthesis", "student"),
     "train-student": ("synthesis", "student"),
-    "oneshot": ("dataset", "split", "model", "train", "synthesis", "student"),
+    "oneshot": ("dataset", "split", "model", "train", "synthesis", "student", "refit"),
+    "refit": ("refit",),
     "fedmd": ("fedmd",),
 }
 
@@ -66,6 +67,11 @@ def validate_config(stage: str, cfg: DictConfig) -> None:
         _check_targets(scfg, synth.method)
         if scfg.model and info is not None:
             _check_model(scfg.model, dict(scfg.model_kwargs), info, "student.model")
+    if "refit" in groups:
+        from fed_distill.config import as_object
+        from fed_distill.federated.refit_config import RefitConfig
+
+        as_object(cfg.refit, RefitConfig).validate()
     if "fedmd" in groups:
         from fed_distill.config import as_object
         from fed_distill.federated.config import FedMDConfig, check_fedmd_config

@@ -38,12 +38,12 @@ from fed_distill.ensemble import class_shares
 from fed_distill.errors import FedDistillError
 from fed_distill.federated import per_class
 from fed_distill.federated.baselines import fedavg_state
+from fed_distill.federated.oneshot_summary import print_summary
 from fed_distill.models import build_model
 from fed_distill.pipeline import (
     TeacherSpec,
     _fingerprint,
     checkpoint_dir,
-    format_table,
     held_local_accuracy,
     load_split_and_data,
     load_teacher_class_stats,
@@ -514,12 +514,14 @@ def run_oneshot(
     cfg: DictConfig,
     train_teachers: Callable[[DictConfig], Any] | None = None,
     extra: dict[str, Any] | None = None,
+    collect_stats: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """``fed-distill oneshot``: split → teachers → synthesis → student, with the baselines; writes
     ``run_dir/results.json`` and prints a summary table.
 
     ``train_teachers`` replaces the in-process teacher stage (the Flower runner has the clients
-    train and upload them); ``extra`` keys are added to results.json."""
+    train and upload them), ``collect_stats`` the in-process statistics round (``refit=head``,
+    :mod:`.refit`); ``extra`` keys are added to results.json."""
     t0 = time.perf_counter()
     times: dict[str, float] = {}
 
@@ -534,9 +536,18 @@ def run_oneshot(
     stage("train-teachers", train_teachers or run_train_teachers)
     stage("generate-initial", run_generate_initial)
     trained = stage("train-student", run_train_student)
+    refit = None
+    if cfg.refit.method != "none":  # the statistics round (refit=head): one more message each
+        from fed_distill.federated.refit import run_refit
+
+        refit = stage("refit", lambda c: run_refit(c, collect=collect_stats, report=False))
     s = time.perf_counter()
     ctx = server_context(cfg)
     res = evaluate_oneshot(cfg, ctx, trained["student"], trained["pool"])
+    if refit is not None:
+        from fed_distill.federated.refit import merge_refit, refit_evaluation
+
+        merge_refit(res, refit_evaluation(ctx, refit["student_refit"]), refit["refit"])
     times["evaluate"] = time.perf_counter() - s
     sres = trained["result"]
     initial = load_json(Path(cfg.run_dir) / "student" / "initial.json", "initial.json")
@@ -566,34 +577,3 @@ def run_oneshot(
     save_json(res, Path(cfg.run_dir) / "results.json")
     print_summary(res)
     return res
-
-
-def _pct(v: float | None) -> str:
-    return "—" if v is None or v != v else f"{100 * v:.2f}"
-
-
-def print_summary(res: dict[str, Any]) -> None:
-    rows = [
-        [f"teacher {i}", _pct(a), _pct(b)]
-        for i, (a, b) in enumerate(zip(res["teacher_acc"], res["teacher_local_acc"], strict=True))
-    ]
-    rows += [
-        [f"ensemble ({res['ensemble_method']})", _pct(res["ensemble_acc"]), ""],
-        *[
-            [f"ensemble ({m})", _pct(a), ""]
-            for m, a in res["ensemble_acc_by_method"].items()
-            if m != res["ensemble_method"]
-        ],
-        ["FedAvg (one-shot)", _pct(res["fedavg_acc"]), ""],
-        ["student", _pct(res["student_acc"]), ""],
-    ]
-    print(format_table(["model", "test acc %", "local test %"], rows))
-    if res.get("fedavg_note"):
-        print(f"FedAvg (one-shot): {res['fedavg_note']}")
-    if line := per_class.worst_classes_line(res):
-        print(line)
-    times = ", ".join(f"{k} {v:.0f}s" for k, v in res["stage_times_s"].items())
-    print(
-        f"wall time {res['wall_time_s']:.0f}s ({times}); synthesis {res['synthetic_images']} images at"
-        f" {res['synthesis_images_per_s'] or 0:.0f} images/s"
-    )

@@ -115,7 +115,7 @@ def _read_results(run: Path) -> dict[str, Any] | None:
         return None
     _check(isinstance(results, dict), results_path, "must hold a JSON object")
     _check_acc_list(results.get("teacher_acc"), results_path, "teacher_acc")
-    for k in ("ensemble_acc", "fedavg_acc", "student_acc"):
+    for k in ("ensemble_acc", "fedavg_acc", "student_acc", "student_refit_acc"):
         _check_acc(results.get(k), results_path, k)
     if "teacher_local_acc" in results:
         _check_acc_list(
@@ -405,6 +405,11 @@ def _results_section(rep: Report, o: OneshotRun) -> None:
         n_syn = (results or {}).get("synthetic_images") or (len(pool["labels"]) if pool else "")
         table.append([name, f"{n_syn} synthetic" if n_syn != "" else "", _pct(s_acc), ""])
         acc_rows.append(("student", _f(s_acc), "student"))
+    r_acc = (results or {}).get("student_refit_acc")
+    if r_acc is not None:  # refit=head: the statistics round's student, beside the one-shot one
+        clients = len(((results or {}).get("refit") or {}).get("clients") or [])
+        table.append(["student + statistics round", f"{clients} clients' statistics", _pct(r_acc), ""])
+        acc_rows.append(("student +stats round", _f(r_acc), "student"))
     if table:
         rep.add(md_table(["model", "train samples", "test acc %", "own-test acc %"], table))
         rep.add(

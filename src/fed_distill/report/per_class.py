@@ -28,7 +28,7 @@ def check_per_class(results: dict[str, Any], path: Path) -> int | None:
     _check(isinstance(acc, dict), path, "'class_acc' must be an object")
     _check(isinstance(acc.get("ensemble"), list), path, "'class_acc.ensemble' must be a list")
     n = len(acc["ensemble"])
-    for k in ("student", "ensemble", "fedavg"):
+    for k in ("student", "student_refit", "ensemble", "fedavg"):
         if acc.get(k) is not None:
             _check_acc_list(acc[k], path, f"class_acc.{k}", n)
     teachers = acc.get("teachers") or []
@@ -80,7 +80,12 @@ def plot_per_class(
 ) -> None:
     """Grouped bars: per class, each series' accuracy (student, ensemble, FedAvg)."""
     plt = _plt()
-    colors = {"ensemble": "tab:green", "student": "tab:red", "FedAvg": "tab:orange"}
+    colors = {
+        "ensemble": "tab:green",
+        "student": "tab:red",
+        "student + statistics round": "tab:purple",
+        "FedAvg": "tab:orange",
+    }
     fig, ax = plt.subplots(figsize=(min(16.0, max(7.0, 0.3 * len(classes) * len(series) + 2)), 4.2))
     width = 0.8 / len(series)
     xs = np.arange(len(classes))
@@ -103,6 +108,7 @@ def _class_table(results: dict[str, Any], names: list[str], classes: list[int]) 
     acc, pool = results["class_acc"], results.get("pool_agreement")
     header = ["class", "ensemble %", "student %", "student − ensemble"]
     header += ["FedAvg %"] if acc.get("fedavg") is not None else []
+    header += ["+ statistics round %"] if acc.get("student_refit") is not None else []
     if pool is not None:
         header += ["pool images", "pool: ensemble p(class)", "pool: holders p(class)"]
     rows = []
@@ -111,6 +117,7 @@ def _class_table(results: dict[str, Any], names: list[str], classes: list[int]) 
         gap = "—" if s is None or e is None else f"{100 * (s - e):+.1f}"
         row = [names[k], _pct(e), _pct(s), gap]
         row += [_pct(acc["fedavg"][k])] if acc.get("fedavg") is not None else []
+        row += [_pct(acc["student_refit"][k])] if acc.get("student_refit") is not None else []
         if pool is not None:
             row += [pool["count"][k], *(_prob(pool[m][k]) for m in ("ensemble", "holders"))]
         rows.append(row)
@@ -153,6 +160,8 @@ def per_class_section(rep: Report, results: dict[str, Any] | None, fallback: lis
     classes = _shown(acc, n)
     series = {"ensemble": acc["ensemble"]}
     series.update({"student": acc["student"]} if acc.get("student") is not None else {})
+    if acc.get("student_refit") is not None:
+        series["student + statistics round"] = acc["student_refit"]
     series.update({"FedAvg": acc["fedavg"]} if acc.get("fedavg") is not None else {})
     what = "" if len(classes) == n else f" ({len(classes)} of {n} classes: the largest gaps)"
     rep.figure(

@@ -226,38 +226,56 @@ def fedmd_round(msg: Message, context: Context) -> Message:
 # ============================================================================ one-shot
 
 
-@app.train("oneshot_teacher")
-def oneshot_teacher(msg: Message, context: Context) -> Message:
-    """Train this client's teacher once from the server's initial weights on its partition,
-    and upload the weights with the training metrics."""
-    from fed_distill.config import DatasetConfig, as_object
-    from fed_distill.data.partition import ClientSplit
-    from fed_distill.data.transforms import Normalizer
-    from fed_distill.models import build_model
-    from fed_distill.pipeline import client_class_stats, load_data, train_teacher
-    from fed_distill.train.fit import TrainConfig
-    from fed_distill.utils import resolve_device
-
-    conf = msg.content["config"]
-    _threads(conf)
+def _check_client(conf: ConfigRecord, context: Context) -> int:
     client = int(conf["client"])
     if client != _partition(context):
         raise RuntimeError(f"message for client {client} reached partition {_partition(context)}")
-    cfg = cfg_from_json(str(conf["cfg"]))
+    return client
+
+
+def _client_data(cfg, conf: ConfigRecord):
+    """The dataset the server names (built once per process)."""
+    from fed_distill.config import DatasetConfig, as_object
+    from fed_distill.pipeline import load_data
+
     options = json.loads(str(conf["dataset_options"]))
     ds_cfg = as_object(cfg.dataset, DatasetConfig)
     ds_cfg.name = str(conf["dataset"])
-    data = _cached(
-        json.dumps([ds_cfg.name, ds_cfg.data_dir, options]), lambda: load_data(ds_cfg, options)
-    )
-    arrays = from_record(msg.content["arrays"])
-    part = ClientSplit(
+    key = json.dumps([ds_cfg.name, ds_cfg.data_dir, options])
+    return _cached(key, lambda: load_data(ds_cfg, options))
+
+
+def _client_part(conf: ConfigRecord, arrays: dict[str, torch.Tensor]):
+    """This client's part of the split, as the server sent it (popped from ``arrays``)."""
+    from fed_distill.data.partition import ClientSplit
+
+    return ClientSplit(
         train=arrays.pop("idx_train").tolist(),
         val=arrays.pop("idx_val").tolist(),
         test=arrays.pop("idx_test").tolist(),
         train_class_counts=json.loads(str(conf["train_class_counts"])),
         features=json.loads(str(conf.get("features", "{}"))),
     )
+
+
+@app.train("oneshot_teacher")
+def oneshot_teacher(msg: Message, context: Context) -> Message:
+    """Train this client's teacher once from the server's initial weights on its partition,
+    and upload the weights with the training metrics."""
+    from fed_distill.config import as_object
+    from fed_distill.data.transforms import Normalizer
+    from fed_distill.models import build_model
+    from fed_distill.pipeline import client_class_stats, train_teacher
+    from fed_distill.train.fit import TrainConfig
+    from fed_distill.utils import resolve_device
+
+    conf = msg.content["config"]
+    _threads(conf)
+    client = _check_client(conf, context)
+    cfg = cfg_from_json(str(conf["cfg"]))
+    data = _client_data(cfg, conf)
+    arrays = from_record(msg.content["arrays"])
+    part = _client_part(conf, arrays)
     spec = json.loads(str(conf["spec"]))
     info = data.info
     tcfg = as_object(cfg.train, TrainConfig)
@@ -295,3 +313,38 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
     if kind:
         inject_fault(kind, weights, sleep_s)
     return _reply(msg, weights, metrics=metrics)
+
+
+@app.query("oneshot_feature_stats")
+def oneshot_feature_stats(msg: Message, context: Context) -> Message:
+    """The statistics round (``refit=head``): run the distilled student the server sent over
+    this client's labelled images and upload per-class sums of its penultimate features."""
+    from fed_distill.config import as_object
+    from fed_distill.data.transforms import Normalizer
+    from fed_distill.federated.refit import client_feature_stats, round_info
+    from fed_distill.federated.refit_config import RefitConfig
+    from fed_distill.models import build_model
+    from fed_distill.utils import resolve_device
+
+    conf = msg.content["config"]
+    _threads(conf)
+    _check_client(conf, context)
+    cfg = cfg_from_json(str(conf["cfg"]))
+    data = _client_data(cfg, conf)
+    arrays = from_record(msg.content["arrays"])
+    part = _client_part(conf, arrays)
+    spec, info = json.loads(str(conf["spec"])), data.info
+    student = build_model(
+        spec["model"], info.num_classes, info.channels, info.image_size, **spec["model_kwargs"]
+    )
+    student.load_state_dict(arrays)
+    rcfg = as_object(cfg.refit, RefitConfig)
+    device = resolve_device(str(cfg.device))
+    norm = Normalizer(info.mean, info.std)
+    stats = client_feature_stats(
+        student.to(device), data, part, norm, device, rcfg, int(conf["noise_seed"])
+    )
+    kind, sleep_s = _fault(msg)
+    if kind:
+        inject_fault(kind, stats, sleep_s)
+    return _reply(msg, stats, **round_info(cfg, rcfg, student))

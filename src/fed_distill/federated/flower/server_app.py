@@ -113,7 +113,12 @@ def serve_oneshot(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
     def train_teachers(cfg) -> list[dict[str, Any]]:
         return flower_train_teachers(grid, job, cfg, extra)
 
-    return run_oneshot(cfg, train_teachers=train_teachers, extra=extra)
+    def collect_stats(cfg, ctx, student, want):  # refit=head: the statistics round
+        from fed_distill.federated.flower.server_refit import flower_feature_stats
+
+        return flower_feature_stats(grid, job, cfg, ctx, student, want, extra)
+
+    return run_oneshot(cfg, train_teachers=train_teachers, extra=extra, collect_stats=collect_stats)
 
 
 def flower_train_teachers(
@@ -134,26 +139,18 @@ def flower_train_teachers(
     train_timeout = float(job["train_timeout"])
     ex = connect(grid, n, names, float(job["wait_nodes_s"]), train_timeout)
     faults = parse_faults(job.get("faults"))
-    asks = {}
-    for i, cl in enumerate(split.clients[:n]):
-        arrays = {
-            **inits[i][1],
-            "idx_train": torch.as_tensor(cl.train, dtype=torch.long),
-            "idx_val": torch.as_tensor(cl.val, dtype=torch.long),
-            "idx_test": torch.as_tensor(cl.test, dtype=torch.long),
-        }
-        asks[i] = content(
-            arrays,
-            cfg=job["cfg"],
+    asks = {
+        i: client_message(
+            split,
+            cl,
+            inits[i][1],
+            job,
             client=i,
-            dataset=split.dataset,
-            dataset_options=split.dataset_options,
-            train_class_counts=cl.train_class_counts,
-            features=cl.features,  # what makes its images its own (split=noise), as split.json says
             spec=architecture_record(archs[i]),
-            num_threads=int(job["num_threads"]),
             **fault_options(faults, i, 0, train_timeout),
         )
+        for i, cl in enumerate(split.clients[:n])
+    }
     replies, left = ex.ask(ONESHOT_TRAIN, asks, train_timeout, "0")
     kept, stats, left_out = _check_teachers(replies, left, names, archs, inits, info)
     extra["left_out"] = left_out
@@ -166,6 +163,29 @@ def flower_train_teachers(
         extra["teacher_clients"] = list(kept)
     kept_archs = {i: archs[i] for i in kept}
     return _save_teachers(run_dir / "teachers", kept, stats, kept_archs, mcfg, info, cfg.seed)
+
+
+def client_message(
+    split: Any, cl: Any, weights: dict[str, torch.Tensor], job: dict[str, Any], **config: Any
+):
+    """What a one-shot client is sent: ``weights`` (a model to train or to run), its part of
+    the split (indices, label counts, what makes its images its own) and the run's config."""
+    arrays = {
+        **weights,
+        "idx_train": torch.as_tensor(cl.train, dtype=torch.long),
+        "idx_val": torch.as_tensor(cl.val, dtype=torch.long),
+        "idx_test": torch.as_tensor(cl.test, dtype=torch.long),
+    }
+    return content(
+        arrays,
+        cfg=job["cfg"],
+        dataset=split.dataset,
+        dataset_options=split.dataset_options,
+        train_class_counts=cl.train_class_counts,
+        features=cl.features,  # what makes its images its own (split=noise), as split.json says
+        num_threads=int(job["num_threads"]),
+        **config,
+    )
 
 
 def _check_teachers(
