@@ -332,8 +332,10 @@ def test_oneshot_mixed_architectures_on_flower_equal_in_process(tmp_path):
 
 
 def test_oneshot_faulty_clients_are_left_out(tmp_path):
-    opts = FlowerOptions(faults=["1:0:nan", "2:0:dtype"])
-    r = run_flower("oneshot", [*ONESHOT, "split.num_clients=4", f"run_dir={tmp_path}"], opts)
+    # round 0: the teachers' upload; round 1: the statistics round (refit=head)
+    opts = FlowerOptions(faults=["1:0:nan", "2:0:dtype", "3:1:timeout"])
+    args = [*ONESHOT, "split.num_clients=4", "refit=head", "refit.steps=100"]
+    r = run_flower("oneshot", [*args, f"run_dir={tmp_path}"], opts)
     assert [d["party"] for d in r["left_out"]] == [1, 2]
     assert "NaN" in r["left_out"][0]["reason"] and "client 1" in r["left_out"][0]["reason"]
     assert "dtype torch.int64" in r["left_out"][1]["reason"]
@@ -342,6 +344,15 @@ def test_oneshot_faulty_clients_are_left_out(tmp_path):
     assert r["student_acc"] is not None and r["fedavg_acc"] is not None
     assert len(json.loads((tmp_path / "split.json").read_text())["clients"]) == 2
     assert len(json.loads((tmp_path / "split_all.json").read_text())["clients"]) == 4
+    # client 3 (teacher 1) never returned its statistics: the head was re-fitted from client 0's
+    assert r["refit"]["left_out"] == [
+        {
+            "party": 1,
+            "client": 3,
+            "reason": f"client 3: no answer within {opts.timeout:g}s (timeout)",
+        }
+    ]
+    assert r["refit"]["clients"] == [0] and r["student_refit_acc"] is not None
 
 
 # ----------------------------------------------------------------------------- real processes

@@ -44,7 +44,13 @@ from fed_distill.federated.flower.common import (
     from_record,
     parse_faults,
 )
-from fed_distill.federated.flower.exchange import connect, fault_options, flower_summary, say
+from fed_distill.federated.flower.exchange import (
+    connect,
+    fault_options,
+    flower_summary,
+    late_parties,
+    say,
+)
 from fed_distill.federated.flower.server_fedmd import serve_fedmd
 from fed_distill.federated.flower.submit import FAILED_FILE
 from fed_distill.models import describe
@@ -147,11 +153,12 @@ def flower_train_teachers(
             job,
             client=i,
             spec=architecture_record(archs[i]),
-            **fault_options(faults, i, 0, train_timeout),
+            **fault_options(faults, i, 0, train_timeout, forced=True),
         )
         for i, cl in enumerate(split.clients[:n])
     }
-    replies, left = ex.ask(ONESHOT_TRAIN, asks, train_timeout, "0")
+    late = late_parties(faults, 0)  # an injected timeout: its deadline is forced, not waited for
+    replies, left = ex.ask(ONESHOT_TRAIN, asks, train_timeout, "0", late=late)
     kept, stats, left_out = _check_teachers(replies, left, names, archs, inits, info)
     extra["left_out"] = left_out
     if left_out:

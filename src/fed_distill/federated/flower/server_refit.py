@@ -24,7 +24,7 @@ from fed_distill.feature_stats import (
     save_feature_stats,
 )
 from fed_distill.federated.flower.common import from_record, parse_faults
-from fed_distill.federated.flower.exchange import connect, fault_options, say
+from fed_distill.federated.flower.exchange import connect, fault_options, late_parties, say
 from fed_distill.federated.flower.runner import num_nodes
 from fed_distill.federated.flower.server_app import client_message
 from fed_distill.federated.refit import check_upload, client_noise_seed
@@ -65,18 +65,20 @@ def flower_feature_stats(
             client=nodes[j],
             spec=spec,
             noise_seed=client_noise_seed(cfg, rcfg, j),
-            **fault_options(faults, nodes[j], REFIT_ROUND, timeout),
+            **fault_options(faults, nodes[j], REFIT_ROUND, timeout, forced=True),
         )
         for j in range(n)
     }
-    replies, left = ex.ask(ONESHOT_STATS, asks, timeout, "refit")
+    late = late_parties(faults, REFIT_ROUND)
+    replies, left = ex.ask(ONESHOT_STATS, asks, timeout, "refit", late=late)
     back = {node: j for j, node in enumerate(nodes)}
-    left_out = [{"party": back[p], "reason": why} for p, why in sorted(left.items())]
+    # "party": the teacher's index in split.json; "client": the client (node) it came from
+    left_out = [{"party": back[p], "client": p, "reason": why} for p, why in sorted(left.items())]
     stats: dict[int, dict[str, torch.Tensor]] = {}
     dim, k = feature_width(student), ctx.data.info.num_classes
     fb = Path(str(cfg.run_dir)) / FEEDBACK_DIR
     for node, m in sorted(replies.items()):
-        j, who = back[node], f"client {back[node]}"
+        j, who = back[node], f"client {node}"
         try:
             if m.content.get("arrays") is None:
                 raise ProtocolError(f"{who}: the reply holds no statistics")
@@ -85,7 +87,7 @@ def flower_feature_stats(
             check_upload(st, said, want, dim, k, rcfg, who)
         except ProtocolError as e:
             say(f"left out: {e}")
-            left_out.append({"party": j, "reason": str(e)})
+            left_out.append({"party": j, "client": node, "reason": str(e)})
             continue
         save_feature_stats(st, fb / FEATURE_STATS_FILE.format(j), want)
         stats[j] = st
