@@ -105,3 +105,57 @@ def test_pixel_statistics_of_different_widths_name_both_keys():
     text = str(e.value)
     assert "'pixel.mean' of shape (10, 10)" in text and "'pixel.var' of shape (10, 64)" in text
     assert "class statistic 'pixel.var' has shape" not in text  # the var is not blamed
+
+
+def test_a_one_shot_preset_given_to_fedmd_makes_no_run_folder(tmp_path, capsys):
+    run = tmp_path / "new" / "run"
+    code, err = run_cli(capsys, "fedmd", "experiment=fmnist_hetero_5", f"run_dir={run}")
+    assert_refused(code, err, run, "experiment=fmnist_hetero_5 is a one-shot preset")
+    assert not (tmp_path / "new").exists()  # refused before run_dir is made
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fedmd", "experiment=fmnist_hetero_5"], "experiment=fmnist_hetero_5 is a one-shot"),
+        (["split", "dataset=digits", "fedmd=fashion"], "fedmd=fashion is a FedMD preset"),
+        (["oneshot", "dataset=digits", "fedmd.rounds=3"], "fedmd.rounds is a FedMD key"),
+        (["train-teachers", "++fedmd.rounds=3"], "stage train-teachers does not read"),
+    ],
+)
+def test_the_other_protocols_preset_leaves_a_run_folder_as_it_was(tmp_path, capsys, args, message):
+    run = tmp_path / "run"
+    assert main(["split", "dataset=digits", f"run_dir={run}"]) == 0
+    capsys.readouterr()
+    before = _snapshot(run)
+    code, err = run_cli(capsys, *args, f"run_dir={run}")
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err
+    assert _snapshot(run) == before
+
+
+def test_a_fedmd_preset_is_refused_by_a_one_shot_stage(tmp_path, capsys, monkeypatch):
+    """No built-in experiment=NAME preset sets the fedmd group; one that did would be refused
+    by the one-shot stages as FedMD's, before anything is made."""
+    monkeypatch.setattr("fed_distill.federated.config.preset_protocol", lambda name: "fedmd")
+    run = tmp_path / "run"
+    code, err = run_cli(capsys, *ONESHOT, "experiment=fmnist_hetero_5", f"run_dir={run}")
+    assert_refused(code, err, run, "experiment=fmnist_hetero_5 is a FedMD preset", "oneshot")
+    assert not run.exists()
+
+
+def test_the_protocol_check_needs_no_typed_keys_from_python(tmp_path):
+    """A config composed without fed_distill.compose (no record of typed keys) still gets the
+    preset check; the one-shot stages accept it."""
+    from fed_distill.config import compose_config
+    from fed_distill.errors import ConfigError
+    from fed_distill.validate import check_protocol
+
+    cfg = compose_config(["experiment=fmnist_hetero_5", f"run_dir={tmp_path}"])
+    check_protocol("oneshot", cfg)
+    with pytest.raises(ConfigError, match="is a one-shot preset"):
+        check_protocol("fedmd", cfg)

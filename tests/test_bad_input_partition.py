@@ -138,3 +138,71 @@ def test_the_default_client_count_is_the_schemas():
     from fed_distill.data.partition_registry import DEFAULT_NUM_CLIENTS
 
     assert SplitConfig().num_clients == DEFAULT_NUM_CLIENTS
+
+
+# Typed on the command line at exactly the value a default or a preset would give: only the
+# user's overrides are explicit (fed_distill.api.mark_explicit), so these are still refused.
+TYPED_AT_DEFAULT = [
+    (
+        ["split=classes", "split.classes=[[0,1],[2,3]]", "split.num_clients=5"],
+        "split.num_clients=5, but split=classes makes 2 clients",
+    ),
+    (["split=dirichlet", "split.sigma=0.1"], "split.sigma=0.1 is a parameter of split=noise"),
+    (["split=iid", "split.alpha=0.5"], "split.alpha=0.5 is a parameter of split=dirichlet"),
+    (["split=noise", "++split.min_size=10"], "split.min_size=10 is a parameter of split="),
+]
+
+
+@pytest.mark.parametrize("overrides, message", TYPED_AT_DEFAULT)
+def test_a_typed_key_is_refused_even_at_its_default(tmp_path, capsys, overrides, message):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "split", "dataset=digits", *overrides, f"run_dir={run}")
+    assert_one_error(code, err, message, "drop")
+    assert not run.exists()  # nothing made, not even the folder
+
+
+def test_a_typed_key_at_its_default_is_refused_in_a_finished_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["split", "dataset=digits", "split=classes", "split.classes=[[0,1],[2,3]]"]
+    assert run_cli(capsys, *args, f"run_dir={run}")[0] == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, _, err = run_cli(capsys, *args, "split.num_clients=5", f"run_dir={run}")
+    assert_one_error(code, err, "split.num_clients=5")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_the_python_api_refuses_typed_keys_and_takes_a_changed_config(tmp_path):
+    bad = ["split=classes", "split.classes=[[0,1],[2,3]]", "split.num_clients=5"]
+    with pytest.raises(ConfigError, match="split.num_clients=5, but split=classes makes 2"):
+        fed_distill.run("split", [*bad, "dataset=digits", f"run_dir={tmp_path / 'a'}"])
+    cfg = fed_distill.compose("split", ["dataset=digits", f"run_dir={tmp_path / 'b'}"])
+    cfg.split.strategy, cfg.split.alpha = "dirichlet", 0.3  # set in Python: not "typed"
+    assert fed_distill.run("split", cfg=cfg)["strategy"] == "dirichlet"
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_presets_split_keys_are_not_the_users(tmp_path):
+    """experiment=NAME sets split keys (and split.num_clients=5 = the default): none is typed,
+    so the preset validates; the same keys typed against another partition do not."""
+    from fed_distill.validate import validate_config
+
+    cfg = fed_distill.compose("split", ["experiment=fmnist_noise_5", f"run_dir={tmp_path}"])
+    assert cfg.split.strategy == "noise" and cfg._explicit_keys == ["experiment", "run_dir"]
+    validate_config("split", cfg)
+    cfg = fed_distill.compose("split", ["experiment=fmnist_noise_5", "split.alpha=0.5"])
+    with pytest.raises(ConfigError, match="split.alpha=0.5 is a parameter of split=dirichlet"):
+        validate_config("split", cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["fedmd.partition=dirichlet", "split.sigma=0.1"], "not of fedmd.partition=dirichlet"),
+        (["split.alpha=0.5"], "split.alpha is not read by FedMD's own fedmd.partition=balanced"),
+    ],
+)
+def test_fedmd_refuses_typed_split_keys_it_would_ignore(tmp_path, capsys, overrides, message):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "fedmd", "fedmd=quick", *overrides, f"run_dir={run}")
+    assert_one_error(code, err, message)
+    assert not run.exists()

@@ -92,15 +92,32 @@ def compose(stage: str, overrides: Sequence[str] | None = None):
 
 
 def mark_explicit(cfg, overrides: Sequence[str]):
-    """Record whether the user chose the dataset explicitly (stages that read an earlier split
-    check it against the split's dataset)."""
+    """Record what the user typed, for the checks that tell a typed value from a default or a
+    preset's: ``_explicit_dataset`` (stages that read an earlier split check it against the
+    split's dataset) and ``_explicit_keys``, the keys of the overrides (``split.num_clients``,
+    ``fedmd``, ...; a ``~KEY`` deletion sets nothing). A preset's keys (``experiment=NAME``)
+    are not the user's: only ``experiment`` itself is listed."""
     from omegaconf import open_dict
 
+    keys = override_keys(overrides)
     with open_dict(cfg):
-        cfg._explicit_dataset = any(
-            o.split("=", 1)[0].lstrip("+~") in ("dataset", "dataset.name") for o in overrides
-        )
+        cfg._explicit_dataset = any(k in ("dataset", "dataset.name") for k in keys)
+        cfg._explicit_keys = keys
     return cfg
+
+
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The keys ``key=value`` overrides set, in order, without ``+`` / ``++`` and without
+    deletions (``~key``)."""
+    out: list[str] = []
+    for o in overrides:
+        key = str(o).split("=", 1)[0].strip()
+        if key.startswith("~") or "=" not in str(o):
+            continue
+        key = key.lstrip("+")
+        if key and key not in out:
+            out.append(key)
+    return out
 
 
 def execute(stage: str, cfg) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,13 @@ def validate_config(stage: str, cfg: DictConfig) -> None:
     from fed_distill.utils import resolve_device
 
     groups = STAGE_GROUPS.get(stage, ())
+    check_protocol(stage, cfg)  # a preset or key of the other protocol: before anything
     resolve_device(str(cfg.device))
     check_logger(str(cfg.get("logger", "none")))
     info = _dataset_info(cfg, stage) if {"dataset", "model"} & set(groups) else None
     if "split" in groups:
-        check_split_config(cfg.split, info.num_classes if info is not None else None)
+        num_classes = info.num_classes if info is not None else None
+        check_split_config(cfg.split, num_classes, explicit_keys(cfg))
     if "model" in groups and info is not None:
         _check_model(str(cfg.model.name), _kwargs(cfg.model.get("kwargs")), info, "model")
     if "model" in groups:
@@ -76,7 +79,9 @@ def validate_config(stage: str, cfg: DictConfig) -> None:
         from fed_distill.config import as_object
         from fed_distill.federated.config import FedMDConfig, check_fedmd_config
 
-        check_fedmd_config(as_object(cfg.fedmd, FedMDConfig), _kwargs(cfg.get("split")))
+        fedmd = as_object(cfg.fedmd, FedMDConfig)
+        check_fedmd_config(fedmd, _kwargs(cfg.get("split")))
+        check_fedmd_split_keys(fedmd.partition, _kwargs(cfg.get("split")), explicit_keys(cfg))
     check_run_dir(cfg.run_dir)
 
 
@@ -178,12 +183,61 @@ def _check_teacher_models(cfg: DictConfig, info: Any) -> None:
         _check_model(name, kwargs, info, f"teachers.models[{pos}]")
 
 
-def check_split_config(sp: DictConfig, num_classes: int | None = None) -> int:
+def check_split_config(
+    sp: DictConfig, num_classes: int | None = None, explicit: Sequence[str] = ()
+) -> int:
     """The split's keys, by the partition registry's own check (``check_split_params``: the
-    common keys and the chosen partition's ``check``); returns the number of clients."""
+    common keys and the chosen partition's ``check``), and the ``split.KEY`` overrides the user
+    typed (``explicit``, :func:`explicit_keys`; ``check_explicit_split``); returns the number
+    of clients."""
     from fed_distill.data.partition import check_split_params, split_kwargs
+    from fed_distill.data.partition_registry import check_explicit_split
 
-    return check_split_params(num_classes=num_classes, **split_kwargs(_kwargs(sp)))[1]
+    node = _kwargs(sp)
+    n = check_split_params(num_classes=num_classes, **split_kwargs(node))[1]
+    check_explicit_split(node["strategy"], node, explicit, n)
+    return n
+
+
+def check_fedmd_split_keys(partition: str, split: dict[str, Any], explicit: Sequence[str]) -> None:
+    """FedMD reads ``split.KEY`` only as the parameters of ``fedmd.partition`` naming a
+    registered partition: a typed key of another partition, or any partition key with FedMD's
+    own partitions (balanced, writer, subclass), would be ignored, so it is one line."""
+    from fed_distill.data.partition_registry import (
+        all_params,
+        check_explicit_split,
+        list_partitions,
+    )
+
+    if partition in list_partitions():
+        check_explicit_split(partition, split, explicit, what="fedmd.partition")
+        return
+    for key in explicit:
+        name = key.removeprefix("split.").split(".")[0]
+        if key.startswith("split.") and name in all_params():
+            raise ConfigError(
+                f"split.{name} is not read by FedMD's own fedmd.partition={partition}; drop it or"
+                f" choose a registered partition that takes it (fedmd.partition=NAME)"
+            )
+
+
+def explicit_keys(cfg: DictConfig) -> list[str]:
+    """The override keys the user typed (``fed_distill.api.mark_explicit``); none for a config
+    composed without it."""
+    keys = cfg.get("_explicit_keys")
+    return [str(k) for k in keys] if keys is not None else []
+
+
+def check_protocol(stage: str, cfg: DictConfig) -> None:
+    """A preset or key of the other protocol, refused before anything is made: a one-shot
+    ``experiment=NAME`` for FedMD; for the one-shot stages a FedMD ``experiment=NAME`` (none
+    is built in) or a typed ``fedmd=NAME`` / ``fedmd.KEY`` (FedMD's presets and keys)."""
+    from fed_distill.federated.config import check_preset_for_fedmd, check_preset_for_oneshot
+
+    if stage == "fedmd":
+        check_preset_for_fedmd(cfg)
+    else:
+        check_preset_for_oneshot(stage, cfg, explicit_keys(cfg))
 
 
 def _num_teachers(cfg: DictConfig, stage: str) -> int | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,7 +212,8 @@ def check_split_params(
     """Every split key, checked once, before any data is read (``make_split`` and the start-up
     validation both call this); returns what :func:`check_partition_params` returns."""
     full, n = check_partition_params(strategy, params, num_clients, num_classes)
-    # None or 0 from Python, or the schema's default: "not given"
+    # None or 0 from Python, or the schema's default: "not given" (a typed 5 is refused by
+    # check_explicit_split, which sees the user's overrides)
     if get_partition(strategy).clients is not None and num_clients not in (
         n,
         None,
@@ -264,10 +265,43 @@ def check_foreign_keys(strategy: str, node: Mapping[str, Any]) -> None:
     for key, (_, default) in all_params().items():
         if key in own or key not in node or _same(node[key], default):
             continue
-        owners = [p.name for p in _REGISTRY.values() if key in p.params]
+        raise foreign_key_error(key, node[key], strategy)
+
+
+def foreign_key_error(key: str, value: Any, strategy: str, what: str = "split") -> ConfigError:
+    """The one line for ``split.KEY`` of other partitions given with ``what=strategy``."""
+    owners = [p.name for p in _REGISTRY.values() if key in p.params]
+    return ConfigError(
+        f"split.{key}={value!r} is a parameter of split={'|'.join(owners)}, not of"
+        f" {what}={strategy}; drop it or choose {what}={owners[0]}"
+    )
+
+
+def check_explicit_split(
+    strategy: str,
+    node: Mapping[str, Any],
+    explicit: Iterable[str],
+    n: int | None = None,
+    what: str = "split",
+) -> None:
+    """The ``split.KEY`` overrides the user typed (``explicit``: override keys, as
+    ``fed_distill.api.mark_explicit`` records them), checked where a value at its default
+    cannot be told from one not given: a key of another partition is refused even at its
+    default (``split=dirichlet split.sigma=<noise's default>``), and a typed
+    ``split.num_clients`` that differs from the ``n`` clients a partition fixing its own count
+    makes (``split=classes``), even the schema's default. ``what``: the key that chose
+    ``strategy`` (``fedmd.partition`` for FedMD)."""
+    keys = [k.removeprefix("split.").split(".")[0] for k in explicit if k.startswith("split.")]
+    own = get_partition(strategy).params
+    for key in keys:
+        if key in all_params() and key not in own:
+            raise foreign_key_error(key, node.get(key), strategy, what)
+    num = node.get("num_clients")
+    fixed = n is not None and get_partition(strategy).clients is not None
+    if "num_clients" in keys and fixed and num != n:
         raise ConfigError(
-            f"split.{key}={node[key]!r} is a parameter of split={'|'.join(owners)}, not of"
-            f" split={strategy}; drop it or choose split={owners[0]}"
+            f"split.num_clients={num}, but split={strategy} makes {n} clients from its own"
+            f" parameters; drop split.num_clients or make its parameters name {num}"
         )
 
 

@@ -301,6 +301,35 @@ def check_preset_for_fedmd(cfg: Any) -> None:
     )
 
 
+def check_preset_for_oneshot(stage: str, cfg: Any, explicit: Any = ()) -> None:
+    """One ConfigError line when a one-shot stage is given FedMD's settings, which it would
+    ignore: an ``experiment=NAME`` preset that sets the ``fedmd`` group (no built-in one does),
+    or a typed ``fedmd=NAME`` preset / ``fedmd.KEY`` (``explicit``: the override keys)."""
+    from fed_distill.errors import ConfigError
+
+    name = cfg.get("experiment")
+    if name and preset_protocol(str(name)) == "fedmd":
+        raise ConfigError(
+            f"experiment={name} is a FedMD preset (fed-distill fedmd experiment={name}); stage"
+            f" {stage} does not read it"
+        )
+    typed = [str(k) for k in explicit if k == "fedmd" or str(k).startswith("fedmd.")]
+    if not typed:
+        return
+    if typed[0] == "fedmd":
+        from omegaconf import OmegaConf
+
+        name = OmegaConf.select(cfg, "fedmd.name", default="NAME")
+        raise ConfigError(
+            f"fedmd={name} is a FedMD preset (fed-distill fedmd fedmd={name}); stage {stage}"
+            " does not read the fedmd group: drop it"
+        )
+    raise ConfigError(
+        f"{typed[0]} is a FedMD key (fed-distill fedmd {typed[0]}=...); stage {stage} does not"
+        " read the fedmd group: drop it"
+    )
+
+
 def split_of(cfg: Any) -> dict[str, Any] | None:
     """A run config's ``split`` node as a plain dict (None without one), for
     :func:`private_split_params` and ``build_fedmd_data``."""
