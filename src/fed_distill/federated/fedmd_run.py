@@ -372,7 +372,7 @@ def results_of(
         "device": str(run.device),
         "data": run.data.summary(),
         "preset": c.name,
-        "config": to_container(cfg),
+        "config": {k: v for k, v in to_container(cfg).items() if not str(k).startswith("_")},
         "fingerprint": fp,
     }
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -31,23 +29,23 @@ from fed_distill.artifacts import (
     tensors_digest,
 )
 from fed_distill.config import as_object, to_container
-from fed_distill.data.partition import Split, clients_images
-from fed_distill.data.sources import Dataset
-from fed_distill.data.transforms import Normalizer
+from fed_distill.data.partition import clients_images
 from fed_distill.ensemble import class_shares
 from fed_distill.errors import FedDistillError
 from fed_distill.federated import per_class
 from fed_distill.federated.baselines import fedavg_state
 from fed_distill.federated.oneshot_summary import print_summary
+from fed_distill.federated.server_context import (  # noqa: F401 - re-exported
+    ServerContext,
+    server_context,
+    server_seed,
+    uses_class_stats,
+)
 from fed_distill.models import build_model
 from fed_distill.pipeline import (
-    TeacherSpec,
     _fingerprint,
     checkpoint_dir,
     held_local_accuracy,
-    load_split_and_data,
-    load_teacher_class_stats,
-    load_teachers,
     run_split,
     run_train_teachers,
 )
@@ -57,67 +55,11 @@ from fed_distill.tracking import epoch_logger, log_scalars
 from fed_distill.train.fit import load_resumable
 from fed_distill.train.student import StudentResult, SyntheticPool, distill
 from fed_distill.train.student_config import StudentConfig
-from fed_distill.utils import resolve_device, seed_everything
+from fed_distill.utils import seed_everything
 
 # Why one-shot FedAvg has no number when the clients' architectures differ.
 FEDAVG_MIXED_NOTE = "the teachers' architectures differ, their weights cannot be averaged"
 MAX_VAL = 2000  # validation images evaluated per student epoch (diagnostic only)
-
-
-@dataclass
-class ServerContext:
-    """What the server holds after the upload: teachers, their class counts, the test task."""
-
-    split: Split
-    data: Dataset
-    teachers: list[nn.Module]
-    spec: TeacherSpec
-    class_counts: np.ndarray  # (num_teachers, num_classes) training-label counts
-    normalizer: Normalizer
-    hflip: bool
-    device: torch.device
-    # per teacher, the class statistics its client uploaded; None where some have none
-    class_stats: list[dict[str, torch.Tensor]] | None = None
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.spec.in_channels, self.spec.image_size, self.spec.image_size)
-
-
-def server_context(cfg: DictConfig, class_stats: bool = False) -> ServerContext:
-    """What the server holds; ``class_stats``: also load the uploaded class statistics (when
-    ``synthesis.class_stats`` is on)."""
-    split, data = load_split_and_data(cfg)
-    device = resolve_device(cfg.device)
-    teachers, spec = load_teachers(cfg.run_dir, device)
-    if spec.num_teachers != split.num_teachers or spec.num_classes != data.info.num_classes:
-        raise FedDistillError(
-            f"teachers in {cfg.run_dir} do not match split.json ({spec.num_teachers} teachers for"
-            f" {split.num_teachers} clients); rerun `fed-distill train-teachers force=true`"
-        )
-    counts = split.class_counts()[: split.num_teachers]
-    hflip = data.info.hflip if cfg.train.hflip is None else bool(cfg.train.hflip)
-    stats = None
-    if class_stats:
-        stats = load_teacher_class_stats(cfg.run_dir, teachers, data.info.num_classes)
-    return ServerContext(
-        split,
-        data,
-        teachers,
-        spec,
-        counts,
-        Normalizer(data.info.mean, data.info.std),
-        hflip,
-        device,
-        stats,
-    )
-
-
-def uses_class_stats(cfg: DictConfig) -> bool:
-    """Whether this run's synthesis matches BN statistics per class (so it needs the uploaded
-    class statistics)."""
-    sc = cfg.synthesis
-    return bool(sc.class_stats) and sc.bn_scale > 0 and sc.method != "public"
 
 
 def _inputs_digest(cfg: DictConfig, ctx: ServerContext) -> dict[str, Any]:
@@ -132,12 +74,6 @@ def _inputs_digest(cfg: DictConfig, ctx: ServerContext) -> dict[str, Any]:
     if ctx.class_stats is not None:  # only then: older runs keep their fingerprints
         out["class_stats"] = [tensors_digest(s) for s in ctx.class_stats]
     return out
-
-
-def server_seed(cfg: DictConfig) -> int:
-    """The seed of the server's side: ``student.seed``, or the run's ``seed`` when unset."""
-    seed = cfg.student.get("seed")
-    return int(cfg.seed if seed is None else seed)
 
 
 def _fingerprint_settings(node: DictConfig) -> dict[str, Any]:

@@ -46,9 +46,9 @@ from fed_distill.feature_stats import (
     student_digest,
 )
 from fed_distill.federated import per_class
-from fed_distill.federated.oneshot import ServerContext, server_context, server_seed
 from fed_distill.federated.refit_config import RefitConfig
 from fed_distill.federated.refit_head import fit_head
+from fed_distill.federated.server_context import ServerContext, server_context, server_seed
 from fed_distill.models import build_model
 from fed_distill.pipeline import _fingerprint
 from fed_distill.train.fit import predict_logits

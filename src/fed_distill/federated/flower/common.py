@@ -62,6 +62,29 @@ def content(arrays: dict[str, Any] | None = None, **config: Any) -> RecordDict:
     return rd
 
 
+def client_message(
+    split: Any, cl: Any, weights: dict[str, torch.Tensor], job: dict[str, Any], **config: Any
+):
+    """What a one-shot client is sent: ``weights`` (a model to train or to run), its part of
+    the split (indices, label counts, what makes its images its own) and the run's config."""
+    arrays = {
+        **weights,
+        "idx_train": torch.as_tensor(cl.train, dtype=torch.long),
+        "idx_val": torch.as_tensor(cl.val, dtype=torch.long),
+        "idx_test": torch.as_tensor(cl.test, dtype=torch.long),
+    }
+    return content(
+        arrays,
+        cfg=job["cfg"],
+        dataset=split.dataset,
+        dataset_options=split.dataset_options,
+        train_class_counts=cl.train_class_counts,
+        features=cl.features,  # what makes its images its own (split=noise), as split.json says
+        num_threads=int(job["num_threads"]),
+        **config,
+    )
+
+
 # ----------------------------------------------------------------------------- faults (tests)
 def inject_fault(kind: str, tensors: dict[str, torch.Tensor], sleep_s: float) -> None:
     """Make a reply bad in the way ``kind`` names, in place (a testing knob: ``--fault``).

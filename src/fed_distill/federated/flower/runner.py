@@ -130,17 +130,21 @@ def make_job(protocol: str, cfg, opts: FlowerOptions, runner: str) -> dict[str, 
         "wait_nodes_s": opts.wait_nodes_s,
         "faults": list(opts.faults),
         "num_threads": torch.get_num_threads(),
+        "num_nodes": num_nodes(protocol, cfg),
     }
 
 
 def run_flower(protocol: str, overrides: list[str], opts: FlowerOptions) -> dict[str, Any]:
     """Compose the config, run ``protocol`` on Flower, return (and write) results.json."""
     require_flower()
+    from fed_distill.api import mark_explicit
     from fed_distill.config import compose_config
     from fed_distill.utils import configure_threads
     from fed_distill.validate import validate_config
 
-    cfg = compose_config(overrides)
+    # the keys the user typed are recorded, as for in-process stages (a typed split key of
+    # another partition is refused even at its default value)
+    cfg = mark_explicit(compose_config(overrides), overrides)
     if protocol == "fedmd":
         from fed_distill.federated.config import check_preset_for_fedmd
 

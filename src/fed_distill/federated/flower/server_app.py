@@ -40,7 +40,7 @@ from fed_distill.federated.flower.common import (
     CLASS_STATS_PREFIX,
     ONESHOT_TRAIN,
     cfg_from_json,
-    content,
+    client_message,
     from_record,
     parse_faults,
 )
@@ -170,29 +170,6 @@ def flower_train_teachers(
         extra["teacher_clients"] = list(kept)
     kept_archs = {i: archs[i] for i in kept}
     return _save_teachers(run_dir / "teachers", kept, stats, kept_archs, mcfg, info, cfg.seed)
-
-
-def client_message(
-    split: Any, cl: Any, weights: dict[str, torch.Tensor], job: dict[str, Any], **config: Any
-):
-    """What a one-shot client is sent: ``weights`` (a model to train or to run), its part of
-    the split (indices, label counts, what makes its images its own) and the run's config."""
-    arrays = {
-        **weights,
-        "idx_train": torch.as_tensor(cl.train, dtype=torch.long),
-        "idx_val": torch.as_tensor(cl.val, dtype=torch.long),
-        "idx_test": torch.as_tensor(cl.test, dtype=torch.long),
-    }
-    return content(
-        arrays,
-        cfg=job["cfg"],
-        dataset=split.dataset,
-        dataset_options=split.dataset_options,
-        train_class_counts=cl.train_class_counts,
-        features=cl.features,  # what makes its images its own (split=noise), as split.json says
-        num_threads=int(job["num_threads"]),
-        **config,
-    )
 
 
 def _check_teachers(

@@ -320,7 +320,7 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
         "preset": c.name,
         "runner": job["runner"],
         "flower": flower_summary(job),
-        "config": to_container(cfg),
+        "config": {k: v for k, v in to_container(cfg).items() if not str(k).startswith("_")},
     }
     _write_fedmd_results(results, Path(str(cfg.run_dir)))
     return results

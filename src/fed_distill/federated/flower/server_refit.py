@@ -23,10 +23,8 @@ from fed_distill.feature_stats import (
     feature_width,
     save_feature_stats,
 )
-from fed_distill.federated.flower.common import from_record, parse_faults
+from fed_distill.federated.flower.common import client_message, from_record, parse_faults
 from fed_distill.federated.flower.exchange import connect, fault_options, late_parties, say
-from fed_distill.federated.flower.runner import num_nodes
-from fed_distill.federated.flower.server_app import client_message
 from fed_distill.federated.refit import check_upload, client_noise_seed
 from fed_distill.federated.refit_config import RefitConfig
 
@@ -48,7 +46,7 @@ def flower_feature_stats(
     rcfg: RefitConfig = as_object(cfg.refit, RefitConfig)
     split, n = ctx.split, ctx.split.num_teachers
     nodes = list(extra.get("teacher_clients") or range(n))  # kept client j runs on node nodes[j]
-    total = num_nodes("oneshot", cfg)  # every client's node, as the teachers' round connected
+    total = int(job["num_nodes"])  # every client's node, as the teachers' round connected
     timeout = float(job["timeout"])
     ex = connect(
         grid, total, [f"client {i}" for i in range(total)], float(job["wait_nodes_s"]), timeout
