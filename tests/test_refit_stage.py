@@ -170,3 +170,21 @@ def test_oneshot_with_refit_head_prints_both_students(cli, tmp_path):
     assert r["config"]["refit"]["method"] == "head" and "refit" in r["stage_times_s"]
     assert "student (one-shot, data-free)" in out and "student + statistics round" in out
     assert r["student_refit_acc"] is not None and r["student_acc"] is not None
+
+
+def test_refit_benchmark_prints_every_row(benchmark_module, run, capsys):
+    bench = benchmark_module("refit")
+    bench.bench(run, seeds=[0], quick=True)
+    out = capsys.readouterr().out
+    for label in (
+        "as distilled",
+        *bench.HEAD_VARIANTS,
+        "bound: head on real features",
+        "AdaBN + head",
+        "2nd round: body on pool + head",
+    ):
+        assert f"| {label}" in out, label
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "row" not in ln]
+    assert len(rows) == 2 + len(bench.HEAD_VARIANTS) + 3
+    for ln in rows:  # every accuracy a percentage
+        assert 0 <= float(ln.split("|")[2]) <= 100
