@@ -10,6 +10,8 @@ Rows (each head fit is repeated for every ``--seeds`` value: the fit's own noise
 * ``as distilled``: the one-shot student; ``ensemble``: its teachers' ensemble.
 * ``head: …``: the library's re-fit (``refit=head``, defaults) and variants of its knobs (steps,
   learning rate, shrinkage, a zero start).
+* ``map head``: ``refit.features=map``, the clients describe the last block's whole map
+  (before the global average pool) and the head is one Linear on it.
 * ``bound: head on real features``: the same linear head trained on the clients' *real*
   features (every client's images pooled on one machine: a diagnostic no federated server can
   run) — how far the Gaussian model of each class is from what the body allows.
@@ -45,7 +47,7 @@ from fed_distill.federated import per_class
 from fed_distill.federated.oneshot import server_context
 from fed_distill.federated.refit import load_distilled_student
 from fed_distill.federated.refit_config import RefitConfig
-from fed_distill.federated.refit_head import fit_head
+from fed_distill.federated.refit_head import fit_head, refit_head_layer, refit_model
 from fed_distill.train.fit import predict_logits
 from fed_distill.train.pool import SyntheticPool
 
@@ -56,6 +58,7 @@ HEAD_VARIANTS = {
     "head: lr=0.05": {"lr": 0.05},
     "head: shrinkage=0.1": {"shrinkage": 0.1},
     "head: init=zero": {"init": "zero"},
+    "map head (refit.features=map)": {"features": "map"},
 }
 
 
@@ -71,7 +74,7 @@ class Bench:
         clients = ctx.split.clients[: ctx.split.num_teachers]
         self.x = clients_images(clients, ctx.data.train_x)
         self.y = torch.cat([ctx.data.train_y[torch.as_tensor(c.train + c.val)] for c in clients])
-        self._gaussians: dict[int, object] = {}
+        self._gaussians: dict[tuple[int, str], object] = {}
 
     def evaluate(self, logits: torch.Tensor) -> tuple[float, list]:
         y, pred = self.ctx.data.test_y, logits.argmax(1)
@@ -83,13 +86,17 @@ class Bench:
 
     def refit(self, m: nn.Module, seed: int, **kw) -> nn.Module:
         """What the round gives: statistics of ``m`` on the clients' images (the sums over the
-        pooled images are the clients' sums added; computed once per model), then the head."""
-        if id(m) not in self._gaussians:
-            k = self.ctx.data.info.num_classes
-            st = compute_feature_stats(m, self.x, self.y, self.ctx.normalizer, k)
-            self._gaussians[id(m)] = pool([st])
-        out = copy.deepcopy(m).cpu()
-        fit_head(feature_layer(out), self._gaussians[id(m)], RefitConfig(method="head", **kw), seed)
+        pooled images are the clients' sums added; computed once per model and features), then
+        the head."""
+        rcfg = RefitConfig(method="head", **kw)
+        k, key = self.ctx.data.info.num_classes, (id(m), rcfg.features)
+        if key not in self._gaussians:
+            norm = self.ctx.normalizer
+            st = compute_feature_stats(m, self.x, self.y, norm, k, features=rcfg.features)
+            self._gaussians[key] = pool([st])
+        width = self._gaussians[key].mean.shape[1]
+        out = refit_model(m, rcfg.features, width, k)
+        fit_head(refit_head_layer(out), self._gaussians[key], rcfg, seed)
         return out
 
 

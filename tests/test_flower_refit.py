@@ -31,6 +31,7 @@ ARGS = [
     "progress=false",
     "refit=head",
     "refit.steps=300",
+    "refit.features=map",  # the whole map (the penultimate path: tests/test_flower.py)
     "refit.noise=0.05",  # the clients' noise is seeded alike in both runners
     "refit.clip=20",
 ]

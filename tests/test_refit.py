@@ -183,6 +183,7 @@ def test_upload_files_are_safetensors_with_their_round(tmp_path):
         ("refit.noise=0.5", "refit.noise > 0 needs refit.clip"),
         ("refit.clip=-1", "refit.clip must be a finite number > 0"),
         ("refit.init=random", "refit.init must be distilled or zero"),
+        ("refit.features=logits", "refit.features must be penultimate or map"),
         ("refit=tail", "unknown refit 'tail'; available: head, none"),
     ],
 )
@@ -214,3 +215,36 @@ def test_config_shows_the_refit_group(cli):
     assert code == 0 and "refit:" in out and "method: head" in out
     code, out, _ = cli("oneshot", "--cfg")
     assert "method: none" in out  # a one-shot run stays one-shot unless asked
+
+
+def test_map_head_starts_as_the_student_and_sees_every_position():
+    from fed_distill.feature_stats import feature_width
+    from fed_distill.federated.refit_head import refit_head_layer, refit_model
+
+    torch.manual_seed(0)
+    student = build_model("cnn_small", 10, 1, 28).eval()
+    width = feature_width(student, "map", (1, 28, 28))
+    assert width == 32 * 3 * 3  # the last block's map before the global average pool
+    model = refit_model(student, "map", width, 10).eval()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():  # the distilled head spread over the positions: the same logits
+        torch.testing.assert_close(model(x), student(x), rtol=1e-4, atol=1e-5)
+    head = refit_head_layer(model)
+    assert head.in_features == width and head is model.head
+    # the statistics of the map: D = 288 numbers per image
+    y = torch.arange(5) % 10
+    st = compute_feature_stats(
+        student, (x * 40 + 100).clamp(0, 255).to(torch.uint8), y, _Identity(), 10, features="map"
+    )
+    assert st["outer"].shape == (10, width, width)
+    check_feature_stats(st, width, 10, "client 0")
+
+
+def test_map_features_wider_than_allowed_are_refused():
+    from fed_distill.errors import ConfigError
+    from fed_distill.federated.refit import check_student_fits
+
+    m = build_model("resnet8", 10, 1, 28)
+    with pytest.raises(ConfigError, match="3136 map features"):
+        check_student_fits(m, RefitConfig(method="head", features="map"), "resnet8", (1, 28, 28))
+    assert check_student_fits(m, RefitConfig(method="head"), "resnet8", (1, 28, 28)) == 64

@@ -13,6 +13,10 @@ the student the client was sent (:func:`student_digest`), so statistics of anoth
 refused. Sums, not means, so the server pools clients by adding them (:func:`pool`); the
 class means and covariances follow. For ``cnn_small`` (D = 32) that is 10,570 numbers per client.
 
+``features=map`` (``refit.features``) describes instead the last block's whole feature map, the
+input of the student's global average pool (D = C·H·W: 288 for ``cnn_small`` on 28×28 images):
+where each part of the image lies, which the average throws away.
+
 The sums are accumulated in float64: a covariance from raw second moments loses digits to
 cancellation in float32. Optional Gaussian noise (:func:`add_noise`, ``refit.noise`` with
 ``refit.clip``) is added by the client before upload; docs/class_stats.md says what the
@@ -37,10 +41,40 @@ FEATURE_STATS_FILE = "feature_stats_{}.safetensors"
 KEYS = ("counts", "sum", "outer")
 
 
-def feature_width(model: nn.Module) -> int | None:
-    """D: the width of ``model``'s penultimate features (its last Linear's input), or None."""
-    head = feature_layer(model)
-    return None if head is None else int(head.in_features)
+FEATURES = ("penultimate", "map")
+
+
+def feature_site(model: nn.Module, features: str = "penultimate") -> nn.Module | None:
+    """The module whose *input* the statistics describe: ``penultimate``, the last Linear (its
+    input is the pooled feature vector); ``map``, the last global average pool (its input is
+    the last block's whole feature map, C x H x W, before it is averaged away)."""
+    if features == "map":
+        pools = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+        return pools[-1] if pools else None
+    return feature_layer(model)
+
+
+@torch.no_grad()
+def feature_width(
+    model: nn.Module, features: str = "penultimate", image_shape: tuple[int, ...] = ()
+) -> int | None:
+    """D: how many numbers per image the statistics describe (None: the model has no such
+    layer); ``map`` runs one blank image of ``image_shape`` through the model to see it."""
+    site = feature_site(model, features)
+    if site is None:
+        return None
+    if features != "map":
+        return int(site.in_features)
+    got: list[torch.Tensor] = []
+    handle = site.register_forward_pre_hook(lambda _m, inp: got.append(inp[0]))
+    was_training = model.training
+    try:
+        device = next(model.parameters()).device
+        model.eval()(torch.zeros(1, *image_shape, device=device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return int(got[0][0].numel())
 
 
 def student_digest(student: nn.Module) -> str:
@@ -58,18 +92,20 @@ def compute_feature_stats(
     device: torch.device | str = "cpu",
     batch_size: int = 512,
     clip: float | None = None,
+    features: str = "penultimate",
 ) -> dict[str, torch.Tensor]:
-    """The client's side: per-class count, Σf and Σffᵀ of ``model``'s penultimate features on
-    ``images`` (uint8) / ``labels``, in eval mode; ``clip``: each feature vector is first
-    scaled down to L2 norm ≤ clip (what bounds one image's share, for :func:`add_noise`)."""
-    head = feature_layer(model)
-    if head is None:
-        raise ProtocolError("the student has no Linear head: no penultimate features to describe")
-    d = head.in_features
+    """The client's side: per-class count, Σf and Σffᵀ of ``model``'s features f (``features``:
+    see :func:`feature_site`) on ``images`` (uint8) / ``labels``, in eval mode; ``clip``: each
+    feature vector is first scaled down to L2 norm ≤ clip (what bounds one image's share, for
+    :func:`add_noise`)."""
+    site = feature_site(model, features)
+    if site is None:
+        raise ProtocolError(f"the student has no layer for features={features} to describe")
+    d = feature_width(model, features, tuple(images.shape[1:]))
     s1 = torch.zeros(num_classes, d, dtype=torch.float64)
     s2 = torch.zeros(num_classes, d, d, dtype=torch.float64)
     got: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, inp: got.append(inp[0].detach()))
+    handle = site.register_forward_pre_hook(lambda _m, inp: got.append(inp[0].detach()))
     was_training = model.training
     model.eval()
     try:
@@ -81,7 +117,9 @@ def compute_feature_stats(
                 f = f * (clip / f.norm(dim=1, keepdim=True).clamp_min(clip))
             y = labels[i : i + batch_size].long().cpu()
             s1.index_add_(0, y, f)
-            s2.index_add_(0, y, f.unsqueeze(2) * f.unsqueeze(1))
+            for c in y.unique().tolist():  # one (D, D) product per class in the batch
+                fc = f[y == c]
+                s2[c] += fc.T @ fc
     finally:
         handle.remove()
         model.train(was_training)

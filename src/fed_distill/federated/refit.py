@@ -18,7 +18,6 @@ uploads already in ``feedback/`` for this student and these settings are reused.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -30,7 +29,6 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fed_distill.artifacts import file_digest, load_json, load_weights, save_json, save_weights
-from fed_distill.class_stats import feature_layer
 from fed_distill.config import as_object, to_container
 from fed_distill.errors import CheckpointError, ConfigError, FedDistillError, ProtocolError
 from fed_distill.feature_stats import (
@@ -47,7 +45,7 @@ from fed_distill.feature_stats import (
 )
 from fed_distill.federated import per_class
 from fed_distill.federated.refit_config import RefitConfig
-from fed_distill.federated.refit_head import fit_head
+from fed_distill.federated.refit_head import fit_head, refit_head_layer, refit_model
 from fed_distill.federated.server_context import ServerContext, server_context, server_seed
 from fed_distill.models import build_model
 from fed_distill.pipeline import _fingerprint
@@ -71,6 +69,8 @@ def round_info(cfg: DictConfig, rcfg: RefitConfig, student: nn.Module) -> dict[s
     """What identifies this round's uploads: the student sent (by content) and the settings
     the clients apply (clip, noise and its seed)."""
     client_side = {"clip": rcfg.clip, "noise": rcfg.noise, "seed": refit_seed(cfg, rcfg)}
+    if rcfg.features != "penultimate":  # (so earlier rounds' digests stay as they were)
+        client_side["features"] = rcfg.features
     return {"student": student_digest(student), "round": _fingerprint(client_side)}
 
 
@@ -85,7 +85,7 @@ def client_feature_stats(
     images = client_images(client, data.train_x, idx)
     k = data.info.num_classes
     stats = compute_feature_stats(
-        student, images, data.train_y[idx], norm, k, device, clip=rcfg.clip
+        student, images, data.train_y[idx], norm, k, device, clip=rcfg.clip, features=rcfg.features
     )
     return add_noise(stats, rcfg.noise, rcfg.clip or 1.0, torch.Generator().manual_seed(seed))
 
@@ -126,7 +126,8 @@ def collect_in_process(
     (all of them first, before any client works) and reused; the other clients compute theirs."""
     rcfg: RefitConfig = as_object(cfg.refit, RefitConfig)
     fb = Path(cfg.run_dir) / FEEDBACK_DIR
-    n, k, dim = ctx.split.num_teachers, ctx.data.info.num_classes, feature_width(student)
+    n, k = ctx.split.num_teachers, ctx.data.info.num_classes
+    dim = feature_width(student, rcfg.features, ctx.image_shape)
     stats: dict[int, dict[str, torch.Tensor]] = {}
     for i in range(n):
         path = fb / FEATURE_STATS_FILE.format(i)
@@ -174,15 +175,22 @@ def load_distilled_student(run_dir: Path, ctx: ServerContext) -> tuple[nn.Module
     return student.to(ctx.device), name, kwargs
 
 
-def check_student_fits(student: nn.Module, rcfg: RefitConfig, name: str) -> int:
-    d = feature_width(student)
+def check_student_fits(
+    student: nn.Module, rcfg: RefitConfig, name: str, image_shape: tuple[int, ...] = ()
+) -> int:
+    """D, the width the round describes; one ConfigError line when the student has no such
+    layer or D is wider than ``refit.max_features``."""
+    d = feature_width(student, rcfg.features, image_shape)
     if d is None:
-        raise ConfigError(f"refit=head needs a student with a Linear head; {name} has none")
+        what = "a global average pool" if rcfg.features == "map" else "a Linear head"
+        raise ConfigError(
+            f"refit.features={rcfg.features} needs a student with {what}; {name} has none"
+        )
     if d > rcfg.max_features:
         raise ConfigError(
-            f"refit=head: the student {name} has {d} penultimate features, so each client would"
-            f" upload {d * d} numbers per class; refit.max_features={rcfg.max_features} allows"
-            " fewer (raise it, or distil into a student with a narrower head, e.g. cnn_small)"
+            f"refit=head: the student {name} has {d} {rcfg.features} features, so each client"
+            f" would upload {d * d} numbers per class; refit.max_features={rcfg.max_features}"
+            " allows fewer (raise it, use refit.features=penultimate, or a narrower student)"
         )
     return d
 
@@ -200,13 +208,15 @@ def run_refit(
     run_dir = Path(cfg.run_dir)
     ctx = server_context(cfg)
     student, name, _ = load_distilled_student(run_dir, ctx)
-    dim = check_student_fits(student, rcfg, name)
+    dim = check_student_fits(student, rcfg, name, ctx.image_shape)
     want = round_info(cfg, rcfg, student)
     settings = {k: v for k, v in to_container(cfg.refit).items() if k != "max_features"}
     fp = _fingerprint({"refit": settings, **want, "split": file_digest(run_dir / "split.json")})
     out = run_dir / "student"
-    done = _finished_refit(out, fp, student)
+    k = ctx.data.info.num_classes
+    done = _finished_refit(out, fp, refit_model(student, rcfg.features, dim, k))
     if done is not None and not cfg.force:
+        done["student_refit"] = done["student_refit"].to(ctx.device)
         print(f"student already re-fitted ({out / REFIT_FILE}); force=true to redo")
         if report:
             _update_results(run_dir, ctx, done["student_refit"], done["refit"])
@@ -217,11 +227,12 @@ def run_refit(
     if not stats:
         raise ProtocolError("no client returned feature statistics; the head cannot be re-fitted")
     g = pool([stats[i] for i in sorted(stats)])
-    refit = copy.deepcopy(student).cpu()
+    refit = refit_model(student, rcfg.features, dim, k)
     t1 = time.perf_counter()
-    fit = fit_head(feature_layer(refit), g, rcfg, refit_seed(cfg, rcfg))
+    fit = fit_head(refit_head_layer(refit), g, rcfg, refit_seed(cfg, rcfg))
     info = {
         "method": rcfg.method,
+        "features": rcfg.features,
         "clients": sorted(stats),
         "left_out": left_out,
         "feature_dim": dim,
@@ -235,7 +246,7 @@ def run_refit(
         "fit_s": time.perf_counter() - t1,
         "fingerprint": fp,
     }
-    save_weights(refit, out / REFIT_FILE, metadata={"model": name})
+    save_weights(refit, out / REFIT_FILE, metadata={"model": name, "features": rcfg.features})
     save_json(info, out / "refit.json")  # last: with its fingerprint it marks the stage as done
     refit = refit.to(ctx.device)
     if report:
@@ -243,13 +254,13 @@ def run_refit(
     return {"student_refit": refit, "refit": info}
 
 
-def _finished_refit(out: Path, fp: str, student: nn.Module) -> dict[str, Any] | None:
+def _finished_refit(out: Path, fp: str, refit: nn.Module) -> dict[str, Any] | None:
+    """The re-fitted student (loaded into ``refit``) a finished round left, else None."""
     if not (out / "refit.json").is_file() or not (out / REFIT_FILE).is_file():
         return None
     info = load_json(out / "refit.json", "refit.json")
     if info.get("fingerprint") != fp:
         return None
-    refit = copy.deepcopy(student)
     load_weights(refit, out / REFIT_FILE)
     return {"student_refit": refit, "refit": info}
 

@@ -11,12 +11,14 @@ holds keeps the distilled head's row (its gradient is masked).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
 
-from fed_distill.feature_stats import ClassGaussians
+from fed_distill.class_stats import feature_layer
+from fed_distill.feature_stats import ClassGaussians, feature_site
 from fed_distill.federated.refit_config import RefitConfig
 
 
@@ -58,9 +60,7 @@ def fit_head(head: nn.Linear, g: ClassGaussians, rcfg: RefitConfig, seed: int) -
     )
     losses: list[float] = []
     for _ in range(rcfg.steps):
-        y = torch.multinomial(prior.float(), rcfg.batch_size, replacement=True, generator=gen)
-        z = torch.randn(rcfg.batch_size, mean.shape[1], 1, generator=gen)
-        f = mean[y] + (chol[y] @ z).squeeze(2)
+        y, f = _draw(prior, mean, chol, rcfg.batch_size, gen)
         loss = nn.functional.cross_entropy(lin(f), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -75,6 +75,20 @@ def fit_head(head: nn.Linear, g: ClassGaussians, rcfg: RefitConfig, seed: int) -
             head.bias[held] = b[held].to(head.bias.dtype)
     tail = losses[-max(1, len(losses) // 10) :]
     return {"loss": sum(tail) / len(tail), "classes": int(held.sum())}
+
+
+def _draw(
+    prior: torch.Tensor, mean: torch.Tensor, chol: torch.Tensor, n: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` (label, feature) draws: labels ~ prior, features ~ N(mean_y, L_y L_yᵀ), one matrix
+    product per class drawn (cheaper than gathering a D x D factor per draw)."""
+    y = torch.multinomial(prior.float(), n, replacement=True, generator=gen).sort().values
+    z = torch.randn(n, mean.shape[1], generator=gen)
+    f = torch.empty_like(z)
+    for c, cnt in zip(*torch.unique_consecutive(y, return_counts=True), strict=True):
+        rows = slice(int((y < c).sum()), int((y < c).sum()) + int(cnt))
+        f[rows] = mean[c] + z[rows] @ chol[c].T
+    return y, f
 
 
 def _mixture_moments(g: ClassGaussians, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,3 +113,45 @@ def _standardised(
             lin.weight[zero] = 0.0
             lin.bias[zero] = 0.0
     return lin
+
+
+class MapHead(nn.Module):
+    """The student with its global average pool and head replaced by one Linear on the whole
+    flattened map the pool averaged (``refit.features=map``): logits = head(map.flatten(1))."""
+
+    def __init__(self, base: nn.Module, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.base = base
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        got: list[torch.Tensor] = []
+        site = feature_site(self.base, "map")
+        handle = site.register_forward_pre_hook(lambda _m, inp: got.append(inp[0]))
+        try:
+            self.base(x)  # (its own pool and head run too: a few operations, unused)
+        finally:
+            handle.remove()
+        return self.head(got[0].flatten(1))
+
+
+def refit_model(student: nn.Module, features: str, width: int, num_classes: int) -> nn.Module:
+    """A copy of ``student`` whose head the round re-fits: the student itself (``penultimate``)
+    or a :class:`MapHead` whose Linear starts as the distilled head spread evenly over the map's
+    positions (so it computes what the student computes: avg-pool then the head)."""
+    base = copy.deepcopy(student).cpu()
+    if features != "map":
+        return base
+    model = MapHead(base, width, num_classes)
+    fc = feature_layer(base)
+    with torch.no_grad():
+        if fc is not None and width % fc.in_features == 0:
+            positions = width // fc.in_features  # flatten order: channel-major
+            model.head.weight.copy_(fc.weight.repeat_interleave(positions, dim=1) / positions)
+            model.head.bias.copy_(fc.bias if fc.bias is not None else 0.0)
+    return model
+
+
+def refit_head_layer(model: nn.Module) -> nn.Linear:
+    """The Linear the round re-fits in a :func:`refit_model`."""
+    return model.head if isinstance(model, MapHead) else feature_layer(model)

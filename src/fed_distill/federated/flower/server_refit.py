@@ -73,7 +73,7 @@ def flower_feature_stats(
     # "party": the teacher's index in split.json; "client": the client (node) it came from
     left_out = [{"party": back[p], "client": p, "reason": why} for p, why in sorted(left.items())]
     stats: dict[int, dict[str, torch.Tensor]] = {}
-    dim, k = feature_width(student), ctx.data.info.num_classes
+    dim, k = feature_width(student, rcfg.features, ctx.image_shape), ctx.data.info.num_classes
     fb = Path(str(cfg.run_dir)) / FEEDBACK_DIR
     for node, m in sorted(replies.items()):
         j, who = back[node], f"client {node}"
