@@ -8,16 +8,16 @@ distilled student and the same clients' statistics, overall and per class.
 Rows (each head fit is repeated for every ``--seeds`` value: the fit's own noise):
 
 * ``as distilled``: the one-shot student; ``ensemble``: its teachers' ensemble.
-* ``head: …``: the library's re-fit (``refit=head``, defaults) and variants of its knobs (steps,
-  learning rate, shrinkage, a zero start).
-* ``map head``: ``refit.features=map``, the clients describe the last block's whole map
-  (before the global average pool) and the head is one Linear on it.
-* ``bound: head on real features``: the same linear head trained on the clients' *real*
-  features (every client's images pooled on one machine: a diagnostic no federated server can
-  run) — how far the Gaussian model of each class is from what the body allows.
-* ``AdaBN + head``: the student's BN statistics re-estimated on the clients' real images before
-  the round (also pooled: the ideal version of a per-layer BN statistics round).
-* ``2nd round: body on pool + head``: after the re-fit, 600 steps of the usual distillation
+* ``head, features=…``: the library's re-fit (``refit=head``: the clients describe the last
+  block's whole map, ``map``, the default; or the pooled ``penultimate`` vector) and variants of
+  the map head's knobs (steps, learning rate, shrinkage, a zero start).
+* ``bound: … on real features``: a linear head trained on the clients' *real* features (every
+  client's images pooled on one machine: a diagnostic no federated server can run), on the
+  pooled vector and on the whole map — how far the Gaussian model of each class is from what
+  the body allows.
+* ``AdaBN + map head``: the student's BN statistics re-estimated on the clients' real images
+  before the round (also pooled: the ideal version of a per-layer BN statistics round).
+* ``2nd round: body on pool + map head``: after the re-fit, 600 steps of the usual distillation
   (KL to the weighted ensemble on the final synthetic pool, augmented) on the body with the
   re-fitted head frozen, then a second statistics round and head re-fit.
 
@@ -38,11 +38,10 @@ from torch import nn
 
 from fed_distill.api import compose
 from fed_distill.artifacts import load_tensors
-from fed_distill.class_stats import feature_layer
 from fed_distill.data.partition import clients_images
 from fed_distill.data.transforms import augment
 from fed_distill.ensemble import class_shares, ensemble_probs
-from fed_distill.feature_stats import compute_feature_stats, pool
+from fed_distill.feature_stats import compute_feature_stats, feature_site, pool
 from fed_distill.federated import per_class
 from fed_distill.federated.oneshot import server_context
 from fed_distill.federated.refit import load_distilled_student
@@ -52,13 +51,13 @@ from fed_distill.train.fit import predict_logits
 from fed_distill.train.pool import SyntheticPool
 
 HEAD_VARIANTS = {
-    "head (refit=head defaults)": {},
-    "head: steps=1000": {"steps": 1000},
-    "head: steps=10000": {"steps": 10000},
-    "head: lr=0.05": {"lr": 0.05},
-    "head: shrinkage=0.1": {"shrinkage": 0.1},
-    "head: init=zero": {"init": "zero"},
-    "map head (refit.features=map)": {"features": "map"},
+    "head, features=map (refit=head defaults)": {},
+    "head, features=penultimate": {"features": "penultimate"},
+    "map head: steps=1000": {"steps": 1000},
+    "map head: steps=10000": {"steps": 10000},
+    "map head: lr=0.05": {"lr": 0.05},
+    "map head: shrinkage=0.1": {"shrinkage": 0.1},
+    "map head: init=zero": {"init": "zero"},
 }
 
 
@@ -100,22 +99,29 @@ class Bench:
         return out
 
 
-def features(m: nn.Module, x: torch.Tensor, b: Bench) -> torch.Tensor:
+def features(m: nn.Module, x: torch.Tensor, b: Bench, kind: str) -> torch.Tensor:
     got: list[torch.Tensor] = []
-    h = feature_layer(m).register_forward_pre_hook(lambda _m, inp: got.append(inp[0].detach()))
+    site = feature_site(m, kind)
+    h = site.register_forward_pre_hook(lambda _m, inp: got.append(inp[0].detach().flatten(1)))
     predict_logits(m, x, b.ctx.normalizer, b.ctx.device)
     h.remove()
     return torch.cat(got)
 
 
-def head_on_real_features(b: Bench, seed: int, steps: int = 6000) -> tuple[float, list]:
-    f, ft = features(b.student, b.x, b), features(b.student, b.ctx.data.test_x, b)
-    head = copy.deepcopy(feature_layer(b.student))
+def head_on_real_features(
+    b: Bench, seed: int, steps: int = 6000, kind: str = "penultimate"
+) -> tuple[float, list]:
+    """A linear head (SGD on standardised features) on the real features of every client's
+    images, evaluated on the test set's real features."""
+    f, ft = features(b.student, b.x, b, kind), features(b.student, b.ctx.data.test_x, b, kind)
+    mu, sd = f.mean(0), f.std(0).clamp_min(1e-6)
+    f, ft = (f - mu) / sd, (ft - mu) / sd
+    head = nn.Linear(f.shape[1], b.ctx.data.info.num_classes)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(head.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
     for s in range(steps):
         for g in opt.param_groups:
-            g["lr"] = 0.05 * 0.5 * (1 + math.cos(math.pi * s / steps))
+            g["lr"] = 0.1 * 0.5 * (1 + math.cos(math.pi * s / steps))
         idx = torch.randint(0, len(b.y), (256,), generator=gen)
         loss = nn.functional.cross_entropy(head(f[idx]), b.y[idx])
         opt.zero_grad()
@@ -146,7 +152,8 @@ def second_round(b: Bench, refitted: nn.Module, seed: int, steps: int = 600) -> 
     px, _ = SyntheticPool.from_state(state, ctx.image_shape, ctx.data.info.num_classes).tensors()
     shares = class_shares(ctx.class_counts)
     m = copy.deepcopy(refitted).train()
-    body = [p for n, p in m.named_parameters() if not n.startswith("fc.")]
+    head = refit_head_layer(m)
+    body = [p for p in m.parameters() if all(p is not q for q in head.parameters())]
     opt = torch.optim.SGD(body, lr=0.01, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     for s in range(steps):
@@ -159,7 +166,7 @@ def second_round(b: Bench, refitted: nn.Module, seed: int, steps: int = 600) -> 
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return b.refit(m.eval(), seed)
+    return b.refit(getattr(m, "base", m).eval(), seed)  # a MapHead's body: the student
 
 
 def bench(run: Path, seeds: list[int], quick: bool = False) -> None:
@@ -183,18 +190,17 @@ def bench(run: Path, seeds: list[int], quick: bool = False) -> None:
     for label, kw in variants.items():
         for s in seeds:
             row(f"{label}, seed {s}", *b.model_row(b.refit(b.student, s, **kw)))
-    for s in seeds:
-        row(
-            f"bound: head on real features, seed {s}",
-            *head_on_real_features(b, s, 50 if quick else 6000),
-        )
+    for kind in ("penultimate", "map"):
+        for s in seeds:
+            real = head_on_real_features(b, s, 50 if quick else 6000, kind)
+            row(f"bound: {kind} head on real features, seed {s}", *real)
     adapted = adabn(b)
     for s in seeds:
-        row(f"AdaBN + head, seed {s}", *b.model_row(b.refit(adapted, s)))
+        row(f"AdaBN + map head, seed {s}", *b.model_row(b.refit(adapted, s)))
     for s in seeds:
         refitted = b.refit(b.student, s)
         again = second_round(b, refitted, s, 20 if quick else 600)
-        row(f"2nd round: body on pool + head, seed {s}", *b.model_row(again))
+        row(f"2nd round: body on pool + map head, seed {s}", *b.model_row(again))
 
 
 def main() -> int:

@@ -176,33 +176,17 @@ def test_refit_benchmark_prints_every_row(benchmark_module, run, capsys):
     bench = benchmark_module("refit")
     bench.bench(run, seeds=[0], quick=True)
     out = capsys.readouterr().out
-    for label in (
+    labels = [
         "as distilled",
         *bench.HEAD_VARIANTS,
-        "bound: head on real features",
-        "AdaBN + head",
-        "2nd round: body on pool + head",
-    ):
+        "bound: penultimate head on real",
+        "bound: map head on real",
+        "AdaBN + map head",
+        "2nd round: body on pool + map head",
+    ]
+    for label in labels:
         assert f"| {label}" in out, label
     rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "row" not in ln]
-    assert len(rows) == 2 + len(bench.HEAD_VARIANTS) + 3
+    assert len(rows) == 2 + len(bench.HEAD_VARIANTS) + 4
     for ln in rows:  # every accuracy a percentage
         assert 0 <= float(ln.split("|")[2]) <= 100
-
-
-def test_map_features_refit_a_head_on_the_whole_map_and_resume(cli, run):
-    code, out, err = cli("refit", f"run_dir={run}", *REFIT, "refit.features=map")  # the default
-    assert code == 0, err
-    r = _results(run)
-    d = r["refit"]["feature_dim"]
-    assert r["refit"]["features"] == "map" and d > 32  # C x H x W of the last block's map
-    assert r["refit"]["upload_floats_per_client"] == 10 + 10 * d + 10 * d * d
-    assert 0 <= r["student_refit_acc"] <= 1
-    w = read_weights(run / "student" / "student_refit.safetensors")
-    assert w["head.weight"].shape == (10, d) and "base.fc.weight" in w
-    code, out, _ = cli("refit", f"run_dir={run}", *REFIT, "refit.features=map")
-    assert code == 0 and "already re-fitted" in out
-    assert _results(run)["student_refit_acc"] == r["student_refit_acc"]
-    # back to the penultimate features: another round (the uploads say which features)
-    code, out, _ = cli("refit", f"run_dir={run}", *REFIT)
-    assert code == 0 and "earlier round" in out and _results(run)["refit"]["feature_dim"] == 32
