@@ -5,8 +5,9 @@ exactly one ``error:`` line naming the key, no traceback, and no file in the run
 The components and their keys are read from the registries and the typed configs, never listed
 here: every partition (``list_partitions``, its declared parameters and the common split keys),
 every synthesizer (``list_synthesizers``, the numeric fields of ``SynthesisConfig``), every FedMD
-consensus rule (``list_rules``, ``FedMDConfig``), every student preset (``StudentConfig``) and the
-teachers' ``TrainConfig``. A new key or component is covered without editing this file. Each
+consensus rule (``list_rules``, ``FedMDConfig``), every student preset (``StudentConfig``), every
+method of the statistics round (``REFIT_METHODS``, ``RefitConfig``) and the teachers'
+``TrainConfig``. A new key or component is covered without editing this file. Each
 component first shows that its base config is valid, so a refusal is the drawn value's doing.
 A stage never runs: reaching a stage's function fails the test at once.
 """
@@ -32,6 +33,7 @@ from fed_distill.data.partition import get_partition, list_partitions
 from fed_distill.errors import ConfigError
 from fed_distill.federated.config import FedMDConfig
 from fed_distill.federated.fedmd_consensus import list_rules
+from fed_distill.federated.refit_config import REFIT_METHODS, RefitConfig
 from fed_distill.synthesis import list_synthesizers  # with the built-in ones registered
 from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.train.fit import TrainConfig
@@ -125,6 +127,9 @@ def _components() -> list[tuple[str, str, list[str], str, dict[str, tuple[str, A
         ]
         out.append((f"student:{s}", "oneshot", base, "student", student))
     out.append(("train", "oneshot", ["dataset=digits"], "train", numeric_fields(TrainConfig)))
+    refit = numeric_fields(RefitConfig)
+    for m in REFIT_METHODS:  # the statistics round's group: each method, every numeric key
+        out.append((f"refit:{m}", "oneshot", ["dataset=digits", f"refit={m}"], "refit", refit))
     return out
 
 
@@ -207,6 +212,7 @@ CONFIGS = [
     (TrainConfig, "train", lambda c: c.validate()),
     (SynthesisConfig, "synthesis", lambda c: c.validate()),
     (StudentConfig, "student", lambda c: c.validate()),
+    (RefitConfig, "refit", lambda c: c.validate()),
     (
         FedMDConfig,
         "fedmd",
