@@ -205,7 +205,8 @@ def test_student_with_too_wide_a_head_is_refused(tmp_path):
 
     m = build_model("resnet18", 10, 1, 28)
     with pytest.raises(ConfigError, match="512 penultimate features"):
-        check_student_fits(m, RefitConfig(method="head", max_features=256), "resnet18")
+        rcfg = RefitConfig(method="head", features="penultimate", max_features=256)
+        check_student_fits(m, rcfg, "resnet18", (1, 28, 28))
     save_weights(m, tmp_path / "w.safetensors")  # (the width is the head's input)
     assert read_weights(tmp_path / "w.safetensors")["fc.weight"].shape == (10, 512)
 
@@ -247,4 +248,5 @@ def test_map_features_wider_than_allowed_are_refused():
     m = build_model("resnet8", 10, 1, 28)
     with pytest.raises(ConfigError, match="3136 map features"):
         check_student_fits(m, RefitConfig(method="head", features="map"), "resnet8", (1, 28, 28))
-    assert check_student_fits(m, RefitConfig(method="head"), "resnet8", (1, 28, 28)) == 64
+    pen = RefitConfig(method="head", features="penultimate")
+    assert check_student_fits(m, pen, "resnet8", (1, 28, 28)) == 64

@@ -65,6 +65,8 @@ def feature_width(
         return None
     if features != "map":
         return int(site.in_features)
+    if not image_shape:
+        raise ValueError("feature_width(features='map') needs the image shape (C, H, W)")
     got: list[torch.Tensor] = []
     handle = site.register_forward_pre_hook(lambda _m, inp: got.append(inp[0]))
     was_training = model.training

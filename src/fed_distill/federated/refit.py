@@ -176,7 +176,7 @@ def load_distilled_student(run_dir: Path, ctx: ServerContext) -> tuple[nn.Module
 
 
 def check_student_fits(
-    student: nn.Module, rcfg: RefitConfig, name: str, image_shape: tuple[int, ...] = ()
+    student: nn.Module, rcfg: RefitConfig, name: str, image_shape: tuple[int, ...]
 ) -> int:
     """D, the width the round describes; one ConfigError line when the student has no such
     layer or D is wider than ``refit.max_features``."""
