@@ -169,6 +169,7 @@ def test_oneshot_with_refit_head_prints_both_students(cli, tmp_path):
     r = _results(tmp_path)
     assert r["config"]["refit"]["method"] == "head" and "refit" in r["stage_times_s"]
     assert "student (one-shot, data-free)" in out and "student + statistics round" in out
+    assert "student + statistics round vs ensemble" in out  # its own worst classes
     assert r["student_refit_acc"] is not None and r["student_acc"] is not None
 
 

@@ -35,6 +35,10 @@ def print_summary(res: dict[str, Any]) -> None:
         print(f"FedAvg (one-shot): {res['fedavg_note']}")
     if line := per_class.worst_classes_line(res):
         print(line)
+    if res.get("student_refit_acc") is not None:
+        who = "student + statistics round"
+        if line := per_class.worst_classes_line(res, key="student_refit", who=who):
+            print(line)
     times = ", ".join(f"{k} {v:.0f}s" for k, v in res["stage_times_s"].items())
     print(
         f"wall time {res['wall_time_s']:.0f}s ({times}); synthesis {res['synthetic_images']} images at"

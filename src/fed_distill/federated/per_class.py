@@ -140,11 +140,12 @@ def class_name(res: dict[str, Any], k: int) -> str:
     return str(k)
 
 
-def class_gaps(res: dict[str, Any]) -> list[tuple[int, float, float]]:
-    """(class, student, ensemble) accuracies, the class where the student is furthest under the
-    ensemble first; empty where the results hold no per-class figures (older runs)."""
+def class_gaps(res: dict[str, Any], key: str = "student") -> list[tuple[int, float, float]]:
+    """(class, student, ensemble) accuracies, the class where the student (``key``: or the
+    re-fitted one, ``student_refit``) is furthest under the ensemble first; empty where the
+    results hold no per-class figures (older runs)."""
     acc = res.get("class_acc") or {}
-    s, e = acc.get("student"), acc.get("ensemble")
+    s, e = acc.get(key), acc.get("ensemble")
     if not isinstance(s, list) or not isinstance(e, list):
         return []
     rows = [
@@ -155,17 +156,20 @@ def class_gaps(res: dict[str, Any]) -> list[tuple[int, float, float]]:
     return sorted(rows, key=lambda r: r[1] - r[2])
 
 
-def worst_classes_line(res: dict[str, Any], n: int = 3) -> str | None:
+def worst_classes_line(
+    res: dict[str, Any], n: int = 3, key: str = "student", who: str = "student"
+) -> str | None:
     """``student vs ensemble, worst classes: Shirt 11.0 vs 58.8, ...`` (the ``n`` classes where
-    the student is most under the ensemble, in %), or None without per-class figures."""
-    gaps = class_gaps(res)
+    the student, ``key`` in ``class_acc``, is most under the ensemble, in %), or None without
+    per-class figures."""
+    gaps = class_gaps(res, key)
     if not gaps:
         return None
     under = [g for g in gaps if g[1] < g[2]][:n]
     if not under:
-        return "student vs ensemble: no class under the ensemble"
+        return f"{who} vs ensemble: no class under the ensemble"
     cells = ", ".join(f"{class_name(res, k)} {100 * s:.1f} vs {100 * e:.1f}" for k, s, e in under)
-    return f"student vs ensemble, worst classes: {cells}"
+    return f"{who} vs ensemble, worst classes: {cells}"
 
 
 def worst_class_gap(res: dict[str, Any]) -> str:
