@@ -25,6 +25,35 @@ from fed_distill.cli import main  # noqa: E402
 
 FAST_TRAIN = ["train.epochs=2", "train.min_steps=20", "device=cpu"]
 
+# The Flower tests' one-shot run on the digits: small enough for a Ray simulation per test.
+FLOWER_ONESHOT = [
+    "dataset=digits",
+    "split=iid",
+    "seed=1",
+    "device=cpu",
+    "train.epochs=2",
+    "train.min_steps=60",
+    "synthesis.iterations=10",
+    "synthesis.batch_size=32",
+    "student.epochs=2",
+    "student.initial_batches=1",
+    "student.steps_per_epoch=5",
+    "student.batch_size=32",
+    "progress=false",
+]
+
+# The in-process one-shot tests' tiny run (with dataset=digits and a few clients)
+TINY_ONESHOT = [
+    *FAST_TRAIN,
+    "train.min_steps=150",
+    "synthesis.iterations=30",
+    "synthesis.batch_size=64",
+    "student.epochs=3",
+    "student.initial_batches=2",
+    "student.steps_per_epoch=10",
+    "student.batch_size=64",
+]
+
 THREADS = (1, 2)  # the accuracy tests run at each: CI sees both roundings on every machine
 
 

@@ -11,6 +11,7 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
+from conftest import FLOWER_ONESHOT  # noqa: E402
 from fed_distill.artifacts import read_weights  # noqa: E402
 from fed_distill.cli import main  # noqa: E402
 from fed_distill.errors import ProtocolError  # noqa: E402
@@ -44,21 +45,9 @@ FEDMD = [
     "progress=false",
     "seed=3",
 ]
-ONESHOT = [
-    "dataset=digits",
-    "split=iid",
-    "seed=1",
-    "device=cpu",
-    "train.epochs=2",
-    "train.min_steps=60",
-    "synthesis.iterations=10",
-    "synthesis.batch_size=32",
-    "student.epochs=2",
-    "student.initial_batches=1",
-    "student.steps_per_epoch=5",
-    "student.batch_size=32",
-    "progress=false",
-]
+# three rounds and no baselines: what the fault tests need of FedMD
+FEDMD_FAULTS = [*FEDMD, "fedmd.rounds=3", "fedmd.pooled=false", "fedmd.extended_alone=false"]
+ONESHOT = FLOWER_ONESHOT
 
 
 def _close(a, b, path="results"):
@@ -187,13 +176,7 @@ def test_fedmd_faulty_clients_are_left_out_with_reasons(tmp_path):
     opts = FlowerOptions(
         faults=["0:1:nan", "1:1:inf", "0:2:shape", "1:2:dtype", "1:3:error", "2:3:timeout"],
     )
-    overrides = [
-        *FEDMD,
-        "fedmd.rounds=3",
-        "fedmd.pooled=false",
-        "fedmd.extended_alone=false",
-        f"run_dir={tmp_path}",
-    ]
+    overrides = [*FEDMD_FAULTS, f"run_dir={tmp_path}"]
     r = run_flower("fedmd", overrides, opts)
     assert _results(tmp_path) == r
     reasons = {
@@ -222,13 +205,7 @@ def test_a_round_every_party_misses_is_skipped_in_one_line_and_the_run_kept(tmp_
     the round is recorded as missed, round 1 is kept and round 3 runs with every party."""
     n = 3  # FEDMD's parties (fedmd.parties lists three)
     opts = FlowerOptions(faults=[f"{p}:2:timeout" for p in range(n)])
-    overrides = [
-        *FEDMD,
-        "fedmd.rounds=3",
-        "fedmd.pooled=false",
-        "fedmd.extended_alone=false",
-        f"run_dir={tmp_path}",
-    ]
+    overrides = [*FEDMD_FAULTS, f"run_dir={tmp_path}"]
     r = run_flower("fedmd", overrides, opts)
     out = capsys.readouterr().out
     said = [line for line in out.splitlines() if "every party was left out for timeout" in line]

@@ -8,6 +8,7 @@ import torch
 
 flwr = pytest.importorskip("flwr")
 
+from conftest import FLOWER_ONESHOT  # noqa: E402
 from fed_distill.cli import main  # noqa: E402
 from fed_distill.feature_stats import read_feature_stats  # noqa: E402
 from fed_distill.federated.flower.runner import FlowerOptions, run_flower  # noqa: E402
@@ -15,20 +16,8 @@ from fed_distill.federated.flower.runner import FlowerOptions, run_flower  # noq
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 ARGS = [
-    "dataset=digits",
-    "split=iid",
+    *FLOWER_ONESHOT,
     "split.num_clients=3",
-    "seed=1",
-    "device=cpu",
-    "train.epochs=2",
-    "train.min_steps=60",
-    "synthesis.iterations=10",
-    "synthesis.batch_size=32",
-    "student.epochs=2",
-    "student.initial_batches=1",
-    "student.steps_per_epoch=5",
-    "student.batch_size=32",
-    "progress=false",
     "refit=head",
     "refit.steps=300",
     "refit.features=map",  # the whole map (the penultimate path: tests/test_flower.py)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_TRAIN
+from conftest import FAST_TRAIN, TINY_ONESHOT
 from fed_distill.config import compose_config
 from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.errors import FedDistillError
@@ -102,16 +102,7 @@ def test_every_experiment_preset_composes(preset):
         assert cfg.dataset.name == "fashion_mnist"
 
 
-TINY = [
-    *FAST_TRAIN,
-    "train.min_steps=150",
-    "synthesis.iterations=30",
-    "synthesis.batch_size=64",
-    "student.epochs=3",
-    "student.initial_batches=2",
-    "student.steps_per_epoch=10",
-    "student.batch_size=64",
-]
+TINY = TINY_ONESHOT
 
 
 def _oneshot_digits(cli, run_dir, *overrides: str) -> tuple[str, dict]:

@@ -9,25 +9,13 @@ import shutil
 import pytest
 import torch
 
+from conftest import TINY_ONESHOT
 from fed_distill.artifacts import read_weights, save_weights
 from fed_distill.feature_stats import read_feature_stats, save_feature_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = [
-    "dataset=digits",
-    "device=cpu",
-    "split.num_clients=3",
-    "train.epochs=2",
-    "train.min_steps=150",
-    "synthesis.iterations=30",
-    "synthesis.batch_size=64",
-    "student.epochs=3",
-    "student.initial_batches=2",
-    "student.steps_per_epoch=10",
-    "student.batch_size=64",
-    "progress=false",
-]
+TINY = ["dataset=digits", "split.num_clients=3", "progress=false", *TINY_ONESHOT]
 REFIT = ["refit.steps=600", "refit.features=penultimate"]  # the map: its own test below
 
 

@@ -150,23 +150,37 @@ def check_class_stats(
         want["feat.mean"] = want["feat.var"] = (num_classes, head.in_features)
     if "pixel.mean" in stats or "pixel.var" in stats:
         want["pixel.mean"] = want["pixel.var"] = _pixel_shape(stats, num_classes, who)
+    note = f" for a model with {len(layers)} BatchNorm layers"
+    check_tensor_upload(stats, want, who, "class statistic", note)
+    for key, t in stats.items():
+        if (key == "counts" or key.endswith(".var")) and bool((t < 0).any()):
+            raise ProtocolError(f"{who}: class statistic '{key}' has negative values")
+
+
+def check_tensor_upload(
+    stats: Mapping[str, torch.Tensor],
+    want: Mapping[str, tuple[int, ...]],
+    who: str,
+    what: str,
+    note: str = "",
+) -> None:
+    """The checks every statistics upload starts with, one ProtocolError line naming ``who``:
+    exactly the keys of ``want``, each of its shape, every value finite (``what``: how the
+    message names one entry, e.g. "class statistic")."""
     missing = sorted(set(want) - set(stats))
     extra = sorted(set(stats) - set(want))
     if missing or extra:
         raise ProtocolError(
-            f"{who}: class statistics have missing keys {missing[:3]} / unknown keys {extra[:3]}"
-            f" for a model with {len(layers)} BatchNorm layers"
+            f"{who}: {what}s have missing keys {missing[:3]} / unknown keys {extra[:3]}{note}"
         )
     for key, shape in want.items():
         t = stats[key]
         if tuple(t.shape) != shape:
             raise ProtocolError(
-                f"{who}: class statistic '{key}' has shape {tuple(t.shape)}, expected {shape}"
+                f"{who}: {what} '{key}' has shape {tuple(t.shape)}, expected {shape}"
             )
         if not bool(torch.isfinite(t.double()).all()):
-            raise ProtocolError(f"{who}: class statistic '{key}' contains NaN or Inf")
-        if (key == "counts" or key.endswith(".var")) and bool((t < 0).any()):
-            raise ProtocolError(f"{who}: class statistic '{key}' has negative values")
+            raise ProtocolError(f"{who}: {what} '{key}' contains NaN or Inf")
 
 
 def _pixel_shape(stats: Mapping[str, torch.Tensor], num_classes: int, who: str) -> tuple:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fed_distill.artifacts import read_weights, save_weights, tensors_digest
-from fed_distill.class_stats import feature_layer
+from fed_distill.class_stats import check_tensor_upload, feature_layer
 from fed_distill.errors import ProtocolError
 
 FEEDBACK_DIR = "feedback"
@@ -159,23 +159,12 @@ def check_feature_stats(
     symmetric and its covariance positive semi-definite within tolerance (``noise_tol``: the
     size of the noise the clients were asked to add)."""
     want = {"counts": (num_classes,), "sum": (num_classes, dim), "outer": (num_classes, dim, dim)}
-    missing, extra = sorted(set(want) - set(stats)), sorted(set(stats) - set(want))
-    if missing or extra:
-        raise ProtocolError(
-            f"{who}: feature statistics have missing keys {missing} / unknown keys {extra};"
-            f" expected {', '.join(KEYS)}"
-        )
-    for key, shape in want.items():
-        t = stats[key]
-        if tuple(t.shape) != shape:
-            raise ProtocolError(
-                f"{who}: feature statistic '{key}' has shape {tuple(t.shape)}, expected {shape}"
-            )
+    note = f"; expected {', '.join(KEYS)}"
+    check_tensor_upload(stats, want, who, "feature statistic", note)
+    for key, t in stats.items():
         ok = torch.is_floating_point(t) if key != "counts" else t.dtype != torch.bool
         if not ok or t.is_complex():
             raise ProtocolError(f"{who}: feature statistic '{key}' has dtype {t.dtype}")
-        if not bool(torch.isfinite(t.double()).all()):
-            raise ProtocolError(f"{who}: feature statistic '{key}' contains NaN or Inf")
     n = stats["counts"].double()
     if bool((n < 0).any()) or bool((n != n.round()).any()):
         raise ProtocolError(f"{who}: feature statistic 'counts' must be whole numbers >= 0")
