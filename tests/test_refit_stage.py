@@ -179,3 +179,13 @@ def test_refit_benchmark_prints_every_row(benchmark_module, run, capsys):
     assert len(rows) == 2 + len(bench.HEAD_VARIANTS) + 4
     for ln in rows:  # every accuracy a percentage
         assert 0 <= float(ln.split("|")[2]) <= 100
+
+
+def test_refit_with_teachers_of_different_architectures(cli, tmp_path):
+    # the round touches only the student: mixed teachers (no FedAvg) change nothing for it
+    mixed = "teachers.models=[cnn_small,resnet8]"
+    code, out, err = cli("oneshot", *TINY, mixed, f"run_dir={tmp_path}", "refit=head", *REFIT)
+    assert code == 0, err
+    r = _results(tmp_path)
+    assert r["fedavg_acc"] is None and r["refit"]["clients"] == [0, 1, 2]
+    assert 0 <= r["student_refit_acc"] <= 1 and r["refit"]["feature_dim"] == 32
