@@ -39,9 +39,7 @@ from fed_distill.errors import ProtocolError
 FEEDBACK_DIR = "feedback"
 FEATURE_STATS_FILE = "feature_stats_{}.safetensors"
 KEYS = ("counts", "sum", "outer")
-
-
-FEATURES = ("penultimate", "map")
+FEATURES = ("penultimate", "map")  # what the clients describe (refit.features; feature_site)
 
 
 def feature_site(model: nn.Module, features: str = "penultimate") -> nn.Module | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,22 @@ from fed_distill.train.fit import predict_logits
 
 REFIT_FILE = "student_refit.safetensors"
 
-# (cfg, ctx, student, round) -> {client: statistics}, [{"party": i, "reason": ...}]: how the
-# statistics reach the server (in-process below; Flower: server_app.flower_feature_stats)
+
+@dataclass
+class Round:
+    """What the server sends in the statistics round and what it expects back."""
+
+    student: nn.Module
+    model: str  # the student's architecture, as student/metrics.json records it
+    model_kwargs: dict[str, Any]
+    dim: int  # D, the width of the features described
+    want: dict[str, str]  # round_info: the student's digest and the client-side settings
+
+
+# (cfg, ctx, round) -> {client: statistics}, [{"party": i, "reason": ...}]: how the statistics
+# reach the server (in-process below; Flower: flower/server_refit.flower_feature_stats)
 Collect = Callable[
-    [DictConfig, ServerContext, nn.Module, dict[str, str]],
+    [DictConfig, ServerContext, Round],
     tuple[dict[int, dict[str, torch.Tensor]], list[dict[str, Any]]],
 ]
 
@@ -115,19 +128,20 @@ def check_upload(
             f" the student sent is {want['student']})"
         )
     if said.get("round") != want["round"]:
-        raise ProtocolError(f"{who}: feature statistics made with other refit.clip/noise/seed")
+        raise ProtocolError(
+            f"{who}: feature statistics made with other refit.features/clip/noise/seed"
+        )
     check_feature_stats(stats, dim, num_classes, who, noise_tolerance(rcfg, dim))
 
 
 def collect_in_process(
-    cfg: DictConfig, ctx: ServerContext, student: nn.Module, want: dict[str, str]
+    cfg: DictConfig, ctx: ServerContext, rnd: Round
 ) -> tuple[dict[int, dict[str, torch.Tensor]], list[dict[str, Any]]]:
     """The round on this machine: uploads already in ``feedback/`` for this round are checked
     (all of them first, before any client works) and reused; the other clients compute theirs."""
     rcfg: RefitConfig = as_object(cfg.refit, RefitConfig)
     fb = Path(cfg.run_dir) / FEEDBACK_DIR
-    n, k = ctx.split.num_teachers, ctx.data.info.num_classes
-    dim = feature_width(student, rcfg.features, ctx.image_shape)
+    n, k, want = ctx.split.num_teachers, ctx.data.info.num_classes, rnd.want
     stats: dict[int, dict[str, torch.Tensor]] = {}
     for i in range(n):
         path = fb / FEATURE_STATS_FILE.format(i)
@@ -141,12 +155,12 @@ def collect_in_process(
         if said != want:
             print(f"note: {path} is from an earlier round (another student or settings); redone")
             continue
-        check_upload(st, said, want, dim, k, rcfg, who)
+        check_upload(st, said, want, rnd.dim, k, rcfg, who)
         stats[i] = st
     for i in range(n):
         if i not in stats:
             st = client_feature_stats(
-                student,
+                rnd.student,
                 ctx.data,
                 ctx.split.clients[i],
                 ctx.normalizer,
@@ -207,7 +221,7 @@ def run_refit(
         raise ConfigError("refit=none: nothing to re-fit; pass refit=head")
     run_dir = Path(cfg.run_dir)
     ctx = server_context(cfg)
-    student, name, _ = load_distilled_student(run_dir, ctx)
+    student, name, kwargs = load_distilled_student(run_dir, ctx)
     dim = check_student_fits(student, rcfg, name, ctx.image_shape)
     want = round_info(cfg, rcfg, student)
     settings = {k: v for k, v in to_container(cfg.refit).items() if k != "max_features"}
@@ -222,11 +236,13 @@ def run_refit(
             _update_results(run_dir, ctx, done["student_refit"], done["refit"])
         return done
     t0 = time.perf_counter()
-    stats, left_out = (collect or collect_in_process)(cfg, ctx, student, want)
+    rnd = Round(student, name, kwargs, dim, want)
+    stats, left_out = (collect or collect_in_process)(cfg, ctx, rnd)
     client_s = time.perf_counter() - t0
     if not stats:
         raise ProtocolError("no client returned feature statistics; the head cannot be re-fitted")
     g = pool([stats[i] for i in sorted(stats)])
+    upload = next(iter(stats.values()))  # every client's has the same shapes
     refit = refit_model(student, rcfg.features, dim, k)
     t1 = time.perf_counter()
     fit = fit_head(refit_head_layer(refit), g, rcfg, refit_seed(cfg, rcfg))
@@ -236,10 +252,8 @@ def run_refit(
         "clients": sorted(stats),
         "left_out": left_out,
         "feature_dim": dim,
-        "upload_floats_per_client": sum(t.numel() for t in next(iter(stats.values())).values()),
-        "upload_bytes_per_client": sum(
-            t.numel() * t.element_size() for t in next(iter(stats.values())).values()
-        ),
+        "upload_floats_per_client": sum(t.numel() for t in upload.values()),
+        "upload_bytes_per_client": sum(t.numel() * t.element_size() for t in upload.values()),
         "classes_refitted": fit["classes"],
         "fit_loss": fit["loss"],
         "client_s": client_s,

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from fed_distill.errors import ConfigError
+from fed_distill.feature_stats import FEATURES
 
 REFIT_METHODS = ("none", "head")
 
@@ -63,8 +64,10 @@ class RefitConfig:
                 bound = f"in [{low:g}, {high:g}]" if high < math.inf else f">= {low:g}"
                 what = "> 0" if key == "lr" else bound
                 raise ConfigError(f"refit.{key} must be a finite number {what}, got {v!r}")
-        if self.features not in ("penultimate", "map"):
-            raise ConfigError(f"refit.features must be penultimate or map, got '{self.features}'")
+        if self.features not in FEATURES:
+            raise ConfigError(
+                f"refit.features must be {' or '.join(FEATURES)}, got '{self.features}'"
+            )
         if self.init not in ("distilled", "zero"):
             raise ConfigError(f"refit.init must be distilled or zero, got '{self.init}'")
         if self.clip is not None and not (

@@ -85,9 +85,11 @@ def _draw(
     y = torch.multinomial(prior.float(), n, replacement=True, generator=gen).sort().values
     z = torch.randn(n, mean.shape[1], generator=gen)
     f = torch.empty_like(z)
+    start = 0
     for c, cnt in zip(*torch.unique_consecutive(y, return_counts=True), strict=True):
-        rows = slice(int((y < c).sum()), int((y < c).sum()) + int(cnt))
+        rows = slice(start, start + int(cnt))  # y is sorted: class c's draws are contiguous
         f[rows] = mean[c] + z[rows] @ chol[c].T
+        start += int(cnt)
     return y, f
 
 

@@ -119,10 +119,10 @@ def serve_oneshot(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
     def train_teachers(cfg) -> list[dict[str, Any]]:
         return flower_train_teachers(grid, job, cfg, extra)
 
-    def collect_stats(cfg, ctx, student, want):  # refit=head: the statistics round
+    def collect_stats(cfg, ctx, rnd):  # refit=head: the statistics round
         from fed_distill.federated.flower.server_refit import flower_feature_stats
 
-        return flower_feature_stats(grid, job, cfg, ctx, student, want, extra)
+        return flower_feature_stats(grid, job, cfg, ctx, rnd, extra)
 
     return run_oneshot(cfg, train_teachers=train_teachers, extra=extra, collect_stats=collect_stats)
 

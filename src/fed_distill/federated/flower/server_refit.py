@@ -13,19 +13,17 @@ from typing import Any
 
 import torch
 from flwr.serverapp import Grid
-from torch import nn
 
 from fed_distill.config import as_object
 from fed_distill.errors import ProtocolError
 from fed_distill.feature_stats import (
     FEATURE_STATS_FILE,
     FEEDBACK_DIR,
-    feature_width,
     save_feature_stats,
 )
 from fed_distill.federated.flower.common import client_message, from_record, parse_faults
 from fed_distill.federated.flower.exchange import connect, fault_options, late_parties, say
-from fed_distill.federated.refit import check_upload, client_noise_seed
+from fed_distill.federated.refit import Round, check_upload, client_noise_seed
 from fed_distill.federated.refit_config import RefitConfig
 
 ONESHOT_STATS = "query.oneshot_feature_stats"  # run the student, upload feature statistics
@@ -37,8 +35,7 @@ def flower_feature_stats(
     job: dict[str, Any],
     cfg,
     ctx: Any,
-    student: nn.Module,
-    want: dict[str, str],
+    rnd: Round,
     extra: dict[str, Any],
 ) -> tuple[dict[int, dict[str, torch.Tensor]], list[dict[str, Any]]]:
     """Ask each kept client (renumbered as in split.json; its node is its original client's)
@@ -52,8 +49,8 @@ def flower_feature_stats(
         grid, total, [f"client {i}" for i in range(total)], float(job["wait_nodes_s"]), timeout
     )
     faults = parse_faults(job.get("faults"))
-    weights = {k: v.detach().cpu() for k, v in student.state_dict().items()}
-    spec = _student_spec(cfg, ctx)
+    weights = {k: v.detach().cpu() for k, v in rnd.student.state_dict().items()}
+    spec = {"model": rnd.model, "model_kwargs": rnd.model_kwargs}
     asks = {
         nodes[j]: client_message(
             split,
@@ -73,7 +70,7 @@ def flower_feature_stats(
     # "party": the teacher's index in split.json; "client": the client (node) it came from
     left_out = [{"party": back[p], "client": p, "reason": why} for p, why in sorted(left.items())]
     stats: dict[int, dict[str, torch.Tensor]] = {}
-    dim, k = feature_width(student, rcfg.features, ctx.image_shape), ctx.data.info.num_classes
+    k = ctx.data.info.num_classes
     fb = Path(str(cfg.run_dir)) / FEEDBACK_DIR
     for node, m in sorted(replies.items()):
         j, who = back[node], f"client {node}"
@@ -82,23 +79,12 @@ def flower_feature_stats(
                 raise ProtocolError(f"{who}: the reply holds no statistics")
             st = from_record(m.content["arrays"])
             said = {key: m.content["metrics"].get(key) for key in ("student", "round")}
-            check_upload(st, said, want, dim, k, rcfg, who)
+            check_upload(st, said, rnd.want, rnd.dim, k, rcfg, who)
         except ProtocolError as e:
             say(f"left out: {e}")
             left_out.append({"party": j, "client": node, "reason": str(e)})
             continue
-        save_feature_stats(st, fb / FEATURE_STATS_FILE.format(j), want)
+        save_feature_stats(st, fb / FEATURE_STATS_FILE.format(j), rnd.want)
         stats[j] = st
     left_out.sort(key=lambda d: d["party"])
     return stats, left_out
-
-
-def _student_spec(cfg, ctx) -> dict[str, Any]:
-    """The distilled student's architecture, as ``student/metrics.json`` records it."""
-    from fed_distill.artifacts import load_json
-
-    m = load_json(Path(str(cfg.run_dir)) / "student" / "metrics.json", "student metrics")
-    return {
-        "model": str(m.get("model") or ctx.spec.model),
-        "model_kwargs": m.get("model_kwargs") or {},
-    }
