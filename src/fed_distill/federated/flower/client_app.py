@@ -258,16 +258,11 @@ def _client_part(conf: ConfigRecord, arrays: dict[str, torch.Tensor]):
     )
 
 
-@app.train("oneshot_teacher")
-def oneshot_teacher(msg: Message, context: Context) -> Message:
-    """Train this client's teacher once from the server's initial weights on its partition,
-    and upload the weights with the training metrics."""
-    from fed_distill.config import as_object
-    from fed_distill.data.transforms import Normalizer
+def _oneshot_message(msg: Message, context: Context):
+    """What every one-shot message carries, unpacked on this client: its number (checked
+    against the node's partition), the run's config, the dataset, its part of the split, the
+    architecture it names and a model of it holding the weights sent."""
     from fed_distill.models import build_model
-    from fed_distill.pipeline import client_class_stats, train_teacher
-    from fed_distill.train.fit import TrainConfig
-    from fed_distill.utils import resolve_device
 
     conf = msg.content["config"]
     _threads(conf)
@@ -276,15 +271,29 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
     data = _client_data(cfg, conf)
     arrays = from_record(msg.content["arrays"])
     part = _client_part(conf, arrays)
-    spec = json.loads(str(conf["spec"]))
-    info = data.info
-    tcfg = as_object(cfg.train, TrainConfig)
-    hflip = info.hflip if tcfg.hflip is None else tcfg.hflip
-    device = resolve_device(str(cfg.device))
+    spec, info = json.loads(str(conf["spec"])), data.info
     model = build_model(
         spec["model"], info.num_classes, info.channels, info.image_size, **spec["model_kwargs"]
     )
     model.load_state_dict(arrays)
+    return client, cfg, data, part, spec, model
+
+
+@app.train("oneshot_teacher")
+def oneshot_teacher(msg: Message, context: Context) -> Message:
+    """Train this client's teacher once from the server's initial weights on its partition,
+    and upload the weights with the training metrics."""
+    from fed_distill.config import as_object
+    from fed_distill.data.transforms import Normalizer
+    from fed_distill.pipeline import client_class_stats, train_teacher
+    from fed_distill.train.fit import TrainConfig
+    from fed_distill.utils import resolve_device
+
+    client, cfg, data, part, spec, model = _oneshot_message(msg, context)
+    info = data.info
+    tcfg = as_object(cfg.train, TrainConfig)
+    hflip = info.hflip if tcfg.hflip is None else tcfg.hflip
+    device = resolve_device(str(cfg.device))
     metrics = train_teacher(
         model,
         data,
@@ -318,26 +327,15 @@ def oneshot_teacher(msg: Message, context: Context) -> Message:
 @app.query("oneshot_feature_stats")
 def oneshot_feature_stats(msg: Message, context: Context) -> Message:
     """The statistics round (``refit=head``): run the distilled student the server sent over
-    this client's labelled images and upload per-class sums of its penultimate features."""
+    this client's labelled images and upload per-class sums of its features (refit.features)."""
     from fed_distill.config import as_object
     from fed_distill.data.transforms import Normalizer
     from fed_distill.federated.refit import client_feature_stats, round_info
     from fed_distill.federated.refit_config import RefitConfig
-    from fed_distill.models import build_model
     from fed_distill.utils import resolve_device
 
-    conf = msg.content["config"]
-    _threads(conf)
-    _check_client(conf, context)
-    cfg = cfg_from_json(str(conf["cfg"]))
-    data = _client_data(cfg, conf)
-    arrays = from_record(msg.content["arrays"])
-    part = _client_part(conf, arrays)
-    spec, info = json.loads(str(conf["spec"])), data.info
-    student = build_model(
-        spec["model"], info.num_classes, info.channels, info.image_size, **spec["model_kwargs"]
-    )
-    student.load_state_dict(arrays)
+    _, cfg, data, part, _, student = _oneshot_message(msg, context)
+    info, conf = data.info, msg.content["config"]
     rcfg = as_object(cfg.refit, RefitConfig)
     device = resolve_device(str(cfg.device))
     norm = Normalizer(info.mean, info.std)
