@@ -25,6 +25,16 @@ from fed_distill.cli import main  # noqa: E402
 
 FAST_TRAIN = ["train.epochs=2", "train.min_steps=20", "device=cpu"]
 
+# The smallest server side of a one-shot run: a few synthesis steps, a two-epoch student.
+TINY_SERVER = [
+    "synthesis.iterations=10",
+    "synthesis.batch_size=32",
+    "student.epochs=2",
+    "student.initial_batches=1",
+    "student.steps_per_epoch=5",
+    "student.batch_size=32",
+]
+
 # The Flower tests' one-shot run on the digits: small enough for a Ray simulation per test.
 FLOWER_ONESHOT = [
     "dataset=digits",
@@ -33,12 +43,7 @@ FLOWER_ONESHOT = [
     "device=cpu",
     "train.epochs=2",
     "train.min_steps=60",
-    "synthesis.iterations=10",
-    "synthesis.batch_size=32",
-    "student.epochs=2",
-    "student.initial_batches=1",
-    "student.steps_per_epoch=5",
-    "student.batch_size=32",
+    *TINY_SERVER,
     "progress=false",
 ]
 

@@ -9,16 +9,13 @@ import sys
 import pytest
 import torch
 
+from conftest import TINY_SERVER
+
 TINY = [
     "dataset=digits",
     "train.epochs=2",
     "train.min_steps=20",
-    "synthesis.iterations=10",
-    "synthesis.batch_size=32",
-    "student.epochs=2",
-    "student.initial_batches=1",
-    "student.steps_per_epoch=5",
-    "student.batch_size=32",
+    *TINY_SERVER,
     "student.target_teachers=2",
 ]
 
