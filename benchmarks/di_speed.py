@@ -39,8 +39,8 @@ import torch
 import fed_distill  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch starts)
 from fed_distill.data.transforms import Normalizer
 from fed_distill.models import build_model
-from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.deepinversion import DeepInversion
+from fed_distill.synthesis.options import DeepInversionOptions
 from fed_distill.tables import format_table
 
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
@@ -152,8 +152,8 @@ def main() -> int:
         extra = {"num_teachers": min(args.num_sampled, n_t)} if mode == "sampling" else {}
         calls = n_t if mode == "cycling" else 1
 
-        def mk(mode=mode, extra=extra, **kw) -> SynthesisConfig:
-            return SynthesisConfig(mode=mode, **base, **extra, **kw)
+        def mk(mode=mode, extra=extra, **kw) -> DeepInversionOptions:
+            return DeepInversionOptions(mode=mode, **base, **extra, **kw)
 
         if ref_cls is not None:
             variants.append((mode, f"ref {args.ref}", ref_cls, mk(), calls))
@@ -180,7 +180,7 @@ def main() -> int:
     # one untimed warm-up call of each (allocator, oneDNN primitive caches)
     for _mode, _name, cls, cfg, _calls, th in variants:
         torch.set_num_threads(th)
-        time_variant(cls, SynthesisConfig(**{**vars(cfg), "iterations": 2}), teachers, counts, 1)
+        time_variant(cls, DeepInversionOptions(**{**vars(cfg), "iterations": 2}), teachers, counts, 1)
     for r in range(args.repeats):
         order = variants if r % 2 == 0 else variants[::-1]  # interleaved, alternating order
         for mode, name, cls, cfg, calls, th in order:

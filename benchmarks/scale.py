@@ -245,9 +245,8 @@ def synthesis_cost(teacher_counts: list[int], iterations: int) -> list[list[Any]
 
     from fed_distill.api import compose
     from fed_distill.class_stats import compute_class_stats
-    from fed_distill.config import as_object
     from fed_distill.models import build_model
-    from fed_distill.synthesis import SynthesisConfig, build_synthesizer
+    from fed_distill.synthesis import build_synthesizer, options_from_node
 
     rng, rows = np.random.default_rng(0), []
     labels = torch.arange(100) % 10
@@ -260,7 +259,7 @@ def synthesis_cost(teacher_counts: list[int], iterations: int) -> list[list[Any]
         student = build_model("cnn_small", 10, 1, 28)
         for name, overrides in SYNTHESIZERS.items():
             over = [*overrides, f"synthesis.iterations={iterations}"]
-            scfg = as_object(compose("oneshot", over).synthesis, SynthesisConfig)
+            scfg = options_from_node(compose("oneshot", over).synthesis)
             t0 = time.perf_counter()
             synth = build_synthesizer(
                 scfg, teachers, counts, (1, 28, 28), norm, True, "cpu", 0, class_stats=stats

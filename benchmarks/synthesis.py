@@ -41,7 +41,8 @@ from fed_distill.tables import format_table
 # DENSE (Zhang et al., NeurIPS 2022), Table 1, Fashion-MNIST, 5 clients, accuracy %.
 DENSE = {0.1: 50.29, 0.3: 83.96, 0.5: 85.94}
 
-SYNTHESIZERS: dict[str, list[str]] = {
+# Named recipes: a synthesizer with the student it is benchmarked with.
+RECIPES: dict[str, list[str]] = {
     "di": ["synthesis=cpu", "student=long", "student.adaptive=false"],
     "adi": ["synthesis=cpu", "student=long"],
     # Adaptive DI with the short T=4 student: the better pair at Dirichlet 0.1 (docs/results.md)
@@ -52,16 +53,59 @@ SYNTHESIZERS: dict[str, list[str]] = {
 }
 
 
+def synthesizer_rows() -> dict[str, list[str]]:
+    """The recipes, then every registered synthesizer no recipe runs (read from the registry)."""
+    from importlib.resources import files
+
+    from fed_distill.config import compose_config
+    from fed_distill.synthesis import list_synthesizers
+
+    rows = dict(RECIPES)
+    covered = {compose_config(o).synthesis.method for o in RECIPES.values()}
+    students = files("fed_distill.conf") / "student"
+    for m in list_synthesizers():
+        if m not in covered:
+            own = (students / f"{m}.yaml").is_file()
+            rows[m] = [f"synthesis={m}", *([f"student={m}"] if own else [])]
+    return rows
+
+
+SYNTHESIZERS = synthesizer_rows()
+
+
+def matches_bn_statistics(name: str) -> bool:
+    """Whether row ``name``'s synthesizer takes per-class BN statistics (``class_stats``)."""
+    from dataclasses import fields
+
+    from fed_distill.config import compose_config
+    from fed_distill.synthesis import options_class
+
+    method = compose_config(SYNTHESIZERS[name]).synthesis.method
+    return "class_stats" in {f.name for f in fields(options_class(method))}
+
+
 def variants(names: list[str], class_stats: str) -> list[tuple[str, str, list[str]]]:
     """(row label, synthesizer, extra overrides) for every run: per-class statistics (label
-    NAME), global statistics (NAME/global), or both; ``public`` matches no statistics."""
+    NAME), global statistics (NAME/global), or both; a synthesizer that matches no BN
+    statistics (``public``) runs once."""
     out = []
     for name in names:
-        if class_stats in ("on", "both") or name == "public":
+        bn = matches_bn_statistics(name)
+        if class_stats in ("on", "both") or not bn:
             out.append((name, name, []))
-        if class_stats in ("off", "both") and name != "public":
+        if class_stats in ("off", "both") and bn:
             out.append((f"{name}/global", name, ["synthesis.class_stats=false"]))
     return out
+
+
+def applicable(overrides: list[str]) -> list[str]:
+    """The overrides that apply to the run's synthesizer; a note names those left out."""
+    from fed_distill.config import applicable_overrides
+
+    kept, dropped = applicable_overrides(overrides)
+    if dropped:
+        print(f"note: {' '.join(dropped)} left out (not options of this run's synthesizer)")
+    return kept
 
 
 def first_time_at(curve: dict, target: float, key: str) -> float | None:
@@ -89,15 +133,17 @@ def prepare_teachers(
             src.mkdir(parents=True, exist_ok=True)
             shutil.copy2(s / "split.json", src / "split.json")
             shutil.copytree(s / "teachers", src / "teachers", dirs_exist_ok=True)
-    common = [
-        f"dataset={dataset}",
-        "split=dirichlet",
-        f"split.alpha={alpha}",
-        "split.num_clients=5",
-        f"seed={seed}",
-        f"run_dir={src}",
-        *extra,
-    ]
+    common = applicable(
+        [
+            f"dataset={dataset}",
+            "split=dirichlet",
+            f"split.alpha={alpha}",
+            "split.num_clients=5",
+            f"seed={seed}",
+            f"run_dir={src}",
+            *extra,
+        ]
+    )
     if not (src / "split.json").is_file():
         run_stage("split", common)
     run_stage("train-teachers", common)  # skips teachers whose metrics fingerprint matches
@@ -122,16 +168,18 @@ def run_one(
         run_dir.mkdir(parents=True)
         shutil.copy2(src / "split.json", run_dir / "split.json")
         shutil.copytree(src / "teachers", run_dir / "teachers")
-    overrides = [
-        f"dataset={dataset}",
-        "split=dirichlet",
-        f"split.alpha={alpha}",
-        "split.num_clients=5",
-        f"seed={seed}",
-        f"run_dir={run_dir}",
-        *SYNTHESIZERS[name],
-        *extra,
-    ]
+    overrides = applicable(
+        [
+            f"dataset={dataset}",
+            "split=dirichlet",
+            f"split.alpha={alpha}",
+            "split.num_clients=5",
+            f"seed={seed}",
+            f"run_dir={run_dir}",
+            *SYNTHESIZERS[name],
+            *extra,
+        ]
+    )
     t0 = time.perf_counter()
     run_stage("oneshot", overrides)
     wall = time.perf_counter() - t0

@@ -192,17 +192,14 @@ def restore_registries():
     ``register_partition``, ``register_synthesizer``) are gone after it: other tests list the
     built-in ones."""
     from fed_distill.data import partition_registry, sources
-    from fed_distill.synthesis import config, registry
+    from fed_distill.synthesis import registry
 
     saved = [
         (sources._SOURCES, dict(sources._SOURCES)),
         (partition_registry._REGISTRY, dict(partition_registry._REGISTRY)),
         (registry._REGISTRY, dict(registry._REGISTRY)),
     ]
-    methods = set(config.REGISTERED_METHODS)
     yield
     for live, before in saved:
         live.clear()
         live.update(before)
-    config.REGISTERED_METHODS.clear()
-    config.REGISTERED_METHODS.update(methods)

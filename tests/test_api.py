@@ -62,10 +62,10 @@ def test_run_returns_what_the_stage_wrote_and_raises_typed_errors(tmp_path):
 @pytest.mark.usefixtures("restore_registries")
 def test_registered_synthesizer_is_a_valid_method_and_reregistering_the_same_class_is_fine():
     from fed_distill import Synthesizer, register_synthesizer
-    from fed_distill.synthesis.config import SynthesisConfig
+    from fed_distill.synthesis import synthesis_options
 
-    with pytest.raises(ConfigError, match="synthesis.method must be one of"):
-        SynthesisConfig(method="api_test_method").validate()
+    with pytest.raises(ConfigError, match="synthesis=api_test_method is not a registered"):
+        synthesis_options(method="api_test_method").validate()
 
     def define():
         class ApiTestSynth(Synthesizer):
@@ -76,7 +76,7 @@ def test_registered_synthesizer_is_a_valid_method_and_reregistering_the_same_cla
 
     register_synthesizer("api_test_method")(define())
     register_synthesizer("api_test_method")(define())  # a re-run notebook cell
-    SynthesisConfig(method="api_test_method").validate()
+    synthesis_options(method="api_test_method").validate()
 
     class Other(Synthesizer):
         def synthesize(self, student=None):

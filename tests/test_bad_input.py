@@ -766,8 +766,8 @@ def _registered_bad_values() -> list[tuple[str, list[str], str]]:
         if not spec.params:
             cases.append((f"split={name}", [f"split={name}", "split.num_clients=0"], "num_clients"))
     for name in list_synthesizers():
-        args = [f"synthesis.method={name}", "synthesis.lr=-1"]
-        cases.append((f"synthesis.method={name}", args, "synthesis.lr must be > 0"))
+        args = [f"synthesis={name}", "synthesis.batch_size=0"]
+        cases.append((f"synthesis={name}", args, "synthesis.batch_size must be a positive"))
     for name in list_datasets():  # a built-in takes no path; npz / folder: no such file
         args = [f"dataset={name}", "dataset.path=/nonexistent/data.npz"]
         cases.append(

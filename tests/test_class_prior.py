@@ -12,8 +12,7 @@ from fed_distill.data.sources import load_dataset
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError, ProtocolError
 from fed_distill.models import build_model
-from fed_distill.synthesis import build_synthesizer
-from fed_distill.synthesis.config import SynthesisConfig
+from fed_distill.synthesis import build_synthesizer, synthesis_options
 from fed_distill.synthesis.inputs import holder_label_probs, label_probs
 from fed_distill.synthesis.pixels import pixel_term, pooled_pixel_targets
 
@@ -139,7 +138,9 @@ def test_pixel_prior_pulls_each_class_towards_its_statistics(digits):
     mean, var = pooled_pixel_targets(stats, 64)
 
     def term(scale: float) -> float:
-        cfg = SynthesisConfig(batch_size=60, iterations=40, lr=0.1, bn_scale=1.0, pixel_scale=scale)
+        cfg = synthesis_options(
+            batch_size=60, iterations=40, lr=0.1, bn_scale=1.0, pixel_scale=scale
+        )
         synth = build_synthesizer(
             cfg, [teacher], counts, (1, 8, 8), norm, False, "cpu", 0, class_stats=stats
         )
@@ -154,7 +155,7 @@ def test_pixel_prior_without_the_clients_statistics_is_one_line(digits):
     ds, norm = digits
     teacher = build_model("cnn_small", 10, 1, 8, width=4).eval()
     stats = [compute_class_stats(teacher, ds.train_x, ds.train_y, norm, 10)]  # no pixels
-    cfg = SynthesisConfig(batch_size=8, iterations=1, pixel_scale=1.0)
+    cfg = synthesis_options(batch_size=8, iterations=1, pixel_scale=1.0)
     with pytest.raises(ConfigError, match="upload.pixels=true"):
         build_synthesizer(
             cfg,
@@ -168,7 +169,7 @@ def test_pixel_prior_without_the_clients_statistics_is_one_line(digits):
             class_stats=stats,
         )
     with pytest.raises(ConfigError, match="pixel_scale must be >= 0"):
-        SynthesisConfig(pixel_scale=-1.0).validate()
+        synthesis_options(pixel_scale=-1.0).validate()
 
 
 def test_competition_among_the_classes_a_teacher_knows(digits):
@@ -185,12 +186,12 @@ def test_competition_among_the_classes_a_teacher_knows(digits):
     logits, s_logits = torch.randn(5, 10, generator=g), torch.randn(5, 10, generator=g)
     known = torch.tensor([True] * 3 + [False] * 7)  # 10 images of class 3 < class_stats_min 50
     want = competition_loss(masked_logits(logits, known), masked_logits(s_logits, known), 3.0)
-    cfg = SynthesisConfig(batch_size=8, iterations=2, comp_known=True)
+    cfg = synthesis_options(batch_size=8, iterations=2, comp_known=True)
     synth = build_synthesizer(cfg, [teacher] * 2, counts, (1, 8, 8), norm, False, "cpu", 0)
     assert float(synth._comp(logits, s_logits, 1)) == pytest.approx(float(want), rel=1e-6)
     plain = float(competition_loss(logits, s_logits, 3.0))
-    assert float(SynthesisConfig().comp_known) == 0 and plain != pytest.approx(float(want))
+    assert float(synthesis_options().comp_known) == 0 and plain != pytest.approx(float(want))
     batch = synth.synthesize(student)  # an adaptive batch runs with the term
     assert "loss_comp" in batch.stats
     with pytest.raises(ConfigError, match="comp_known applies to mode=cycling"):
-        SynthesisConfig(mode="ensemble", comp_known=True).validate()
+        synthesis_options(mode="ensemble", comp_known=True).validate()

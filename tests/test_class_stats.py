@@ -27,9 +27,8 @@ from fed_distill.data.sources import load_dataset
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ProtocolError
 from fed_distill.models import build_model
-from fed_distill.synthesis import build_synthesizer
+from fed_distill.synthesis import build_synthesizer, synthesis_options
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks, batch_mean_var
-from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.losses import total_variation
 from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers
 
@@ -245,10 +244,10 @@ COUNTS = np.array([[30, 30, 30, 0, 0, 60, 60, 60, 60, 60], [0, 0, 60, 60, 60, 60
 
 
 def _synth(method: str, teachers, stats, **kw):
-    cfg = SynthesisConfig(method=method, batch_size=20, iterations=4, lr=0.05, **kw)
+    cfg = synthesis_options(method=method, batch_size=20, iterations=4, lr=0.05, **kw)
     if method != "deepinversion":
         kw.setdefault("nz", 8)
-        cfg = SynthesisConfig(method=method, batch_size=20, iterations=3, lr=1e-3, nz=8, ngf=4,
+        cfg = synthesis_options(method=method, batch_size=20, iterations=3, lr=1e-3, nz=8, ngf=4,
                               **{k: v for k, v in kw.items() if k != "nz"})  # fmt: skip
     return build_synthesizer(
         cfg, teachers, COUNTS, (1, 8, 8), NORM, False, "cpu", seed=3, class_stats=stats
@@ -332,7 +331,7 @@ def test_matching_class_statistics_brings_each_class_closer_to_them(digits):
     targets = class_targets(teacher, stats, 50)
 
     def distance(class_stats) -> float:
-        cfg = SynthesisConfig(batch_size=40, iterations=60, lr=0.1, bn_scale=3.0, jitter=0)
+        cfg = synthesis_options(batch_size=40, iterations=60, lr=0.1, bn_scale=3.0, jitter=0)
         synth = build_synthesizer(cfg, [teacher], counts, (1, 8, 8), norm, False, "cpu", seed=0,
                                   class_stats=class_stats)  # fmt: skip
         batch = synth.synthesize()

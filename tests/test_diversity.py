@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tests.test_synthesis import _cfg, _make, digits_setup  # noqa: F401 - the module fixture
 
 from fed_distill.errors import ConfigError
-from fed_distill.synthesis.config import SynthesisConfig
+from fed_distill.synthesis import synthesis_options
 from fed_distill.synthesis.diversity import UNIFORMITY_T, FeatureBank, uniformity_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,7 +76,7 @@ def test_feature_bank_keeps_the_last_images_normalised():
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(div_scale=1.0, mode="ensemble"), "div_scale applies to method=deepinversion"),
+        (dict(div_scale=1.0, mode="ensemble"), "div_scale applies to mode=cycling"),
         (dict(div_scale=1.0, mode="cycling", parallel=True), "div_scale applies"),
         (dict(div_scale=-1.0), "div_scale must be >= 0"),
         (dict(div_bank=-3), "div_bank must be an integer >= 0"),
@@ -84,7 +84,7 @@ def test_feature_bank_keeps_the_last_images_normalised():
 )
 def test_bad_diversity_settings_are_one_line(kw, message):
     with pytest.raises(ConfigError, match=message):
-        SynthesisConfig(**kw).validate()
+        synthesis_options(**kw).validate()
 
 
 def _features(teacher, x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ exactly one ``error:`` line naming the key, no traceback, and no file in the run
 
 The components and their keys are read from the registries and the typed configs, never listed
 here: every partition (``list_partitions``, its declared parameters and the common split keys),
-every synthesizer (``list_synthesizers``, the numeric fields of ``SynthesisConfig``), every FedMD
+every synthesizer (``list_synthesizers``, the numeric fields of its own options class), every FedMD
 consensus rule (``list_rules``, ``FedMDConfig``), every student preset (``StudentConfig``), every
 method of the statistics round (``REFIT_METHODS``, ``RefitConfig``) and the teachers'
 ``TrainConfig``. A new key or component is covered without editing this file. Each
@@ -34,8 +34,10 @@ from fed_distill.errors import ConfigError
 from fed_distill.federated.config import FedMDConfig
 from fed_distill.federated.fedmd_consensus import list_rules
 from fed_distill.federated.refit_config import REFIT_METHODS, RefitConfig
-from fed_distill.synthesis import list_synthesizers  # with the built-in ones registered
-from fed_distill.synthesis.config import SynthesisConfig
+from fed_distill.synthesis import (
+    list_synthesizers,
+    options_class,  # with the built-in ones registered
+)
 from fed_distill.train.fit import TrainConfig
 from fed_distill.train.student_config import StudentConfig
 
@@ -82,18 +84,6 @@ def _preset_names(group: str) -> list[str]:
     )
 
 
-def _synthesis_base(method: str) -> list[str]:
-    """A synthesis preset of ``method`` where one exists (its other keys fit it), else the
-    method alone."""
-    from omegaconf import OmegaConf
-
-    for name in _preset_names("synthesis"):
-        raw = OmegaConf.load(str(files("fed_distill.conf") / "synthesis" / f"{name}.yaml"))
-        if raw.get("method") == method:
-            return [f"synthesis={name}"]
-    return [f"synthesis.method={method}"]
-
-
 # Values a component's defaults leave unset that its base needs (checked below to be valid).
 NEEDS = {
     "split:classes": ["split.classes=[[0,1],[2,3]]"],
@@ -109,9 +99,9 @@ def _components() -> list[tuple[str, str, list[str], str, dict[str, tuple[str, A
         own = {k: t for k, (kind, _) in get_partition(p).params.items() if (t := _base_type(kind))}
         base = ["dataset=digits", f"split={p}", *NEEDS.get(f"split:{p}", [])]
         out.append((f"split:{p}", "split", base, "split", {**common, **own}))
-    synth = numeric_fields(SynthesisConfig)
     for m in list_synthesizers():
-        base = ["dataset=digits", *_synthesis_base(m)]
+        base = ["dataset=digits", f"synthesis={m}"]
+        synth = numeric_fields(options_class(m))
         out.append((f"synthesis:{m}", "oneshot", base, "synthesis", synth))
     fedmd = numeric_fields(FedMDConfig)
     for rule in list_rules():
@@ -210,7 +200,7 @@ def test_every_registered_component_refuses_bad_numbers_in_one_line(component, g
 # infinities refused by the config's own check, naming the key.
 CONFIGS = [
     (TrainConfig, "train", lambda c: c.validate()),
-    (SynthesisConfig, "synthesis", lambda c: c.validate()),
+    *((options_class(m), "synthesis", lambda c: c.validate()) for m in list_synthesizers()),
     (StudentConfig, "student", lambda c: c.validate()),
     (RefitConfig, "refit", lambda c: c.validate()),
     (
@@ -228,7 +218,9 @@ FLOAT_KEYS = [
 
 
 @pytest.mark.parametrize(
-    "cls, prefix, check, key, kind", FLOAT_KEYS, ids=[f"{p}.{k}" for _, p, _, k, _ in FLOAT_KEYS]
+    "cls, prefix, check, key, kind",
+    FLOAT_KEYS,
+    ids=[f"{c.__name__}.{k}" for c, _, _, k, _ in FLOAT_KEYS],
 )
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_every_float_key_refuses_non_finite_values(cls, prefix, check, key, kind, value):

@@ -12,9 +12,8 @@ from fed_distill.data.transforms import Normalizer
 from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.errors import ConfigError
 from fed_distill.models import build_model
-from fed_distill.synthesis import build_synthesizer
+from fed_distill.synthesis import build_synthesizer, synthesis_options
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks, batch_mean_var
-from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.generator import ImageGenerator, adversarial_loss
 from fed_distill.synthesis.public import convert_images, load_unlabeled_images
 
@@ -96,7 +95,7 @@ COUNTS = np.array([[10, 10, 0, 0], [0, 5, 5, 10]])
 
 @pytest.mark.parametrize("method", ["generator", "fast"])
 def test_generator_synthesizer_batches(method):
-    cfg = SynthesisConfig(method=method, batch_size=12, iterations=3, lr=1e-3, nz=8, ngf=4)
+    cfg = synthesis_options(method=method, batch_size=12, iterations=3, lr=1e-3, nz=8, ngf=4)
     teachers = _teachers()
     before = [p.detach().clone() for p in teachers[0].parameters()]
     synth = build_synthesizer(cfg, teachers, COUNTS, (1, 8, 8), NORM, False, "cpu", seed=3)
@@ -127,7 +126,7 @@ def _small_synth(cfg, teachers=None, seed=0):
 
 
 def test_generator_samples_fresh_images_without_touching_its_state():
-    cfg = SynthesisConfig(method="generator", batch_size=12, iterations=3, lr=1e-3, nz=8, ngf=4)
+    cfg = synthesis_options(method="generator", batch_size=12, iterations=3, lr=1e-3, nz=8, ngf=4)
     synth = _small_synth(cfg, seed=3)
     synth.synthesize()
     before = {k: v.clone() for k, v in synth.net.state_dict().items() if "num_batches" not in k}
@@ -144,8 +143,8 @@ def test_generator_samples_fresh_images_without_touching_its_state():
     assert torch.equal(x, synth.sample(20, torch.Generator().manual_seed(0)))
     assert not torch.equal(x, synth.sample(20, torch.Generator().manual_seed(1)))
     # a meta-generator and pixel optimisation have nothing to sample
-    fast = _small_synth(SynthesisConfig(method="fast", batch_size=8, iterations=2, nz=8, ngf=4))
-    di = _small_synth(SynthesisConfig(batch_size=8, iterations=2))
+    fast = _small_synth(synthesis_options(method="fast", batch_size=8, iterations=2, nz=8, ngf=4))
+    di = _small_synth(synthesis_options(batch_size=8, iterations=2))
     assert not fast.can_sample and fast.sample(4, torch.Generator()) is None
     assert not di.can_sample and di.sample(4, torch.Generator()) is None
 
@@ -158,7 +157,7 @@ def test_student_fresh_needs_a_generator_and_a_fraction():
         with pytest.raises(ConfigError, match="student.fresh"):
             StudentConfig(fresh=bad).validate()
     teachers = _teachers()
-    di = _small_synth(SynthesisConfig(batch_size=8, iterations=2), teachers)
+    di = _small_synth(synthesis_options(batch_size=8, iterations=2), teachers)
     x = torch.rand(16, 1, 8, 8)
     with pytest.raises(ConfigError, match="student.fresh=0.5 needs a synthesizer"):
         distill(
@@ -178,7 +177,9 @@ def test_student_fresh_needs_a_generator_and_a_fraction():
 
 @pytest.mark.parametrize("method", ["generator", "fast"])
 def test_generator_cycling_target_uses_one_teacher_per_batch(method):
-    cfg = SynthesisConfig(method=method, batch_size=8, iterations=2, nz=8, ngf=4, target="cycling")
+    cfg = synthesis_options(
+        method=method, batch_size=8, iterations=2, nz=8, ngf=4, target="cycling"
+    )
     synth = build_synthesizer(cfg, _teachers(), COUNTS, (1, 8, 8), NORM, False, "cpu", seed=0)
     batches = [synth.synthesize(build_model("cnn_small", 4, 1, 8, width=4)) for _ in range(3)]
     assert [b.teacher_ids for b in batches] == [[0], [1], [0]]
@@ -186,11 +187,11 @@ def test_generator_cycling_target_uses_one_teacher_per_batch(method):
     assert set(batches[0].labels.tolist()) <= {0, 1} and set(batches[2].labels.tolist()) <= {0, 1}
     assert set(batches[1].labels.tolist()) <= {1, 2, 3}
     with pytest.raises(ConfigError, match="target"):
-        SynthesisConfig(method=method, target="mean").validate()
+        synthesis_options(method=method, target="mean").validate()
 
 
 def test_generator_reduces_its_loss_over_batches():
-    cfg = SynthesisConfig(
+    cfg = synthesis_options(
         method="generator", batch_size=32, iterations=15, lr=0.01, nz=8, ngf=8, jitter=0
     )
     synth = build_synthesizer(cfg, _teachers(), COUNTS, (1, 8, 8), NORM, False, "cpu", seed=0)
@@ -202,11 +203,11 @@ def test_generator_reduces_its_loss_over_batches():
 
 def test_generator_config_errors():
     with pytest.raises(ConfigError, match="meta_update"):
-        SynthesisConfig(method="fast", meta_update="maml2").validate()
+        synthesis_options(method="fast", meta_update="maml2").validate()
     with pytest.raises(ConfigError, match="bn_momentum"):
-        SynthesisConfig(method="fast", bn_momentum=1.0).validate()
-    with pytest.raises(ConfigError, match="method"):
-        SynthesisConfig(method="gan").validate()
+        synthesis_options(method="fast", bn_momentum=1.0).validate()
+    with pytest.raises(ConfigError, match="synthesis=gan is not a registered synthesizer"):
+        synthesis_options(method="gan").validate()
 
 
 def test_convert_images_channels_and_size():
@@ -226,7 +227,9 @@ def test_public_batches_are_labelled_by_the_ensemble_not_the_dataset():
     images = load_unlabeled_images("mnist5k", (1, 8, 8), limit=40)
     assert isinstance(images, torch.Tensor) and images.shape == (40, 1, 8, 8)
     teachers = _teachers()
-    cfg = SynthesisConfig(method="public", batch_size=16, public_dataset="mnist5k", public_limit=40)
+    cfg = synthesis_options(
+        method="public", batch_size=16, public_dataset="mnist5k", public_limit=40
+    )
     synth = build_synthesizer(cfg, teachers, COUNTS, (1, 8, 8), NORM, False, "cpu", seed=0)
     seen = []
     for _ in range(3):  # 48 draws from 40 images: all 40 appear before any repeats
@@ -250,7 +253,7 @@ def test_missing_public_dataset_is_one_line_error(cli, tmp_path):
     code, _, err = cli(
         "generate-initial",
         f"run_dir={tmp_path}",
-        "synthesis.method=public",
+        "synthesis=public",
         "synthesis.public_dataset=cifar10",
         f"synthesis.public_data_dir={tmp_path / 'nowhere'}",
     )
@@ -278,7 +281,7 @@ def test_oneshot_end_to_end_per_synthesizer(cli, tmp_path, method, extra, untrai
         f"run_dir={tmp_path}",
         *FAST_TRAIN,
         "train.min_steps=150",
-        f"synthesis.method={method}",
+        f"synthesis={method}",
         "synthesis.batch_size=64",
         "student.epochs=6",
         "student.initial_batches=2",
@@ -306,8 +309,8 @@ def test_generator_on_converted_teachers_matches_plain_teachers(grouped):
     # grouped network): the same math, so the same batch up to float rounding.
     teachers = _teachers()
     kw = dict(method="generator", batch_size=12, iterations=3, lr=1e-3, nz=8, ngf=4)
-    plain = SynthesisConfig(stacked=False, **kw)
-    fused = SynthesisConfig(stacked=True, grouped=grouped, **kw)
+    plain = synthesis_options(stacked=False, **kw)
+    fused = synthesis_options(stacked=True, grouped=grouped, **kw)
     a = build_synthesizer(plain, teachers, COUNTS, (1, 8, 8), NORM, False, "cpu", seed=1)
     b = build_synthesizer(fused, teachers, COUNTS, (1, 8, 8), NORM, False, "cpu", seed=1)
     assert a.grouped is None and all(f is None for f in a.fused)

@@ -20,7 +20,7 @@ from fed_distill.errors import ConfigError, FedDistillError, ModelError
 from fed_distill.models import build_model, fedmd_default_parties, parse_architectures
 from fed_distill.models.families import teacher_architectures
 from fed_distill.pipeline import load_teachers
-from fed_distill.synthesis import DeepInversion, SynthesisConfig, build_synthesizer
+from fed_distill.synthesis import DeepInversion, build_synthesizer, synthesis_options
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -242,7 +242,7 @@ def mixed_teachers():
 )
 def test_every_synthesizer_works_with_mixed_teachers(mixed_teachers, kw, capsys):
     teachers, counts, norm, stats = mixed_teachers
-    cfg = SynthesisConfig(**{"batch_size": 16, "iterations": 4, "bn_scale": 1.0, **kw})
+    cfg = synthesis_options(**{"batch_size": 16, "iterations": 4, "bn_scale": 1.0, **kw})
     synth = build_synthesizer(
         cfg, teachers, counts, (1, 8, 8), norm, False, "cpu", seed=0, class_stats=stats
     )
@@ -285,7 +285,7 @@ def test_grouping_by_architecture_gives_the_same_batches(four_teachers, kw):
     teachers, counts, norm, stats = four_teachers
     batches = []
     for grouped in (True, False):
-        cfg = SynthesisConfig(
+        cfg = synthesis_options(
             **{"batch_size": 16, "iterations": 4, "bn_scale": 1.0, "grouped": grouped, **kw}
         )
         synth = build_synthesizer(
@@ -335,6 +335,6 @@ def test_architecture_groups_equal_each_teacher_alone(four_teachers):
 
 def test_no_teacher_with_bn_is_still_an_error(mixed_teachers):
     teachers, counts, norm, _ = mixed_teachers
-    cfg = SynthesisConfig(batch_size=16, iterations=2, bn_scale=1.0)
+    cfg = synthesis_options(batch_size=16, iterations=2, bn_scale=1.0)
     with pytest.raises(ConfigError, match="needs teachers with BatchNorm2d"):
         build_synthesizer(cfg, teachers[2:], counts[2:], (1, 8, 8), norm, False, "cpu", seed=0)

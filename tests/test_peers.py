@@ -17,7 +17,7 @@ from fed_distill.data.transforms import Normalizer
 from fed_distill.ensemble import ensemble_probs
 from fed_distill.errors import ConfigError
 from fed_distill.models import build_model
-from fed_distill.synthesis import SynthesisConfig, build_synthesizer
+from fed_distill.synthesis import build_synthesizer, synthesis_options
 from fed_distill.synthesis.base import SyntheticBatch
 from fed_distill.synthesis.generator import ImageGenerator
 from fed_distill.synthesis.peers import (
@@ -107,7 +107,7 @@ def test_dense_with_ensemble_weighted_distils_the_class_share_ensemble():
 def test_dense_ce_aims_at_its_ensemble_rule(rule):
     # two classes; teacher 0 holds 3/4 of class 0, teacher 1 3/4 of class 1
     a, b = _Reader([0, 1]), _Reader([1, 0])
-    cfg = SynthesisConfig(method="dense", batch_size=4, bn_scale=0.0, ensemble=rule)
+    cfg = synthesis_options(method="dense", batch_size=4, bn_scale=0.0, ensemble=rule)
     counts = np.array([[3, 1], [1, 3]])
     synth = build_synthesizer(cfg, [a, b], counts, (1, 1, 2), NORM, False, "cpu", seed=0)
     x = torch.tensor([[[[0.3, 0.1]]], [[[0.0, 0.2]]]])
@@ -132,8 +132,8 @@ def test_dense_ce_aims_at_its_ensemble_rule(rule):
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: SynthesisConfig(method="coboost", coboost_weights="clients"), "coboost_weights"),
-        (lambda: SynthesisConfig(method="coboost", coboost_mu_decay=0.0), "coboost_mu_decay"),
+        (lambda: synthesis_options(method="coboost", coboost_weights="clients"), "coboost_weights"),
+        (lambda: synthesis_options(method="coboost", coboost_mu_decay=0.0), "coboost_mu_decay"),
         (lambda: StudentConfig(fresh_step=False, steps_per_epoch=0), "never takes a step"),
     ],
 )
@@ -157,7 +157,7 @@ class _Reader(nn.Module):
 def test_coboost_refit_moves_weight_to_the_teacher_that_labels_the_pool_right(mode):
     k = 4
     good, bad = _Reader(list(range(k))), _Reader([1, 2, 3, 0])
-    cfg = SynthesisConfig(
+    cfg = synthesis_options(
         method="coboost", batch_size=8, bn_scale=0.0, coboost_weights=mode, coboost_mu=0.05
     )
     counts = np.ones((2, k), dtype=np.int64)
@@ -186,7 +186,7 @@ def _setup(method: str, student_kw: dict | None = None, **synth_kw):
     torch.manual_seed(0)
     teachers = [build_model("cnn_small", 10, 1, 8, width=8).eval() for _ in range(2)]
     counts = np.array([[5] * 5 + [1] * 5, [1] * 5 + [5] * 5])
-    scfg = SynthesisConfig(
+    scfg = synthesis_options(
         method=method, batch_size=16, iterations=3, nz=8, ngf=4, lr=0.01, jitter=2, **synth_kw
     )
     synth = build_synthesizer(scfg, teachers, counts, (1, 8, 8), NORM, True, "cpu", seed=7)

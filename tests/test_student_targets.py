@@ -12,7 +12,7 @@ from fed_distill.data.transforms import Normalizer
 from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.errors import ConfigError
 from fed_distill.models import build_model
-from fed_distill.synthesis import SynthesisConfig, build_synthesizer
+from fed_distill.synthesis import build_synthesizer, synthesis_options
 from fed_distill.train.student import SyntheticPool, distill
 from fed_distill.train.student_config import StudentConfig
 from fed_distill.train.targets import TeacherSampler, resolve_targets
@@ -37,7 +37,7 @@ def _run(targets: str, k: int = 5, jitter: int = 2, checkpoint=None, on_epoch=No
     seen = [0]
     for t in teachers:
         t.register_forward_hook(lambda m, i, o: seen.__setitem__(0, seen[0] + len(o)))
-    scfg = SynthesisConfig(batch_size=16, iterations=3)
+    scfg = synthesis_options(batch_size=16, iterations=3)
     synth = build_synthesizer(scfg, teachers, COUNTS, (1, 8, 8), NORM, True, "cpu", seed=7)
     student = build_model("cnn_small", 10, 1, 8, width=8)
     cfg = StudentConfig(

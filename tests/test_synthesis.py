@@ -3,6 +3,7 @@ small teachers trained on real data (sklearn digits), and the Hydra presets."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 import fed_distill.synthesis.deepinversion as di_mod
@@ -21,7 +21,7 @@ from fed_distill.models import build_model
 from fed_distill.synthesis import (
     BNFeatureHooks,
     DeepInversion,
-    SynthesisConfig,
+    SynthesisOptions,
     Synthesizer,
     SyntheticBatch,
     build_synthesizer,
@@ -32,6 +32,8 @@ from fed_distill.synthesis import (
     l2_prior,
     list_synthesizers,
     masked_logits,
+    options_from_node,
+    synthesis_options,
     teacher_class_weights,
     total_variation,
 )
@@ -166,19 +168,19 @@ def test_bn_hooks_first_layer_weight_and_removal_on_exception():
 
 
 def test_validate_rejects_bad_values():
-    SynthesisConfig().validate(num_available=3)
+    synthesis_options().validate(num_available=3)
     with pytest.raises(ConfigError, match="mode"):
-        SynthesisConfig(mode="mixing").validate()
+        synthesis_options(mode="mixing").validate()
     with pytest.raises(ConfigError, match="num_teachers"):
-        SynthesisConfig(mode="sampling", num_teachers=4).validate(num_available=3)
+        synthesis_options(mode="sampling", num_teachers=4).validate(num_available=3)
     with pytest.raises(ConfigError, match="iterations"):
-        SynthesisConfig(iterations=0).validate()
+        synthesis_options(iterations=0).validate()
     with pytest.raises(ConfigError, match="lr"):
-        SynthesisConfig(lr=-1.0).validate()
+        synthesis_options(lr=-1.0).validate()
     with pytest.raises(ConfigError, match="betas"):
-        SynthesisConfig(betas=[0.9]).validate()
+        synthesis_options(betas=[0.9]).validate()
     with pytest.raises(ConfigError, match="class_weighted_ce"):
-        SynthesisConfig(mode="ensemble", class_weighted_ce=True).validate()
+        synthesis_options(mode="ensemble", class_weighted_ce=True).validate()
 
 
 PRESETS = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
@@ -191,25 +193,22 @@ def test_expected_presets_exist():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_composes_against_schema(preset: str):
-    from fed_distill.config import as_object, compose_config
+    from fed_distill.config import compose_config
+    from fed_distill.synthesis import options_class
 
-    raw = OmegaConf.load(CONF_DIR / f"{preset}.yaml")
-    if "defaults" not in raw:  # a flat preset: only SynthesisConfig keys, checked directly
-        merged = OmegaConf.merge(OmegaConf.structured(SynthesisConfig), raw)
-        assert OmegaConf.to_object(merged).name == preset
-    # the real path: Hydra composes it (defaults lists included) against the root schema
-    cfg = as_object(compose_config([f"synthesis={preset}"]).synthesis, SynthesisConfig)
-    assert cfg.name == preset
+    # Hydra composes it (defaults lists included) against its method's options
+    node = compose_config([f"synthesis={preset}"]).synthesis
+    cfg = options_from_node(node)
+    assert cfg.name == preset and type(cfg) is options_class(cfg.method)
+    assert set(node) == {f.name for f in dataclasses.fields(cfg)}  # its keys, no other
     cfg.validate()
 
 
 def test_cpu_preset_equals_dataclass_defaults():
-    loaded = OmegaConf.to_object(
-        OmegaConf.merge(
-            OmegaConf.structured(SynthesisConfig), OmegaConf.load(CONF_DIR / "cpu.yaml")
-        )
-    )
-    assert loaded == SynthesisConfig()
+    from fed_distill.config import compose_config
+
+    loaded = options_from_node(compose_config(["synthesis=cpu"]).synthesis)
+    assert loaded == synthesis_options()
 
 
 def test_preset_selectable_through_hydra():
@@ -223,13 +222,16 @@ def test_preset_selectable_through_hydra():
 
 
 def test_every_method_is_registered_and_built(monkeypatch):
-    """The registry holds exactly the methods the config accepts; each name builds its class
+    """Every registered name is a synthesis=NAME option of the config; each builds its class
     with the arguments it declares (``fast`` with ``meta``, ``public`` with ``data_dir``), and
     base.py itself knows none of them."""
+    from fed_distill.config import compose_config
     from fed_distill.synthesis import GeneratorSynthesizer, PublicDataSynthesizer, base
-    from fed_distill.synthesis.config import SYNTHESIS_METHODS
 
-    assert list_synthesizers() == sorted(SYNTHESIS_METHODS)
+    methods = list_synthesizers()
+    assert {"deepinversion", "generator", "fast", "public", "dense", "coboost"} <= set(methods)
+    for m in methods:
+        assert compose_config([f"synthesis={m}"]).synthesis.method == m
     assert not hasattr(base, "build_synthesizer")
     asked = []
     monkeypatch.setattr(
@@ -240,7 +242,7 @@ def test_every_method_is_registered_and_built(monkeypatch):
     counts, norm = np.array([[5, 5, 5]]), Normalizer([0.5], [0.25])
     built = {
         m: build_synthesizer(
-            SynthesisConfig(method=m, batch_size=4, iterations=1),
+            synthesis_options(m, batch_size=4, **({} if m == "public" else {"iterations": 1})),
             teachers,
             counts,
             (1, 8, 8),
@@ -250,7 +252,7 @@ def test_every_method_is_registered_and_built(monkeypatch):
             seed=0,
             data_dir="DIR",
         )
-        for m in SYNTHESIS_METHODS
+        for m in methods
     }
     assert type(built["deepinversion"]) is DeepInversion
     assert type(built["public"]) is PublicDataSynthesizer and asked == ["DIR"]
@@ -273,7 +275,7 @@ def test_registry_offers_a_forwarding_constructor_its_base_keywords():
     teachers = [build_model("cnn_small", 3, 1, 8)]
     counts, norm = np.array([[5, 5, 5]]), Normalizer([0.5], [0.25])
     for method in ("deepinversion", "fast"):
-        cfg = SynthesisConfig(method=method, batch_size=4, iterations=1)
+        cfg = synthesis_options(method=method, batch_size=4, iterations=1)
         synth = build_synthesizer(cfg, teachers, counts, (1, 8, 8), norm, True, "cpu", seed=5)
         assert (synth.flip, synth.seed, synth.device.type) == (True, 5, "cpu")
         # the same stream as a generator seeded by hand: the seed reached the constructor
@@ -329,15 +331,15 @@ def digits_setup():
     return teachers, np.stack(counts), norm
 
 
-def _cfg(**kw) -> SynthesisConfig:
+def _cfg(**kw) -> SynthesisOptions:
     # bn_scale 1: on 8x8 inputs a width-8 teacher's BN term would otherwise swamp the CE term
     # in a few dozen steps.
     base = dict(batch_size=32, iterations=30, lr=0.2, jitter=1, bn_scale=1.0, lr_schedule="cosine")
     base.update(kw)
-    return SynthesisConfig(**base)
+    return synthesis_options(**base)
 
 
-def _make(digits_setup, cfg: SynthesisConfig, n: int = 3, seed: int = 0) -> DeepInversion:
+def _make(digits_setup, cfg: SynthesisOptions, n: int = 3, seed: int = 0) -> DeepInversion:
     teachers, counts, norm = digits_setup
     synth = build_synthesizer(
         cfg, teachers[:n], counts[:n], (1, 8, 8), norm, hflip=False, device="cpu", seed=seed

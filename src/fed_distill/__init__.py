@@ -39,6 +39,8 @@ _PUBLIC = {
     "Synthesizer": "fed_distill.synthesis",
     "SyntheticBatch": "fed_distill.synthesis",
     "register_synthesizer": "fed_distill.synthesis",
+    "SynthesisOptions": "fed_distill.synthesis",
+    "synthesis_options": "fed_distill.synthesis",
     "build_synthesizer": "fed_distill.synthesis",
     "list_synthesizers": "fed_distill.synthesis",
     "TrainConfig": "fed_distill.train",

@@ -10,7 +10,8 @@ Dataset and model options are generated from the dataset sources and the model r
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field, fields, make_dataclass
+from importlib.resources import files
 from typing import Any
 
 from hydra import compose, initialize_config_module
@@ -21,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 from fed_distill.errors import ConfigError
 from fed_distill.federated.config import FedMDConfig
 from fed_distill.federated.refit_config import REFIT_METHODS, RefitConfig
-from fed_distill.synthesis.config import SynthesisConfig
 from fed_distill.train.fit import TrainConfig
 from fed_distill.train.student_config import StudentConfig
 
@@ -124,7 +124,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    # one synthesizer's typed options (synthesis=NAME, generated from the registry: only its keys)
+    synthesis: Any = None
     student: StudentConfig = field(default_factory=StudentConfig)
     fedmd: FedMDConfig = field(default_factory=FedMDConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
@@ -160,6 +161,7 @@ def register_configs() -> None:
             defaults = {k: d for k, (_, d) in get_partition(name).params.items()}
             cs.store(group="split", name=name, node=split_cls(strategy=name, **defaults))
             _STORED.add(("split", name))
+    _store_synthesis(cs)
     for group, names, node in (
         ("dataset", list_datasets(), DatasetConfig),
         ("model", list_models(), ModelConfig),
@@ -172,6 +174,37 @@ def register_configs() -> None:
 
 
 _STORED_SPLIT: dict[str, type] = {}
+SYNTHESIS_SCHEMA = "synthesis_schema"  # the group of the methods' options a preset starts from
+
+
+def _store_synthesis(cs: ConfigStore) -> None:
+    """Per registered synthesizer, its options as ``synthesis_schema/NAME`` (what a preset in
+    ``conf/synthesis/`` names in its defaults) and, unless a preset file of that name exists,
+    as the option ``synthesis=NAME`` (its defaults). A name registered again with other
+    options is stored again; one no longer registered is dropped."""
+    from fed_distill.synthesis import list_synthesizers, options_class
+
+    names = list_synthesizers()
+    for group in (SYNTHESIS_SCHEMA, "synthesis"):
+        for option in list(cs.repo.get(group, {})):
+            name = option.removesuffix(".yaml")
+            if (group, name) in _STORED and name not in names:
+                del cs.repo[group][option]
+                _STORED.discard((group, name))
+    for name in names:
+        cls = options_class(name)
+        node = cls(name=name, method=name)
+        for group in (SYNTHESIS_SCHEMA, "synthesis"):
+            preset = files("fed_distill.conf") / "synthesis" / f"{name}.yaml"
+            if group == "synthesis" and preset.is_file():
+                continue
+            if _STORED_OPTIONS.get((group, name)) is not cls:
+                cs.store(group=group, name=name, node=node)
+                _STORED.add((group, name))
+                _STORED_OPTIONS[(group, name)] = cls
+
+
+_STORED_OPTIONS: dict[tuple[str, str], type] = {}
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -182,10 +215,74 @@ def compose_config(overrides: list[str]) -> DictConfig:
         with initialize_config_module(config_module="fed_distill.conf", version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))
     except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf raise many types; all are config errors
-        raise ConfigError(describe_config_error(e)) from None
+        message = describe_config_error(e)
+    else:
+        return cfg
     finally:
         GlobalHydra.instance().clear()
-    return cfg
+    raise ConfigError(_foreign_synthesis_key(message, overrides) or message)
+
+
+def _foreign_synthesis_key(message: str, overrides: list[str]) -> str | None:
+    """For an unknown ``synthesis.KEY``: the line that names the chosen method's options and
+    the methods that take KEY (composed again without the ``synthesis.*`` overrides to learn
+    the method); None for anything else."""
+    m = re.match(r"unknown config key 'synthesis\.(\w+)'", message)
+    if not m:
+        return None
+    from fed_distill.synthesis.registry import foreign_key_error
+
+    rest = [o for o in overrides if not o.lstrip("+~").startswith("synthesis.")]
+    try:
+        method = compose_config(rest).synthesis.method
+    except ConfigError:
+        return None
+    return str(foreign_key_error(m.group(1), method))
+
+
+def choices_comment() -> str:
+    """What each component key can be, read from the registries, as YAML comment lines (``--cfg``
+    prints them under the config)."""
+    from fed_distill.data.partition import list_partitions
+    from fed_distill.data.sources import list_datasets
+    from fed_distill.federated.fedmd_consensus import list_rules
+    from fed_distill.models import list_models
+    from fed_distill.synthesis import list_synthesizers
+
+    conf = files("fed_distill.conf")
+    presets = sorted(
+        p.name[:-5] for p in (conf / "synthesis").iterdir() if p.name.endswith(".yaml")
+    )
+    lines = {
+        "synthesis=": f"{', '.join(sorted({*presets, *list_synthesizers()}))}"
+        f" (methods: {', '.join(list_synthesizers())})",
+        "student=": ", ".join(
+            sorted(p.name[:-5] for p in (conf / "student").iterdir() if p.name.endswith(".yaml"))
+        ),
+        "split=": ", ".join(list_partitions()),
+        "dataset=": ", ".join(list_datasets()),
+        "model=": ", ".join(list_models()),
+        "refit=": ", ".join(REFIT_METHODS),
+        "fedmd.aggregate=": ", ".join(list_rules()),
+    }
+    return "\n".join(f"# {key}{value}" for key, value in lines.items())
+
+
+def applicable_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``overrides`` split into those that apply and the ``synthesis.KEY=...`` ones the chosen
+    synthesizer does not take: for tools that hand one list of overrides to runs of several
+    methods (the benchmarks), so ``synthesis.ngf=8`` reaches the generator rows only."""
+    from fed_distill.synthesis import options_class
+
+    own = [o for o in overrides if not o.lstrip("+~").startswith("synthesis.")]
+    method = compose_config(own).synthesis.method
+    keys = {f.name for f in fields(options_class(method))}
+    kept, dropped = [], []
+    for o in overrides:
+        key = o.lstrip("+~").split("=")[0]
+        foreign = key.startswith("synthesis.") and key.split(".")[1] not in keys
+        (dropped if foreign else kept).append(o)
+    return kept, dropped
 
 
 def describe_config_error(e: BaseException) -> str:

@@ -58,10 +58,10 @@ def validate_config(stage: str, cfg: DictConfig) -> None:
         as_object(cfg.train, TrainConfig).validate()
     if "synthesis" in groups:
         from fed_distill.config import as_object
-        from fed_distill.synthesis.config import SynthesisConfig
+        from fed_distill.synthesis import options_from_node
         from fed_distill.train.student_config import StudentConfig
 
-        synth = as_object(cfg.synthesis, SynthesisConfig).validate(_num_teachers(cfg, stage))
+        synth = options_from_node(cfg.synthesis).validate(_num_teachers(cfg, stage))
         if "train" in groups:  # the stage trains the teachers: their upload must serve synthesis
             from fed_distill.config import UploadConfig
 

@@ -49,8 +49,8 @@ from fed_distill.pipeline import (
     run_split,
     run_train_teachers,
 )
-from fed_distill.synthesis import build_synthesizer
-from fed_distill.synthesis.config import SynthesisConfig
+from fed_distill.synthesis import build_synthesizer, options_from_node
+from fed_distill.synthesis.options import legacy_settings
 from fed_distill.tracking import epoch_logger, log_scalars
 from fed_distill.train.fit import load_resumable
 from fed_distill.train.student import StudentResult, SyntheticPool, distill
@@ -84,7 +84,7 @@ def _fingerprint_settings(node: DictConfig) -> dict[str, Any]:
 
 
 def _synthesizer(cfg: DictConfig, ctx: ServerContext, seed: int):
-    scfg: SynthesisConfig = as_object(cfg.synthesis, SynthesisConfig)
+    scfg = options_from_node(cfg.synthesis)
     return build_synthesizer(
         scfg,
         ctx.teachers,
@@ -112,7 +112,7 @@ def run_generate_initial(cfg: DictConfig) -> SyntheticPool:
     ckpt_path = checkpoint_dir(cfg.run_dir) / "initial.safetensors"
     fp = _fingerprint(
         {
-            "synthesis": _fingerprint_settings(cfg.synthesis),
+            "synthesis": legacy_settings(_fingerprint_settings(cfg.synthesis)),
             "initial_batches": scfg.initial_batches,
             **_inputs_digest(cfg, ctx),
         }
@@ -281,7 +281,7 @@ def _student_fingerprint(
     return _fingerprint(
         {
             "student": _fingerprint_settings(cfg.student),
-            "synthesis": _fingerprint_settings(cfg.synthesis),
+            "synthesis": legacy_settings(_fingerprint_settings(cfg.synthesis)),
             "initial": (
                 tensors_digest(load_tensors(out / "initial.pt", "initial synthetic batches"))
                 if scfg.initial_batches > 0

@@ -75,10 +75,11 @@ def server_context(cfg: DictConfig, class_stats: bool = False) -> ServerContext:
 
 
 def uses_class_stats(cfg: DictConfig) -> bool:
-    """Whether this run's synthesis matches BN statistics per class (so it needs the uploaded
-    class statistics)."""
-    sc = cfg.synthesis
-    return bool(sc.class_stats) and sc.bn_scale > 0 and sc.method != "public"
+    """Whether this run's synthesizer asks for the uploaded class statistics (its options'
+    ``needs_class_stats``)."""
+    from fed_distill.synthesis import options_from_node
+
+    return options_from_node(cfg.synthesis).needs_class_stats()
 
 
 def server_seed(cfg: DictConfig) -> int:

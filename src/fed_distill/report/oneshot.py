@@ -408,7 +408,9 @@ def _results_section(rep: Report, o: OneshotRun) -> None:
     r_acc = (results or {}).get("student_refit_acc")
     if r_acc is not None:  # refit=head: the statistics round's student, beside the one-shot one
         clients = len(((results or {}).get("refit") or {}).get("clients") or [])
-        table.append(["student + statistics round", f"{clients} clients' statistics", _pct(r_acc), ""])
+        table.append(
+            ["student + statistics round", f"{clients} clients' statistics", _pct(r_acc), ""]
+        )
         acc_rows.append(("student +stats round", _f(r_acc), "student"))
     if table:
         rep.add(md_table(["model", "train samples", "test acc %", "own-test acc %"], table))

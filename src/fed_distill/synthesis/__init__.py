@@ -4,20 +4,26 @@ transfer set) behind one :class:`Synthesizer` interface.
 
 ``build_synthesizer(cfg, teachers, class_counts, image_shape, normalizer, hflip, device, seed)``
 returns a synthesizer whose ``synthesize(student=None)`` yields one :class:`SyntheticBatch`;
-``list_synthesizers()`` names the registered methods. Synthesizers register themselves with
-``@register_synthesizer(NAME)`` (``registry.py``); this package imports the built-in ones the
-first time either function is asked for.
+``list_synthesizers()`` names the registered methods and ``synthesis_options(method, **values)``
+builds a method's typed options. Synthesizers register themselves with
+``@register_synthesizer(NAME, options=CLS)`` (``registry.py``). The first time a registry
+function is asked for, this package imports every module of its own (a new synthesizer is one
+new file here, nothing to list) and every ``fed_distill.synthesizers`` entry point of the
+installed packages (a synthesizer shipped in another package).
 
-The torch-based modules are imported lazily, so ``fed_distill.synthesis.config`` (imported by
-the root config schema at start-up) stays a light, dataclass-only import.
+The torch-based modules are imported lazily, so ``fed_distill.synthesis.options`` stays a
+light, dataclass-only import.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from importlib.metadata import entry_points
 from typing import Any
 
-from fed_distill.synthesis.config import SynthesisConfig
+from fed_distill.errors import ConfigError
+from fed_distill.synthesis.options import SynthesisOptions
 
 _LAZY = {
     "SyntheticBatch": "base",
@@ -43,22 +49,39 @@ _LAZY = {
     "total_variation": "losses",
 }
 
-# Handed out only once the built-in synthesizers have registered themselves.
-_REGISTRY_NAMES = ("build_synthesizer", "list_synthesizers")
+# Handed out only once every synthesizer has registered itself.
+_REGISTRY_NAMES = (
+    "build_synthesizer",
+    "list_synthesizers",
+    "options_class",
+    "options_from_node",
+    "synthesis_options",
+)
+ENTRY_POINTS = "fed_distill.synthesizers"
+_DISCOVERED: list[bool] = []
 
-__all__ = ["SynthesisConfig", *sorted((*_LAZY, *_REGISTRY_NAMES))]
+__all__ = ["SynthesisOptions", *sorted((*_LAZY, *_REGISTRY_NAMES))]
+
+
+def discover() -> None:
+    """Import every module of this package and every ``fed_distill.synthesizers`` entry point
+    once: each registers the synthesizers it defines."""
+    if _DISCOVERED:
+        return
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+    for ep in entry_points(group=ENTRY_POINTS):
+        try:
+            ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken plug-in is named, not a traceback
+            raise ConfigError(f"synthesizer plug-in {ep.name!r} ({ep.value}) failed: {e}") from None
+    _DISCOVERED.append(True)
 
 
 def __getattr__(name: str) -> Any:
     if name in _REGISTRY_NAMES:
-        # imported for their side effect: each registers its synthesis.method names
-        from fed_distill.synthesis import (  # noqa: F401
-            deepinversion,
-            generator,
-            peers,
-            public,
-            registry,
-        )
+        discover()
+        from fed_distill.synthesis import registry
 
         return getattr(registry, name)
     if name in _LAZY:

@@ -6,7 +6,7 @@ statistics, and (iii) finds them smooth (total variation) and small (l2). With a
 (Adaptive DI) a competition term 1 − JS(teacher, student) also pushes the images towards where
 the two disagree; the gradient flows to the pixels through the student, never into its weights.
 
-Modes (``SynthesisConfig.mode``):
+Modes (``DeepInversionOptions.mode``):
 
 - ``cycling``: one teacher per ``synthesize()`` call, round-robin; labels from its own classes.
 - ``ensemble``: CE and JS on the mean of all teachers' logits; BN term averaged over teachers.
@@ -70,6 +70,7 @@ from fed_distill.synthesis.inputs import (
     balanced_labels,
     has_bn,
     label_probs,
+    pixel_targets,
     teacher_class_weights,
 )
 from fed_distill.synthesis.losses import (
@@ -82,6 +83,7 @@ from fed_distill.synthesis.losses import (
     total_variation,
     total_variation_per_batch,
 )
+from fed_distill.synthesis.options import DeepInversionOptions
 from fed_distill.synthesis.pixels import pixel_term
 from fed_distill.synthesis.registry import register_synthesizer
 from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers
@@ -90,7 +92,7 @@ from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers
 StepLoss = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
-@register_synthesizer("deepinversion")
+@register_synthesizer("deepinversion", options=DeepInversionOptions)
 class DeepInversion(TeacherSynthesizer):
     """(Adaptive) DeepInversion over one or several frozen teachers; see the module docstring.
 
@@ -101,6 +103,8 @@ class DeepInversion(TeacherSynthesizer):
     def __init__(self, *inputs: Any, **options: Any) -> None:
         super().__init__(*inputs, **options)  # TeacherSynthesizer's arguments
         cfg, counts = self.cfg, self.counts
+        # (K, D) pooled per-class pixel mean and variance (synthesis.pixel_scale), or None
+        self.pixel_targets = pixel_targets(self.uploaded, cfg, self.image_shape, self.device)
         self.class_weights = teacher_class_weights(counts)
         self.owned = counts > 0  # (T, C) bool, CPU
         # a teacher without BN layers adds CE and competition terms only (no hooks)

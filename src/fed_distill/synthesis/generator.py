@@ -57,6 +57,7 @@ from fed_distill.synthesis.inputs import (
     label_probs,
 )
 from fed_distill.synthesis.losses import kl_per_sample
+from fed_distill.synthesis.options import FastOptions, GeneratorOptions
 from fed_distill.synthesis.registry import register_synthesizer
 from fed_distill.synthesis.stacked import StackedBNHooks, StackedTeachers
 
@@ -109,10 +110,10 @@ def adversarial_loss(
     return -(kl_per_sample(teacher_probs, student_logits) * mask).mean()
 
 
-@register_synthesizer("generator")
-@register_synthesizer("fast", meta=True)
+@register_synthesizer("generator", options=GeneratorOptions)
+@register_synthesizer("fast", options=FastOptions, meta=True)
 class GeneratorSynthesizer(TeacherSynthesizer):
-    """``synthesis.method=generator`` (DENSE) or ``fast`` (Fast data-free KD, ``meta=True``);
+    """``synthesis=generator`` (DENSE) or ``fast`` (Fast data-free KD, ``meta=True``);
     see the module docstring."""
 
     def __init__(self, *inputs: Any, meta: bool = False, **options: Any) -> None:

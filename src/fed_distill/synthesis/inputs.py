@@ -16,7 +16,7 @@ from fed_distill.data.transforms import Normalizer
 from fed_distill.ensemble import class_shares
 from fed_distill.errors import ConfigError
 from fed_distill.synthesis.base import Synthesizer
-from fed_distill.synthesis.config import SynthesisConfig
+from fed_distill.synthesis.options import DeepInversionOptions, InversionOptions, SynthesisOptions
 from fed_distill.synthesis.pixels import pooled_pixel_targets
 
 
@@ -144,7 +144,7 @@ def has_bn(model: nn.Module) -> bool:
 def teachers_class_targets(
     teachers: list[nn.Module],
     class_stats: list[dict[str, torch.Tensor] | None] | None,
-    cfg: SynthesisConfig,
+    cfg: InversionOptions,
 ) -> list[ClassTargets] | None:
     """Per teacher, the class targets of the per-class BN (and feature) term
     (:func:`fed_distill.class_stats.class_targets`), or None: global statistics, when
@@ -166,7 +166,7 @@ def teachers_class_targets(
 
 def pixel_targets(
     class_stats: list[dict[str, torch.Tensor] | None] | None,
-    cfg: SynthesisConfig,
+    cfg: DeepInversionOptions,
     image_shape: tuple[int, int, int],
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -203,7 +203,7 @@ class TeacherSynthesizer(Synthesizer):
 
     def __init__(
         self,
-        cfg: SynthesisConfig,
+        cfg: SynthesisOptions,
         teachers: list[nn.Module],
         class_counts: np.ndarray,
         image_shape: tuple[int, int, int],
@@ -219,7 +219,7 @@ class TeacherSynthesizer(Synthesizer):
         self.device = torch.device(device)
         self.counts = counts
         self.num_classes = int(counts.shape[1])
-        need_bn = self.uses_bn and cfg.bn_scale > 0
+        need_bn = self.uses_bn and cfg.bn_scale > 0  # type: ignore[attr-defined]
         self.teachers = frozen_copies(teachers, self.device, need_bn=need_bn)
         self.shares = class_shares(counts).to(self.device)
         self.normalizer = normalizer
@@ -230,5 +230,4 @@ class TeacherSynthesizer(Synthesizer):
         self.class_targets = (
             teachers_class_targets(self.teachers, class_stats, cfg) if self.uses_bn else None
         )
-        # (K, D) pooled per-class pixel mean and variance (synthesis.pixel_scale), or None
-        self.pixel_targets = pixel_targets(class_stats, cfg, self.image_shape, self.device)
+        self.uploaded = class_stats  # the clients' uploaded statistics, as given

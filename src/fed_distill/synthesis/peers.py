@@ -44,6 +44,7 @@ from fed_distill.ensemble import ensemble_probs
 from fed_distill.synthesis.base import SyntheticBatch, frozen_student
 from fed_distill.synthesis.generator import GeneratorSynthesizer, adversarial_loss
 from fed_distill.synthesis.losses import kl_per_sample
+from fed_distill.synthesis.options import CoBoostOptions, DenseOptions
 from fed_distill.synthesis.registry import register_synthesizer
 
 
@@ -220,9 +221,9 @@ class _PeerSynthesizer(GeneratorSynthesizer):
             self.weights = state["ensemble_weights"].to(self.device)
 
 
-@register_synthesizer("dense", meta=False)
+@register_synthesizer("dense", options=DenseOptions, meta=False)
 class DenseSynthesizer(_PeerSynthesizer):
-    """``synthesis.method=dense``: DENSE's published recipe (see the module docstring)."""
+    """``synthesis=dense``: DENSE's published recipe (see the module docstring)."""
 
     recipe = "dense"
 
@@ -245,9 +246,9 @@ class DenseSynthesizer(_PeerSynthesizer):
         return probs, ce, bn, adv
 
 
-@register_synthesizer("coboost", meta=False)
+@register_synthesizer("coboost", options=CoBoostOptions, meta=False)
 class CoBoostSynthesizer(_PeerSynthesizer):
-    """``synthesis.method=coboost``: Co-Boosting (see the module docstring)."""
+    """``synthesis=coboost``: Co-Boosting (see the module docstring)."""
 
     recipe = "coboost"
 

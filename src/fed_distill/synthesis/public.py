@@ -1,5 +1,5 @@
 """FedDF's transfer set (Lin et al., NeurIPS 2020): distil on unlabeled images of another dataset
-instead of synthetic ones (``synthesis.method=public``).
+instead of synthetic ones (``synthesis=public``).
 
 Only the public dataset's training *images* are read; its labels are never looked at (FedDF
 assumes unlabeled public data). Images are converted to the task's shape (grey ↔ RGB, bilinear
@@ -21,6 +21,7 @@ from fed_distill.ensemble import ensemble_probs
 from fed_distill.errors import ConfigError
 from fed_distill.synthesis.base import SyntheticBatch
 from fed_distill.synthesis.inputs import TeacherSynthesizer
+from fed_distill.synthesis.options import PublicOptions
 from fed_distill.synthesis.registry import register_synthesizer
 
 
@@ -73,7 +74,7 @@ def convert_images(x: torch.Tensor, image_shape: tuple[int, int, int]) -> torch.
     return torch.cat(out)
 
 
-@register_synthesizer("public")
+@register_synthesizer("public", options=PublicOptions)
 class PublicDataSynthesizer(TeacherSynthesizer):
     """Batches of unlabeled public images, labelled by the teachers' ensemble (FedDF)."""
 
