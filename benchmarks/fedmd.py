@@ -117,10 +117,17 @@ def report(r: dict[str, Any], wall_s: float | None = None, cpu_s: float | None =
 # The rules --rules compares: name -> overrides. Rules that change only the rounds share the
 # transfer learning and baselines; `reliability` holds images out of training (other parties),
 # so it is compared with `mean_holdout`, the plain mean on those very parties.
+def _registered_rules() -> dict[str, list[str]]:
+    """Every registered consensus rule as a row of its own (``mean``: no override)."""
+    from fed_distill.federated.rules import list_rules
+
+    return {name: [] if name == "mean" else [f"fedmd.aggregate={name}"] for name in list_rules()}
+
+
+# The registered rules (a new one is a row at once), then variants beside them; a rule that
+# needs a setting (reliability: its held-out images) is named again with it.
 RULES = {
-    "mean": [],
-    "confidence": ["fedmd.aggregate=confidence"],
-    "class_share": ["fedmd.aggregate=class_share"],
+    **_registered_rules(),
     "sharpen": ["fedmd.sharpen=0.5"],
     "class_share_sharpen": ["fedmd.aggregate=class_share", "fedmd.sharpen=0.5"],
     # a diagnostic, not a rule: the mean with its errors on known-label images corrected, so
@@ -135,12 +142,11 @@ def _setup_key(cfg: Any) -> str:
     """What a rule's parties depend on: every fedmd setting but the round-only ones."""
     from dataclasses import asdict
 
-    from fed_distill.config import as_object
-    from fed_distill.federated.config import FedMDConfig
-    from fed_distill.federated.fedmd_run import ROUND_ONLY
+    from fed_distill.federated.config import fedmd_config
+    from fed_distill.federated.fedmd_run import round_only_keys
 
-    c = asdict(as_object(cfg.fedmd, FedMDConfig))
-    return json.dumps({k: v for k, v in c.items() if k not in ROUND_ONLY}, sort_keys=True)
+    c, skip = asdict(fedmd_config(cfg.fedmd)), round_only_keys()
+    return json.dumps({k: v for k, v in c.items() if k not in skip}, sort_keys=True)
 
 
 def run_rules(

@@ -188,16 +188,18 @@ def benchmark_module():
 
 @pytest.fixture
 def restore_registries():
-    """Datasets, partitions and synthesizers a test registers (``register_dataset``,
-    ``register_partition``, ``register_synthesizer``) are gone after it: other tests list the
-    built-in ones."""
+    """Datasets, partitions, synthesizers and consensus rules a test registers
+    (``register_dataset``, ``register_partition``, ``register_synthesizer``, ``register_rule``)
+    are gone after it: other tests list the built-in ones."""
     from fed_distill.data import partition_registry, sources
+    from fed_distill.federated.rules import registry as rules
     from fed_distill.synthesis import registry
 
     saved = [
         (sources._SOURCES, dict(sources._SOURCES)),
         (partition_registry._REGISTRY, dict(partition_registry._REGISTRY)),
         (registry._REGISTRY, dict(registry._REGISTRY)),
+        (rules._REGISTRY, dict(rules._REGISTRY)),
     ]
     yield
     for live, before in saved:

@@ -106,3 +106,9 @@ def test_docs_api_example_runs(tmp_path, monkeypatch, capsys):
     assert "10 1 8" in out  # the registered npz of "Your own data"
     results = json.loads((tmp_path / "runs/api_demo/results.json").read_text())
     assert results["config"]["synthesis"]["method"] == "noise"
+    assert results["config"]["synthesis"]["std"] == 0.5  # the synthesizer's own option
+    assert re.search(r"FedMD, confident_power: \[0\.\d+", out)
+    assert "error: fedmd.power=3.0 is an option of fedmd.aggregate=confident_power" in out
+    fedmd = json.loads((tmp_path / "runs/api_fedmd/results.json").read_text())
+    assert fedmd["config"]["fedmd"]["aggregate"] == "confident_power"
+    assert fedmd["config"]["fedmd"]["power"] == 3.0

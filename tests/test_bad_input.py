@@ -26,6 +26,8 @@ from conftest import FAST_TRAIN
 from fed_distill.artifacts import read_weights, save_tensors, save_weights
 from fed_distill.errors import ConfigError, FedDistillError, ProtocolError
 from fed_distill.federated.fedmd import aggregate, validate_report, validate_scores
+from fed_distill.federated.rules import list_rules
+from fed_distill.federated.rules.average import MeanOptions
 from fed_distill.report import write_report
 
 # the smallest synthesis and student: 5 steps a batch, one initial batch, one epoch of 2 steps
@@ -370,7 +372,7 @@ CLI_CASES = [
     ("split-class-counts-not-list", split_edit(lambda d: _set(d["clients"][0], "train_class_counts", 7)), "train_class_counts"),
     ("cfg-fedmd-rounds", config("fedmd", "fedmd=quick", "fedmd.rounds=-1"), "fedmd.rounds"),
     ("cfg-fedmd-public-dataset", config("fedmd", "fedmd=quick", "fedmd.public=imagenet"), "imagenet"),
-    ("cfg-fedmd-aggregate-unknown", config("fedmd", "fedmd=quick", "fedmd.aggregate=vote"), "fedmd.aggregate must be one of mean, median, trimmed_mean, confidence, class_share, reliability, got 'vote'"),
+    ("cfg-fedmd-aggregate-unknown", config("fedmd", "fedmd=quick", "fedmd.aggregate=vote"), "fedmd.aggregate must be one of " + ", ".join(list_rules()) + ", got 'vote'"),
     ("cfg-fedmd-sharpen-zero", config("fedmd", "fedmd=quick", "fedmd.sharpen=0"), "fedmd.sharpen must be a finite number > 0 (1 = off)"),
     ("cfg-fedmd-sharpen-negative", config("fedmd", "fedmd=quick", "fedmd.sharpen=-0.5"), "fedmd.sharpen must be a finite number > 0 (1 = off), got -0.5"),
     ("cfg-fedmd-reliability-no-holdout", config("fedmd", "fedmd=quick", "fedmd.aggregate=reliability"), "aggregate=reliability needs fedmd.reliability_holdout >= 1"),
@@ -524,15 +526,15 @@ API_CASES = [
     ),
     (
         "aggregate-negative-weights",
-        lambda: aggregate([_scores(), _scores()], "mean", [1.0, -2.0]),
+        lambda: aggregate([_scores(), _scores()], "mean", MeanOptions([1.0, -2.0])),
         ConfigError,
         "non-negative",
     ),
     (
-        "aggregate-trim",
-        lambda: aggregate([_scores()] * 3, "trimmed_mean", trim=0.7),
+        "aggregate-options-of-another-rule",
+        lambda: aggregate([_scores()] * 3, "trimmed_mean", MeanOptions()),
         ConfigError,
-        "trim",
+        "takes TrimOptions",
     ),
     ("report-api-missing", lambda: write_report("/nonexistent/run"), FedDistillError, "not found"),
 ]

@@ -11,7 +11,7 @@ from fed_distill.cli import main
 from fed_distill.data.partition import list_partitions
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError, ProtocolError
-from fed_distill.federated.config import FedMDConfig, check_fedmd_config
+from fed_distill.federated.config import FedMDConfig, check_fedmd_config, fedmd_config_class
 from fed_distill.federated.fedmd import (
     aggregate,
     class_scores,
@@ -31,6 +31,7 @@ from fed_distill.federated.fedmd_data import (
     partition_by_writer,
     stratified_subset,
 )
+from fed_distill.federated.rules.average import MeanOptions, TrimOptions
 from fed_distill.models import build_model
 
 NORM = Normalizer((0.5,), (0.25,))
@@ -54,10 +55,13 @@ def test_consensus_is_the_mean_and_weights_normalise():
     g = torch.Generator().manual_seed(0)
     scores = [torch.randn(7, 4, generator=g) for _ in range(3)]
     assert torch.allclose(aggregate(scores, "mean"), (scores[0] + scores[1] + scores[2]) / 3)
-    weighted = aggregate(scores, "mean", weights=[2.0, 1.0, 1.0])
+    weighted = aggregate(scores, "mean", MeanOptions([2.0, 1.0, 1.0]))
     assert torch.allclose(weighted, 0.5 * scores[0] + 0.25 * scores[1] + 0.25 * scores[2])
+    # a round that left party 1 out: the weights of the parties whose scores these are
+    two = aggregate([scores[0], scores[2]], "mean", MeanOptions([2.0, 1.0, 1.0]), parties=[0, 2])
+    assert torch.allclose(two, (2 * scores[0] + scores[2]) / 3)
     with pytest.raises(ConfigError, match="non-negative"):
-        aggregate(scores, "mean", weights=[1.0, -1.0, 1.0])
+        aggregate(scores, "mean", MeanOptions([1.0, -1.0, 1.0]))
 
 
 def test_median_and_trimmed_mean_resist_an_outlier_party():
@@ -66,7 +70,9 @@ def test_median_and_trimmed_mean_resist_an_outlier_party():
     scores = [*honest, outlier]
     assert aggregate(scores, "mean").mean().item() > 100  # the mean is dragged away
     assert torch.allclose(aggregate(scores, "median"), torch.full((5, 3), 1.0))
-    trimmed = aggregate(scores, "trimmed_mean", trim=0.2)  # drops 1 low and 1 high per entry
+    trimmed = aggregate(
+        scores, "trimmed_mean", TrimOptions(trim=0.2)
+    )  # drops 1 low and 1 high per entry
     assert torch.allclose(trimmed, torch.full((5, 3), (1.0 + 1.0 + 1.1) / 3))
     # even count: the median averages the two middle values
     assert torch.allclose(aggregate(honest, "median"), torch.full((5, 3), 1.0))
@@ -367,7 +373,9 @@ def test_config_values_are_checked():
     with pytest.raises(ConfigError, match="fedmd.aggregate must be one of"):
         check_fedmd_config(FedMDConfig(aggregate="max"))
     with pytest.raises(ConfigError, match="aggregate_weights has 2 entries for 10 parties"):
-        check_fedmd_config(FedMDConfig(aggregate_weights=[1.0, 2.0]))
+        check_fedmd_config(fedmd_config_class()(aggregate_weights=[1.0, 2.0]))
+    with pytest.raises(ConfigError, match="fedmd.trim=0.3 is an option of fedmd.aggregate=trim"):
+        check_fedmd_config(fedmd_config_class()(trim=0.3))  # with the mean: would be ignored
     with pytest.raises(ConfigError, match="fedmd.round_lr must be > 0 or null"):
         check_fedmd_config(FedMDConfig(round_lr=0.0))
     with pytest.raises(ConfigError, match="public_unlabelled_classes needs public_classes"):

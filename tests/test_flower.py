@@ -246,6 +246,27 @@ def test_fedmd_consensus_rule_on_flower_equals_in_process_and_refuses_bad_report
     assert r["consensus_distance"][0][0] is None and r["consensus_distance"][1][2] is None
 
 
+@pytest.mark.usefixtures("restore_registries")
+def test_a_users_rule_from_the_docs_on_flower_equals_in_process(tmp_path, monkeypatch):
+    """docs/api.md's own consensus rule (one file's worth of code, registered from Python with
+    one option): the block runs as written (in-process), then the same run on the Flower
+    simulation, whose parties never heard of the rule, gives the same numbers."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "api.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "register_rule(" in b)
+    monkeypatch.chdir(tmp_path)
+    scope = {"__name__": "docs_api_rule"}
+    exec("from dataclasses import dataclass\nimport fed_distill\n" + block, scope)
+    local = _results(tmp_path / "runs" / "api_fedmd")
+    args = [*scope["fedmd"], *scope["rule"], f"run_dir={tmp_path / 'sim'}"]
+    flower = run_flower("fedmd", args, FlowerOptions())
+    assert flower["config"]["fedmd"]["power"] == 3.0
+    for key in ("party_acc", "consensus_acc", "consensus_distance"):
+        _close(local[key], flower[key], key)
+
+
 def test_oneshot_on_flower_simulation_equals_in_process(tmp_path):
     args = [*ONESHOT, "split.num_clients=3"]
     assert main(["oneshot", *args, f"run_dir={tmp_path / 'local'}"]) == 0

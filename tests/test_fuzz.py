@@ -5,7 +5,7 @@ exactly one ``error:`` line naming the key, no traceback, and no file in the run
 The components and their keys are read from the registries and the typed configs, never listed
 here: every partition (``list_partitions``, its declared parameters and the common split keys),
 every synthesizer (``list_synthesizers``, the numeric fields of its own options class), every FedMD
-consensus rule (``list_rules``, ``FedMDConfig``), every student preset (``StudentConfig``), every
+consensus rule (``list_rules``, the generated ``fedmd_config_class()``: the protocol's keys and every rule's options), every student preset (``StudentConfig``), every
 method of the statistics round (``REFIT_METHODS``, ``RefitConfig``) and the teachers'
 ``TrainConfig``. A new key or component is covered without editing this file. Each
 component first shows that its base config is valid, so a refusal is the drawn value's doing.
@@ -31,7 +31,7 @@ from fed_distill.cli import main
 from fed_distill.config import SplitConfig
 from fed_distill.data.partition import get_partition, list_partitions
 from fed_distill.errors import ConfigError
-from fed_distill.federated.config import FedMDConfig
+from fed_distill.federated.config import fedmd_config_class
 from fed_distill.federated.fedmd_consensus import list_rules
 from fed_distill.federated.refit_config import REFIT_METHODS, RefitConfig
 from fed_distill.synthesis import (
@@ -103,7 +103,7 @@ def _components() -> list[tuple[str, str, list[str], str, dict[str, tuple[str, A
         base = ["dataset=digits", f"synthesis={m}"]
         synth = numeric_fields(options_class(m))
         out.append((f"synthesis:{m}", "oneshot", base, "synthesis", synth))
-    fedmd = numeric_fields(FedMDConfig)
+    fedmd = numeric_fields(fedmd_config_class())
     for rule in list_rules():
         base = ["fedmd=quick", f"fedmd.aggregate={rule}", *NEEDS.get(f"fedmd:{rule}", [])]
         out.append((f"fedmd:{rule}", "fedmd", base, "fedmd", fedmd))
@@ -204,7 +204,7 @@ CONFIGS = [
     (StudentConfig, "student", lambda c: c.validate()),
     (RefitConfig, "refit", lambda c: c.validate()),
     (
-        FedMDConfig,
+        fedmd_config_class(),
         "fedmd",
         lambda c: __import__("fed_distill.federated.config").federated.config.check_fedmd_config(c),
     ),

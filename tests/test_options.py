@@ -151,3 +151,34 @@ def test_a_new_module_in_the_package_is_discovered(tmp_path, monkeypatch, restor
     pkg.discover()
     assert "zz_found" in pkg.list_synthesizers()
     assert compose_config(["synthesis=zz_found"]).synthesis.method == "zz_found"
+
+
+def _registered() -> list[tuple[str, str]]:
+    from fed_distill.data.partition import list_partitions
+    from fed_distill.data.sources import list_datasets
+    from fed_distill.federated.rules import list_rules
+    from fed_distill.models import list_models
+
+    kinds = {
+        "synthesizer": list_synthesizers(),
+        "consensus rule": list_rules(),
+        "partition": list_partitions(),
+        "dataset": list_datasets(),
+        "model": list_models(),
+    }
+    return [(kind, name) for kind, names in kinds.items() for name in names]
+
+
+@pytest.mark.parametrize("kind, name", _registered(), ids=lambda v: str(v))
+def test_readme_or_docs_name_every_registered_component(kind, name):
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    text = "\n".join(
+        p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    )
+    assert re.search(rf"`[^`\n]*\b{re.escape(name)}\b[^`\n]*`", text), (
+        f"the {kind} {name!r} is registered but neither README.md nor docs/ name it (in code"
+        " quotes): add its docs line (docs/architecture.md, 'Registered today')"
+    )

@@ -236,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         if "--cfg" in rest:
             from omegaconf import OmegaConf
 
-            from fed_distill.config import choices_comment, compose_config
+            from fed_distill.config import choices_comment, compose_config, shown_config
 
-            print(OmegaConf.to_yaml(compose_config([a for a in rest if a != "--cfg"])))
+            print(
+                OmegaConf.to_yaml(shown_config(compose_config([a for a in rest if a != "--cfg"])))
+            )
             print(choices_comment())
             return 0
         if "--multirun" in rest or "-m" in rest:

@@ -20,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from fed_distill.errors import ConfigError
-from fed_distill.federated.config import FedMDConfig
+from fed_distill.federated.config import FedMDConfig, fedmd_config_class
 from fed_distill.federated.refit_config import REFIT_METHODS, RefitConfig
 from fed_distill.train.fit import TrainConfig
 from fed_distill.train.student_config import StudentConfig
@@ -147,11 +147,17 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     split_cls = split_config_class()
-    if ("", "base_config") not in _STORED or _STORED_SPLIT.get("cls") is not split_cls:
-        # the root schema carries the split keys of every partition registered so far
-        cs.store(name="base_config", node=Config(split=split_cls()))
+    fedmd_cls = fedmd_config_class()
+    if (
+        ("", "base_config") not in _STORED
+        or _STORED_SPLIT.get("cls") is not split_cls
+        or (_STORED_SPLIT.get("fedmd") is not fedmd_cls)
+    ):
+        # the root schema carries the split keys of every partition registered so far, and
+        # the fedmd keys of every consensus rule
+        cs.store(name="base_config", node=Config(split=split_cls(), fedmd=fedmd_cls()))
         _STORED.add(("", "base_config"))
-        _STORED_SPLIT["cls"] = split_cls
+        _STORED_SPLIT.update(cls=split_cls, fedmd=fedmd_cls)
         _STORED.difference_update({k for k in _STORED if k[0] == "split"})
         for option in list(cs.repo.get("split", {})):  # partitions no longer registered
             if option.removesuffix(".yaml") not in list_partitions():
@@ -238,6 +244,21 @@ def _foreign_synthesis_key(message: str, overrides: list[str]) -> str | None:
     except ConfigError:
         return None
     return str(foreign_key_error(m.group(1), method))
+
+
+def shown_config(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg`` as ``--cfg`` prints it: the ``fedmd`` node without the options of the rules not
+    chosen (the schema carries every rule's keys, at their defaults)."""
+    from fed_distill.federated.rules import all_rule_params, get_rule
+
+    out = to_container(cfg)
+    fedmd = out.get("fedmd") or {}
+    if "aggregate" in fedmd:
+        own = {f.name for f in fields(get_rule(fedmd["aggregate"]).options)}
+        for key in all_rule_params():
+            if key not in own:
+                fedmd.pop(key, None)
+    return out
 
 
 def choices_comment() -> str:

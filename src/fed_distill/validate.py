@@ -77,9 +77,9 @@ def validate_config(stage: str, cfg: DictConfig) -> None:
         as_object(cfg.refit, RefitConfig).validate()
     if "fedmd" in groups:
         from fed_distill.config import as_object
-        from fed_distill.federated.config import FedMDConfig, check_fedmd_config
+        from fed_distill.federated.config import check_fedmd_config, fedmd_config
 
-        fedmd = as_object(cfg.fedmd, FedMDConfig)
+        fedmd = fedmd_config(cfg.fedmd)
         check_fedmd_config(fedmd, _kwargs(cfg.get("split")))
         check_fedmd_split_keys(fedmd.partition, _kwargs(cfg.get("split")), explicit_keys(cfg))
     check_run_dir(cfg.run_dir)

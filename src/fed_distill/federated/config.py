@@ -1,7 +1,10 @@
 """Typed config of the FedMD protocol (config group ``fedmd``). Kept free of heavy imports.
 
-One flat dataclass, validated by Hydra at composition (a misspelt key or a wrong type fails at
-start-up) and by :func:`check_fedmd_config` for the values (one clear line per problem).
+:class:`FedMDConfig` holds the protocol's own keys; the schema Hydra composes against adds every
+registered consensus rule's options (:func:`fedmd_config_class`, generated from the rule registry
+as the ``split`` schema is from the partitions: ``fedmd.trim`` belongs to
+``fedmd.aggregate=trimmed_mean``). A misspelt key or a wrong type fails at composition, and
+:func:`check_fedmd_config` checks the values (one clear line per problem).
 Presets live in ``conf/fedmd/*.yaml``; ``fed-distill fedmd fedmd=NAME key=value`` picks one.
 
 Label space (``label_space``):
@@ -15,9 +18,8 @@ Label space (``label_space``):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
 
 from fed_distill.checks import check_finite
@@ -87,11 +89,9 @@ class FedMDConfig:
     public_subset_size: int = 5000  # stratified public subset drawn afresh every round
     scores: str = "logits"  # what parties send: logits | softmax (with temperature)
     temperature: float = 1.0  # softmax scores and the KL digest loss
-    # mean | median | trimmed_mean | confidence | class_share | reliability (see
-    # federated/fedmd_consensus.py: what each weighs and what parties send for it)
+    # the consensus rule, a registered one (federated/rules/: what each weighs, its options
+    # and what parties send for it; `fed-distill fedmd --cfg` lists them)
     aggregate: str = "mean"
-    aggregate_weights: list[float] | None = None  # per-party weights of the mean
-    trim: float = 0.1  # trimmed_mean: fraction cut at each end
     # DS-FL's entropy reduction: the consensus's log-probabilities divided by it (1 = off)
     sharpen: float = 1.0
     # diagnostic, not a rule: the consensus's errors on the public images whose true label the
@@ -121,21 +121,24 @@ class FedMDConfig:
     checkpoint_every: int = 1
 
 
-def check_fedmd_config(c: FedMDConfig, split: Mapping[str, Any] | None = None) -> None:
+def check_fedmd_config(
+    c: FedMDConfig, split: Mapping[str, Any] | None = None, consensus: bool = True
+) -> None:
     """Raise ConfigError (one line) for values no run can use; cheap, reads no data.
     ``split``: the ``split`` config, whose keys parameterise a registered partition
-    (``fedmd.partition=noise split.sigma=0.3``)."""
+    (``fedmd.partition=noise split.sigma=0.3``). ``consensus=False`` leaves the rule to the
+    server (a Flower party's process may not know a rule the server registered)."""
     from fed_distill.errors import ConfigError
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(f"fedmd.{msg}")
 
-    check_aggregate_weights(c)
     private_split_params(c, split)  # the partition's own check, where it is a registered one
-    from fed_distill.federated.fedmd_consensus import check_consensus_config
+    if consensus:
+        from fed_distill.federated.fedmd_consensus import check_consensus_config
 
-    check_consensus_config(c)  # the rule's name, its own check and sharpen
+        check_consensus_config(c)  # the rule's name, its options' own check and sharpen
     for key, allowed in (
         ("scores", SCORE_KINDS),
         ("digest_loss", DIGEST_LOSSES),
@@ -195,7 +198,6 @@ def check_fedmd_config(c: FedMDConfig, split: Mapping[str, Any] | None = None) -
     need(c.head_l2 >= 0, f"head_l2 must be >= 0, got {c.head_l2}")
     need(c.temperature > 0, f"temperature must be > 0, got {c.temperature}")
     need(c.width_scale > 0, f"width_scale must be > 0, got {c.width_scale}")
-    need(0 <= c.trim < 0.5, f"trim must be in [0, 0.5), got {c.trim}")
     for key in ("public_classes", "private_classes"):
         classes = getattr(c, key)
         if classes is not None:
@@ -204,31 +206,45 @@ def check_fedmd_config(c: FedMDConfig, split: Mapping[str, Any] | None = None) -
     check_finite(c, "fedmd")  # what the checks above let through: inf
 
 
-def check_aggregate_weights(c: FedMDConfig) -> None:
-    """``fedmd.aggregate_weights``: one finite weight >= 0 per party, not all zero, and only
-    with aggregate=mean; refused here, before any party's transfer learning."""
-    from fed_distill.errors import ConfigError
+def fedmd_config_class() -> type:
+    """``FedMDConfig`` with every registered consensus rule's options as typed keys (generated
+    from the rule registry, so ``fedmd.KEY`` accepts exactly what some rule takes)."""
+    from fed_distill.federated.rules import all_rule_params, list_rules
 
-    w = c.aggregate_weights
-    if w is None:
-        return
-    n = c.num_parties or len(c.parties)
-    if len(w) != n:
-        raise ConfigError(f"fedmd.aggregate_weights has {len(w)} entries for {n} parties")
-    if c.aggregate != "mean":
-        raise ConfigError(
-            f"fedmd.aggregate_weights only apply to aggregate=mean, not '{c.aggregate}'"
-        )
-    for i, x in enumerate(w):
-        if isinstance(x, bool) or not isinstance(x, int | float) or not 0 <= x < math.inf:
-            raise ConfigError(
-                f"fedmd.aggregate_weights[{i}] must be a finite number >= 0 (party {i}'s weight),"
-                f" got {x!r}"
-            )
-    if not any(w):
-        raise ConfigError(
-            "fedmd.aggregate_weights are all 0: no party counts; give at least one a weight > 0"
-        )
+    key = tuple(list_rules())
+    params = all_rule_params()
+    if _FEDMD_CLASS.get("key") != key or _FEDMD_CLASS.get("params") != params:
+        own = {f.name for f in fields(FedMDConfig)}
+        clash = sorted(own & set(params))
+        if clash:
+            from fed_distill.errors import ConfigError
+
+            raise ConfigError(f"a consensus rule's option fedmd.{clash[0]} is a FedMD key itself")
+        spec = [
+            (name, kind, field(default=d) if not isinstance(d, list | dict) else
+             field(default_factory=lambda d=d: type(d)(d)))
+            for name, (kind, d) in params.items()
+        ]  # fmt: skip
+        cls = make_dataclass("FedMDConfig", spec, bases=(FedMDConfig,))
+        _FEDMD_CLASS.update(key=key, params=params, cls=cls)
+    return _FEDMD_CLASS["cls"]
+
+
+_FEDMD_CLASS: dict[str, Any] = {}
+
+
+def fedmd_config(node: Mapping[str, Any], known_only: bool = False) -> FedMDConfig:
+    """A composed ``fedmd`` config as the generated :func:`fedmd_config_class`. ``known_only``:
+    drop keys no rule registered here takes (a Flower party, whose process may not know a rule
+    the server registered; the server checks the rule)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    cls = fedmd_config_class()
+    if known_only:
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in dict(values).items() if k in names}  # type: ignore[union-attr]
+    return cls(**values)  # type: ignore[arg-type]
 
 
 def private_split_params(

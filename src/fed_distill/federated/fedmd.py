@@ -43,7 +43,7 @@ the order in which parties are processed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +55,6 @@ import torch.nn.functional as F
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError, ModelError
 from fed_distill.federated.config import FedMDConfig
-from fed_distill.federated.fedmd_consensus import get_rule
 from fed_distill.federated.fedmd_data import FedMDData
 from fed_distill.federated.fedmd_server import (  # noqa: F401  (re-exported: the protocol's steps)
     aggregate,
@@ -362,12 +361,13 @@ class Party:
 
 
 def party_report(
-    model: torch.nn.Module, party: Party, subset_x: torch.Tensor
+    model: torch.nn.Module, party: Party, subset_x: torch.Tensor, sends: Sequence[str] = ()
 ) -> dict[str, torch.Tensor]:
     """Communicate (client): what party ``party`` sends on the round's public subset -- its
-    class scores, and what the rule (``fedmd.aggregate``) needs besides: ``class_counts`` (its
-    private images per output, a count per class) or ``reliability`` (its accuracy on its
-    held-out private images). The in-process rounds and the Flower client both call this."""
+    class scores, and what the server asks for besides (``sends``: what the rule
+    ``fedmd.aggregate`` needs): ``class_counts`` (its private images per output, a count per
+    class) or ``reliability`` (its accuracy on its held-out private images). The in-process
+    rounds and the Flower client both call this."""
     c, d = party.c, party.data
     out = {
         "scores": class_scores(
@@ -379,7 +379,6 @@ def party_report(
             device=party.device,
         )
     }
-    sends = get_rule(c.aggregate).sends
     if "class_counts" in sends:
         counts = torch.bincount(party.own_data()[1], minlength=d.num_outputs)
         out["class_counts"] = counts.float()

@@ -26,6 +26,7 @@ from fed_distill.federated.config import (
     FedMDConfig,
     check_fedmd_config,
     check_preset_for_fedmd,
+    fedmd_config,
     private_split_params,
     split_of,
 )
@@ -50,6 +51,7 @@ from fed_distill.federated.fedmd_server import (
     record_consensus,
     round_consensus,
 )
+from fed_distill.federated.rules import all_rule_params
 from fed_distill.tracking import log_scalars
 
 
@@ -264,12 +266,12 @@ def one_round(run: FedMDRun, st: RunState, r: int) -> list[dict[str, Any]]:
     subset_x = data.public_x[idx]
 
     t0 = time.perf_counter()
-    messages = [party_report(m, run.party(i), subset_x) for i, m in enumerate(models)]
+    sends = get_rule(c.aggregate).sends
+    messages = [party_report(m, run.party(i), subset_x, sends) for i, m in enumerate(models)]
     st.steps["communicate"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     expected = (len(idx), data.num_outputs)
-    sends = get_rule(c.aggregate).sends
     valid, used, left_out = collect_scores(
         messages, expected, run.names, c.on_invalid_scores, sends
     )
@@ -394,13 +396,12 @@ def _print_data(run: FedMDRun) -> None:
 def start_run(cfg: DictConfig) -> tuple[FedMDRun | None, RunState, dict[str, Any] | None]:
     """Check the config, build the data and restore a checkpoint: the run, its state so far
     and None; or None, an empty state and the results when the same run is already done."""
-    from fed_distill.config import as_object
     from fed_distill.pipeline import _fingerprint, checkpoint_dir
     from fed_distill.utils import progress_bar, resolve_device, seed_everything
 
     st = RunState(t_start=time.perf_counter())
     check_preset_for_fedmd(cfg)
-    c: FedMDConfig = as_object(cfg.fedmd, FedMDConfig)
+    c: FedMDConfig = fedmd_config(cfg.fedmd)
     split = split_of(cfg)
     check_fedmd_config(c, split)
     if c.data_dir is None and cfg.get("dataset") is not None and cfg.dataset.get("data_dir"):
@@ -479,9 +480,7 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
 # transfer learning and baselines (branch_rounds).
 ROUND_ONLY = (
     "name",
-    "aggregate",
-    "aggregate_weights",
-    "trim",
+    "aggregate",  # and every rule's options (rules.all_rule_params)
     "sharpen",
     "oracle_consensus",
     "scores",
@@ -492,6 +491,12 @@ ROUND_ONLY = (
     "on_invalid_scores",
     "checkpoint_every",
 )
+
+
+def round_only_keys() -> set[str]:
+    """The fedmd keys that change only the rounds: :data:`ROUND_ONLY` and every registered
+    rule's options."""
+    return {*ROUND_ONLY, *all_rule_params()}
 
 
 def setup_run(cfg: DictConfig) -> tuple[FedMDRun, RunState]:
@@ -510,15 +515,15 @@ def branch_rounds(base: tuple[FedMDRun, RunState], cfg: DictConfig) -> dict[str,
     """The rounds of ``cfg`` from a copy of ``base`` (:func:`setup_run`): the very parties and
     baselines, so rules differ only in their rounds. ``cfg`` may differ from the base's only
     in :data:`ROUND_ONLY` keys. Writes and returns ``cfg.run_dir``'s results like a run."""
-    from fed_distill.config import as_object
     from fed_distill.pipeline import _fingerprint
 
     run0, st0 = base
-    c: FedMDConfig = as_object(cfg.fedmd, FedMDConfig)
+    c: FedMDConfig = fedmd_config(cfg.fedmd)
     check_fedmd_config(c, split_of(cfg))
     c.data_dir = run0.c.data_dir
     a, b = asdict(run0.c), asdict(c)
-    differ = sorted(k for k in a if a[k] != b[k] and k not in ROUND_ONLY)
+    round_only = round_only_keys()
+    differ = sorted(k for k in a if a[k] != b[k] and k not in round_only)
     if differ or int(cfg.seed) != run0.seed:
         raise ConfigError(f"branch_rounds: the runs differ in more than the rounds: {differ}")
     shaped = {"fedmd": {k: v for k, v in b.items() if k != "checkpoint_every"}, "seed": run0.seed}

@@ -15,6 +15,7 @@ from fed_distill.errors import ConfigError, ProtocolError
 from fed_distill.federated.config import FedMDConfig
 from fed_distill.federated.fedmd_consensus import aggregate, get_rule, validate_extra
 from fed_distill.federated.fedmd_data import FedMDData, stratified_subset
+from fed_distill.federated.rules import rule_options
 
 
 def validate_scores(scores: Any, expected_shape: Sequence[int], party: str | int) -> torch.Tensor:
@@ -98,8 +99,7 @@ def consensus_of(
     reports: Sequence[dict[str, torch.Tensor]], c: FedMDConfig, used: Sequence[int]
 ) -> torch.Tensor:
     """Aggregate (server): the consensus of the valid reports of parties ``used`` by the run's
-    rule (``fedmd.aggregate``, its weights, trim, sharpen). Both runners call this."""
-    w = [c.aggregate_weights[i] for i in used] if c.aggregate_weights is not None else None
+    rule (``fedmd.aggregate`` with its options, sharpen). Both runners call this."""
     extra = {
         name: torch.stack([r[name] for r in reports]).squeeze(-1)
         if name == "reliability"
@@ -109,8 +109,8 @@ def consensus_of(
     return aggregate(
         [r["scores"] for r in reports],
         c.aggregate,
-        w,
-        c.trim,
+        rule_options(c),
+        parties=used,
         kind=c.scores,
         temperature=c.temperature,
         sharpen_t=c.sharpen,

@@ -81,16 +81,15 @@ def hello(msg: Message, context: Context) -> Message:
 
 def _fedmd(cfg_json: str):
     """(cfg, FedMDConfig, FedMDData, architectures, device) for this run, cached per process."""
-    from fed_distill.config import as_object
-    from fed_distill.federated.config import FedMDConfig, check_fedmd_config, split_of
+    from fed_distill.federated.config import FedMDConfig, check_fedmd_config, fedmd_config, split_of
     from fed_distill.federated.fedmd import party_architectures
     from fed_distill.federated.fedmd_data import build_fedmd_data
     from fed_distill.utils import resolve_device
 
     def build():
         cfg = cfg_from_json(cfg_json)
-        c: FedMDConfig = as_object(cfg.fedmd, FedMDConfig)
-        check_fedmd_config(c, split_of(cfg))
+        c: FedMDConfig = fedmd_config(cfg.fedmd, known_only=True)
+        check_fedmd_config(c, split_of(cfg), consensus=False)  # the rule: the server's
         if c.data_dir is None and cfg.get("dataset") is not None and cfg.dataset.get("data_dir"):
             c.data_dir = str(cfg.dataset.data_dir)
         archs = party_architectures(c)
@@ -199,7 +198,8 @@ def fedmd_scores(msg: Message, context: Context) -> Message:
 
     r = _RoundStep.of(msg, context)
     me = Party(r.party, r.data, r.c, r.device, int(r.cfg.seed))
-    scores = party_report(r.model, me, r.data.public_x[r.arrays["idx"]])
+    sends = [s for s in str(r.conf.get("sends", "")).split(",") if s]  # what the rule needs
+    scores = party_report(r.model, me, r.data.public_x[r.arrays["idx"]], sends)
     kind, sleep_s = _fault(msg)
     if kind:
         inject_fault(kind, scores, sleep_s)

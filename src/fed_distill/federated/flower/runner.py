@@ -107,11 +107,10 @@ def parse_args(args: list[str]) -> tuple[str, FlowerOptions, list[str]]:
 def num_nodes(protocol: str, cfg) -> int:
     """SuperNodes a run needs: one per FedMD party, one per one-shot client with a teacher."""
     if protocol == "fedmd":
-        from fed_distill.config import as_object
-        from fed_distill.federated.config import FedMDConfig
+        from fed_distill.federated.config import fedmd_config
         from fed_distill.federated.fedmd import party_architectures
 
-        return len(party_architectures(as_object(cfg.fedmd, FedMDConfig)))
+        return len(party_architectures(fedmd_config(cfg.fedmd)))
     return int(cfg.split.num_clients) - int(cfg.split.get("server_clients", 0) or 0)
 
 

@@ -16,9 +16,9 @@ import torch
 from flwr.serverapp import Grid
 
 from fed_distill.artifacts import save_json
-from fed_distill.config import as_object, to_container
+from fed_distill.config import to_container
 from fed_distill.errors import FlowerError, ProtocolError
-from fed_distill.federated.config import FedMDConfig, check_fedmd_config, split_of
+from fed_distill.federated.config import FedMDConfig, check_fedmd_config, fedmd_config, split_of
 from fed_distill.federated.fedmd import party_architectures, restricted_accuracy
 from fed_distill.federated.fedmd_consensus import get_rule
 from fed_distill.federated.fedmd_data import build_fedmd_data
@@ -130,6 +130,7 @@ class _FedMD:
                 {"idx": idx},
                 party=i,
                 round=r,
+                sends=",".join(get_rule(c.aggregate).sends),
                 **self.common,
                 **fault_options(self.faults, i, r, self.timeout, forced=True),
             )
@@ -249,7 +250,7 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
     """FedMD over Flower; writes ``run_dir/results.json`` like ``fed-distill fedmd``."""
     t_start = time.perf_counter()
     cfg = cfg_from_json(job["cfg"])
-    c: FedMDConfig = as_object(cfg.fedmd, FedMDConfig)
+    c: FedMDConfig = fedmd_config(cfg.fedmd)
     check_fedmd_config(c, split_of(cfg))
     if c.data_dir is None and cfg.get("dataset") is not None and cfg.dataset.get("data_dir"):
         c.data_dir = str(cfg.dataset.data_dir)
