@@ -59,6 +59,19 @@ TINY_ONESHOT = [
     "student.batch_size=64",
 ]
 
+# FedMD data on the digits with an unlabelled alignment pool (classes 5-9), for the data tests
+FEDMD_DIGITS_POOL = dict(
+    public="digits",
+    public_classes=[0, 1, 2, 3, 4],
+    public_val_size=50,
+    private="digits",
+    private_classes=[5, 6, 7, 8, 9],
+    samples_per_class=3,
+    public_unlabelled_classes=[5, 6, 7, 8, 9],
+    public_unlabelled_size=200,
+    public_subset_size=300,
+)
+
 THREADS = (1, 2)  # the accuracy tests run at each: CI sees both roundings on every machine
 
 

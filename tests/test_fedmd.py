@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from conftest import FEDMD_DIGITS_POOL
 from fed_distill.cli import main
 from fed_distill.data.partition import list_partitions
 from fed_distill.data.transforms import Normalizer
@@ -260,17 +261,7 @@ def test_registered_partition_parameters_are_checked_for_fedmd(partition, split,
 
 
 def test_unlabelled_public_images_join_alignment_only_and_exclude_party_images():
-    c = FedMDConfig(
-        public="digits",
-        public_classes=[0, 1, 2, 3, 4],
-        public_val_size=50,
-        private="digits",
-        private_classes=[5, 6, 7, 8, 9],
-        samples_per_class=3,
-        public_unlabelled_classes=[5, 6, 7, 8, 9],
-        public_unlabelled_size=200,
-        public_subset_size=300,
-    )
+    c = FedMDConfig(**FEDMD_DIGITS_POOL)
     data = build_fedmd_data(c, num_parties=4, seed=0)
     plain = build_fedmd_data(FedMDConfig(**{**c.__dict__, "public_unlabelled_classes": []}), 4, 0)
     unlabelled = data.public_y < 0

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import FEDMD_DIGITS_POOL
 from fed_distill.api import compose
 from fed_distill.cli import main
 from fed_distill.errors import ConfigError, ProtocolError
@@ -161,17 +162,7 @@ def test_oracle_consensus_swaps_only_the_wrong_rows_scores():
 
 
 # ----------------------------------------------------------------------------- data
-DIGITS = dict(
-    public="digits",
-    public_classes=[0, 1, 2, 3, 4],
-    public_val_size=50,
-    private="digits",
-    private_classes=[5, 6, 7, 8, 9],
-    samples_per_class=3,
-    public_unlabelled_classes=[5, 6, 7, 8, 9],
-    public_unlabelled_size=200,
-    public_subset_size=300,
-)
+DIGITS = FEDMD_DIGITS_POOL
 
 
 def test_true_public_labels_and_held_out_images():

@@ -135,8 +135,10 @@ def test_needs_class_stats_is_the_methods_own_declaration():
 
 
 def test_a_new_module_in_the_package_is_discovered(tmp_path, monkeypatch, restore_registries):
-    """A synthesizer in a module nobody lists: discovery imports every module of the package."""
+    """A synthesizer in a module nobody lists: discovery imports every module on the package's
+    path (here one more folder of it)."""
     import fed_distill.synthesis as pkg
+    from fed_distill.plugins import import_all
 
     (tmp_path / "zz_found.py").write_text(
         "from fed_distill.synthesis.base import Synthesizer\n"
@@ -147,8 +149,7 @@ def test_a_new_module_in_the_package_is_discovered(tmp_path, monkeypatch, restor
         "        raise NotImplementedError\n"
     )
     monkeypatch.setattr(pkg, "__path__", [*pkg.__path__, str(tmp_path)])
-    monkeypatch.setattr(pkg, "_DISCOVERED", [])
-    pkg.discover()
+    import_all(pkg.__name__, pkg.__path__, pkg.ENTRY_POINTS, "synthesizer")
     assert "zz_found" in pkg.list_synthesizers()
     assert compose_config(["synthesis=zz_found"]).synthesis.method == "zz_found"
 

@@ -26,9 +26,10 @@ running statistics, so every class has a target; :func:`class_mean_var` and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -157,6 +158,19 @@ def check_class_stats(
             raise ProtocolError(f"{who}: class statistic '{key}' has negative values")
 
 
+def check_keys(
+    got: Mapping[str, Any], want: Iterable[str], who: str, what: str, note: str = ""
+) -> None:
+    """One ProtocolError line naming ``who`` unless ``got`` has exactly the keys ``want``
+    (``what``: how the message names one entry, e.g. "weight"; ``note``: advice after it)."""
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    if missing or extra:
+        raise ProtocolError(
+            f"{who}: {what}s have missing keys {missing[:3]} / unknown keys {extra[:3]}{note}"
+        )
+
+
 def check_tensor_upload(
     stats: Mapping[str, torch.Tensor],
     want: Mapping[str, tuple[int, ...]],
@@ -167,12 +181,7 @@ def check_tensor_upload(
     """The checks every statistics upload starts with, one ProtocolError line naming ``who``:
     exactly the keys of ``want``, each of its shape, every value finite (``what``: how the
     message names one entry, e.g. "class statistic")."""
-    missing = sorted(set(want) - set(stats))
-    extra = sorted(set(stats) - set(want))
-    if missing or extra:
-        raise ProtocolError(
-            f"{who}: {what}s have missing keys {missing[:3]} / unknown keys {extra[:3]}{note}"
-        )
+    check_keys(stats, want, who, what, note)
     for key, shape in want.items():
         t = stats[key]
         if tuple(t.shape) != shape:

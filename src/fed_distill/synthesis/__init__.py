@@ -18,11 +18,9 @@ light, dataclass-only import.
 from __future__ import annotations
 
 import importlib
-import pkgutil
-from importlib.metadata import entry_points
 from typing import Any
 
-from fed_distill.errors import ConfigError
+from fed_distill.plugins import registry_access
 from fed_distill.synthesis.options import SynthesisOptions
 
 _LAZY = {
@@ -58,33 +56,18 @@ _REGISTRY_NAMES = (
     "synthesis_options",
 )
 ENTRY_POINTS = "fed_distill.synthesizers"
-_DISCOVERED: list[bool] = []
 
 __all__ = ["SynthesisOptions", *sorted((*_LAZY, *_REGISTRY_NAMES))]
 
-
-def discover() -> None:
-    """Import every module of this package and every ``fed_distill.synthesizers`` entry point
-    once: each registers the synthesizers it defines."""
-    if _DISCOVERED:
-        return
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
-    for ep in entry_points(group=ENTRY_POINTS):
-        try:
-            ep.load()
-        except Exception as e:  # noqa: BLE001 - a broken plug-in is named, not a traceback
-            raise ConfigError(f"synthesizer plug-in {ep.name!r} ({ep.value}) failed: {e}") from None
-    _DISCOVERED.append(True)
+# discover(): import every module of this package and every fed_distill.synthesizers entry
+# point once (each registers the synthesizers it defines)
+discover, _from_registry = registry_access(
+    __name__, __path__, ENTRY_POINTS, "synthesizer", _REGISTRY_NAMES
+)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _REGISTRY_NAMES:
-        discover()
-        from fed_distill.synthesis import registry
-
-        return getattr(registry, name)
     if name in _LAZY:
         module = importlib.import_module(f"fed_distill.synthesis.{_LAZY[name]}")
         return getattr(module, name)
-    raise AttributeError(f"module 'fed_distill.synthesis' has no attribute {name!r}")
+    return _from_registry(name)

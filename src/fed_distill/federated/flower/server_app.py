@@ -31,7 +31,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fed_distill.artifacts import remove_file, save_json, save_weights
-from fed_distill.class_stats import STATS_FILE, check_class_stats, save_class_stats
+from fed_distill.class_stats import STATS_FILE, check_class_stats, check_keys, save_class_stats
 from fed_distill.config import ModelConfig, as_object
 from fed_distill.data.partition import save_split
 from fed_distill.errors import FlowerError, ProtocolError
@@ -75,12 +75,7 @@ def validate_weights(
     state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], who: str
 ) -> None:
     """An uploaded state dict must have the reference's keys, shapes and dtypes, all finite."""
-    missing = sorted(set(reference) - set(state))
-    extra = sorted(set(state) - set(reference))
-    if missing or extra:
-        raise ProtocolError(
-            f"{who}: weights have missing keys {missing[:3]} / unknown keys {extra[:3]}"
-        )
+    check_keys(state, reference, who, "weight")
     for k, ref in reference.items():
         t = state[k]
         if t.dtype != ref.dtype:

@@ -18,19 +18,12 @@ from flwr.serverapp import Grid
 from fed_distill.artifacts import save_json
 from fed_distill.config import to_container
 from fed_distill.errors import FlowerError, ProtocolError
+from fed_distill.federated import fedmd_server as server
 from fed_distill.federated.config import FedMDConfig, check_fedmd_config, fedmd_config, split_of
 from fed_distill.federated.fedmd import party_architectures, restricted_accuracy
 from fed_distill.federated.fedmd_consensus import get_rule
 from fed_distill.federated.fedmd_data import build_fedmd_data
 from fed_distill.federated.fedmd_results import plot_fedmd, summary_table
-from fed_distill.federated.fedmd_server import (
-    collect_scores,
-    consensus_distance,
-    consensus_of,
-    draw_public_subset,
-    record_consensus,
-    round_consensus,
-)
 from fed_distill.federated.flower.common import (
     FEDMD_ROUND,
     FEDMD_SCORES,
@@ -153,7 +146,7 @@ class _FedMD:
                 f" {self.timeout:g}s); the round is skipped, the rounds before it are kept"
             )
             return [], None, [None] * n, left_out
-        valid, used_pos, rejected = collect_scores(
+        valid, used_pos, rejected = server.collect_scores(
             messages,
             (len(idx), self.data.num_outputs),
             [self.names[i] for i in answered],
@@ -170,10 +163,10 @@ class _FedMD:
                 f"round {r}: no party's class scores could be used: "
                 + "; ".join(d["reason"] for d in left_out)
             )
-        consensus = round_consensus(consensus_of(valid, c, used), c, self.data, idx)
+        consensus = server.round_consensus(server.consensus_of(valid, c, used), c, self.data, idx)
         dist: list[float | None] = [None] * n
         for i, rep in zip(used, valid, strict=True):
-            dist[i] = consensus_distance(rep["scores"], consensus)
+            dist[i] = server.consensus_distance(rep["scores"], consensus)
         steps["aggregate"] += time.perf_counter() - t0
         return answered, consensus, dist, left_out
 
@@ -183,7 +176,7 @@ class _FedMD:
         t_round = time.perf_counter()
         c, steps = self.c, log.steps
         idx = torch.as_tensor(
-            draw_public_subset(self.data.public_y, c.public_subset_size, self.seed, r)
+            server.draw_public_subset(self.data.public_y, c.public_subset_size, self.seed, r)
         )
         answered, consensus, dist, left_out = self.consensus(r, idx, steps)
         log.distances.append(dist)
@@ -196,7 +189,7 @@ class _FedMD:
             log.ensemble.append(None)
             log.round_times.append(time.perf_counter() - t_round)
             return
-        record_consensus(log, consensus, self.data, idx)
+        server.record_consensus(log, consensus, self.data, idx)
         accs, ens, late = self.digest(r, idx, consensus, answered, steps)
         for p, why in sorted(late.items()):
             left_out.append({"party": p, "reason": why, "step": "digest"})

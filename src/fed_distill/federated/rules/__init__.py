@@ -7,12 +7,7 @@ asked for), or ``fed_distill.register_rule`` from Python."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from importlib.metadata import entry_points
-from typing import Any
-
-from fed_distill.errors import ConfigError
+from fed_distill.plugins import registry_access
 
 ENTRY_POINTS = "fed_distill.rules"
 _REGISTRY_NAMES = (
@@ -26,32 +21,10 @@ _REGISTRY_NAMES = (
     "register_rule",
     "rule_options",
 )
-_DISCOVERED: list[bool] = []
-
 __all__ = ["discover", *_REGISTRY_NAMES]
 
-
-def discover() -> None:
-    """Import every module of this package and every ``fed_distill.rules`` entry point once:
-    each registers the rules it defines."""
-    if _DISCOVERED:
-        return
-    _DISCOVERED.append(True)
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
-    for ep in entry_points(group=ENTRY_POINTS):
-        try:
-            ep.load()
-        except Exception as e:  # noqa: BLE001 - a broken plug-in is named, not a traceback
-            raise ConfigError(
-                f"consensus-rule plug-in {ep.name!r} ({ep.value}) failed: {e}"
-            ) from None
-
-
-def __getattr__(name: str) -> Any:
-    if name in _REGISTRY_NAMES:
-        discover()
-        from fed_distill.federated.rules import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module 'fed_distill.federated.rules' has no attribute {name!r}")
+# discover(): import every module of this package and every fed_distill.rules entry point once
+# (each registers the rules it defines)
+discover, __getattr__ = registry_access(
+    __name__, __path__, ENTRY_POINTS, "consensus-rule", _REGISTRY_NAMES
+)
