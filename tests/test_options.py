@@ -183,3 +183,15 @@ def test_readme_or_docs_name_every_registered_component(kind, name):
         f"the {kind} {name!r} is registered but neither README.md nor docs/ name it (in code"
         " quotes): add its docs line (docs/architecture.md, 'Registered today')"
     )
+
+
+def test_help_lists_every_registered_choice(capsys):
+    from fed_distill.cli import main
+    from fed_distill.federated.rules import list_rules
+
+    assert main(["oneshot", "--help"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("synthesis="))
+    assert all(m in line for m in list_synthesizers())
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("fedmd.aggregate="))
+    assert line.strip() == "fedmd.aggregate=" + ", ".join(list_rules())

@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         if any(a in ("-h", "--help") for a in rest):
             print(f"fed-distill {stage}: {STAGES[stage][1]}\n")
             print((stage_function(stage).__doc__ or "").strip())
-            print("\nAll keys with their defaults: fed-distill " + stage + " --cfg")
+            from fed_distill.config import choices_comment
+
+            print("\nAll keys with their defaults: fed-distill " + stage + " --cfg; the choices:")
+            print(choices_comment().replace("# ", "  "))
             return 0
         if "--cfg" in rest:
             from omegaconf import OmegaConf
