@@ -424,6 +424,7 @@ CLI_CASES = [
     ("report-results-acc-above-one", results(lambda d: _set(d, "student_acc", 7.5)), "student_acc"),
     ("report-results-unknown-kind", results(lambda d: {"hello": 1}), "neither a one-shot"),
     ("report-fedmd-short-curve", results(lambda d: {"rounds": 3, "parties": ["fedmd_1"], "party_acc": [[0.5]], "alone_acc": [0.5], "pooled_acc": [None]}), "party_acc[0]"),
+    ("report-fedmd-short-digest-curve", results(lambda d: {"rounds": 1, "parties": ["fedmd_1"], "party_acc": [[0.5, 0.6]], "party_acc_digest": [[0.4, 0.5]], "alone_acc": [0.5], "pooled_acc": [None]}), "party_acc_digest[0]"),
     ("report-dataset-inf", report_dataset_nan, "NaN or Inf"),
     ("report-teacher-metrics", report_teacher_metrics, "val_acc"),
     ("report-empty-dir", report_on("empty"), "holds no fed-distill run"),

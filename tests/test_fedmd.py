@@ -394,6 +394,7 @@ def test_quick_preset_end_to_end(tmp_path, capsys):
         "left_out",
         "alone_extended_acc",
         "ensemble_acc",
+        "party_acc_digest",
     ):
         assert key in r, key
     n = len(r["parties"])
@@ -403,7 +404,8 @@ def test_quick_preset_end_to_end(tmp_path, capsys):
     assert len(r["consensus_acc"]) == r["rounds"] and all(0 <= v <= 1 for v in r["consensus_acc"])
     assert len(r["ensemble_acc"]) == r["rounds"] + 1
     assert [acc[0] for acc in r["party_acc"]] == r["alone_acc"]
-    values = [v for acc in r["party_acc"] for v in acc] + r["pooled_acc"]
+    assert [len(acc) for acc in r["party_acc_digest"]] == [r["rounds"]] * n
+    values = [v for acc in r["party_acc"] + r["party_acc_digest"] for v in acc] + r["pooled_acc"]
     assert all(0.0 <= v <= 1.0 for v in values)
     assert r["config"]["fedmd"]["name"] == "quick" and r["config"]["seed"] == 1
     assert (tmp_path / "fedmd_accuracy.png").stat().st_size > 10_000

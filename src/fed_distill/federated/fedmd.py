@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -390,15 +390,24 @@ def party_report(
     return out
 
 
+class LocalRound(NamedTuple):
+    """A party's side of a round: its logits on the private test task after revisit, its
+    private accuracy right after the digest (before revisit) and the seconds of each step."""
+
+    test_logits: torch.Tensor
+    digest_acc: float
+    times: dict[str, float]
+
+
 def local_round(
     model: torch.nn.Module,
     party: Party,
     subset_x: torch.Tensor,
     consensus: torch.Tensor,
     round_: int,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """One party's side of round ``round_`` after the consensus arrives: digest, revisit, then
-    the logits on the private test task. Returns the logits and the seconds of each step.
+) -> LocalRound:
+    """One party's side of round ``round_`` after the consensus arrives: digest, evaluate (the
+    accuracy after digest), revisit, then the logits on the private test task.
 
     The in-process rounds (``fedmd_run``) and the Flower client both call this, with the same seeds.
     """
@@ -420,12 +429,16 @@ def local_round(
         seed=party.seed_for(10, round_),
     )
     t1 = time.perf_counter()
+    digest_acc = party.test_accuracy(model)  # eval mode: changes nothing the revisit sees
+    t2 = time.perf_counter()
     schedule = (c.revisit_epochs, c.revisit_batch_size, round_lr(c))
     party.revisit(model, party.own_data(), schedule, (11, round_))
-    t2 = time.perf_counter()
+    t3 = time.perf_counter()
     logits = party.test_logits(model)
-    times = {"digest": t1 - t0, "revisit": t2 - t1, "evaluate": time.perf_counter() - t2}
-    return logits, times
+    evaluate = (t2 - t1) + (time.perf_counter() - t3)
+    return LocalRound(
+        logits, digest_acc, {"digest": t1 - t0, "revisit": t3 - t2, "evaluate": evaluate}
+    )
 
 
 # ============================================================================ parties
