@@ -268,12 +268,27 @@ def digest(
     )
 
 
+def masked_cross_entropy(
+    outputs: torch.Tensor,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy with the softmax over the outputs where ``outputs`` (bool, one per output)
+    is true; the others get no gradient (a restricted softmax, as FedRS's for absent classes)."""
+    keep = outputs.bool()
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        masked = logits.float().masked_fill(~keep.to(logits.device), float("-inf"))
+        return F.cross_entropy(masked, target)
+
+    return loss
+
+
 def revisit(
     model: torch.nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     normalizer: Normalizer,
     *,
+    outputs: torch.Tensor | None = None,
     epochs: int = 2,
     batch_size: int = 5,
     lr: float = 1e-3,
@@ -292,12 +307,14 @@ def revisit(
 
     Transfer learning's public step is this on the public data with ``val`` (its held-out part):
     the weights with the best validation accuracy are kept, early stopping after ``patience``
-    epochs without progress. ``epochs=0`` does nothing and returns None.
+    epochs without progress. ``epochs=0`` does nothing and returns None. ``outputs`` (bool per
+    output): the cross-entropy's softmax over those outputs only (:func:`masked_cross_entropy`).
     """
     if epochs < 1:
         return None
     cfg = adam_config(epochs, batch_size, lr, patience=patience, crop_padding=crop_padding)
-    loss_fn = with_head_l2(None, model, head_l2)
+    base = None if outputs is None else masked_cross_entropy(outputs)
+    loss_fn = with_head_l2(base, model, head_l2)
     kwargs = dict(hflip=hflip, device=device, seed=seed, desc=desc, progress=progress)
     return _seeded_fit(model, (x, y), val, cfg, normalizer, loss_fn, **kwargs)
 
@@ -327,6 +344,14 @@ class Party:
         return private_accuracy(
             model, d.test_x, d.test_y, d.private_norm, d.offset, d.num_private, self.device
         )
+
+    def held_outputs(self) -> torch.Tensor:
+        """Bool per output: the public classes' outputs and those of the private classes this
+        party holds images of (its own labels: nothing leaves the party)."""
+        d = self.data
+        held = torch.bincount(self.own_data()[1], minlength=d.num_outputs) > 0
+        held[: d.offset] = True
+        return held
 
     def test_logits(self, model: torch.nn.Module) -> torch.Tensor:
         """``model``'s logits on the private test task."""
@@ -432,7 +457,8 @@ def local_round(
     digest_acc = party.test_accuracy(model)  # eval mode: changes nothing the revisit sees
     t2 = time.perf_counter()
     schedule = (c.revisit_epochs, c.revisit_batch_size, round_lr(c))
-    party.revisit(model, party.own_data(), schedule, (11, round_))
+    outputs = party.held_outputs() if c.revisit_outputs == "held" else None
+    party.revisit(model, party.own_data(), schedule, (11, round_), outputs=outputs)
     t3 = time.perf_counter()
     logits = party.test_logits(model)
     evaluate = (t2 - t1) + (time.perf_counter() - t3)

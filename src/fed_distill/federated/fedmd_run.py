@@ -498,6 +498,7 @@ ROUND_ONLY = (
     "digest_loss",
     "digest_epochs",
     "digest_batch_size",
+    "revisit_outputs",
     "on_invalid_scores",
     "checkpoint_every",
 )

@@ -45,6 +45,7 @@ FEDMD_KEYS = (
     "fedmd.digest_loss",
     "fedmd.digest_epochs",
     "fedmd.revisit_epochs",
+    "fedmd.revisit_outputs",
     "fedmd.width_scale",
     "seed",
 )
