@@ -370,6 +370,7 @@ CLI_CASES = [
     ("split-class-counts-not-list", split_edit(lambda d: _set(d["clients"][0], "train_class_counts", 7)), "train_class_counts"),
     ("cfg-fedmd-rounds", config("fedmd", "fedmd=quick", "fedmd.rounds=-1"), "fedmd.rounds"),
     ("cfg-fedmd-revisit-outputs", config("fedmd", "fedmd=quick", "fedmd.revisit_outputs=some"), "fedmd.revisit_outputs must be one of all, held, got 'some'"),
+    ("cfg-fedmd-final-revisit", config("fedmd", "fedmd=quick", "fedmd.final_revisit=maybe"), "fedmd.final_revisit=maybe; Value 'maybe' is not a valid bool"),
     ("cfg-fedmd-public-dataset", config("fedmd", "fedmd=quick", "fedmd.public=imagenet"), "imagenet"),
     ("cfg-fedmd-aggregate-unknown", config("fedmd", "fedmd=quick", "fedmd.aggregate=vote"), "fedmd.aggregate must be one of mean, median, trimmed_mean, confidence, class_share, reliability, got 'vote'"),
     ("cfg-fedmd-sharpen-zero", config("fedmd", "fedmd=quick", "fedmd.sharpen=0"), "fedmd.sharpen must be a finite number > 0 (1 = off)"),

@@ -473,9 +473,11 @@ def test_quick_preset_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_revisit_outputs_branches_from_one_setup_and_is_a_no_op_on_balanced_parties(tmp_path):
-    """A round-only key (fedmd_run.ROUND_ONLY): both branch from one transfer learning; with
-    every private class held by every party (quick: balanced), held = all outputs, same run."""
+def test_revisit_outputs_and_final_revisit_branch_from_one_setup(tmp_path):
+    """Round-only keys (fedmd_run.ROUND_ONLY): all branch from one transfer learning. With
+    every private class held by every party (quick: balanced), held = all outputs, the same
+    run; without the final revisit the run is the paper's up to the last digest and ends there
+    (its final accuracy is the paper run's accuracy after the last digest)."""
     from fed_distill.api import compose
     from fed_distill.federated.fedmd_run import branch_rounds, setup_run
 
@@ -485,11 +487,19 @@ def test_revisit_outputs_branches_from_one_setup_and_is_a_no_op_on_balanced_part
     base = setup_run(compose("fedmd", [*tiny, f"run_dir={tmp_path / 'all'}"]))
     runs = [
         branch_rounds(base, compose("fedmd", [*tiny, *extra, f"run_dir={tmp_path / name}"]))
-        for name, extra in (("all", []), ("held", ["fedmd.revisit_outputs=held"]))
+        for name, extra in (
+            ("all", []),
+            ("held", ["fedmd.revisit_outputs=held"]),
+            ("end_on_digest", ["fedmd.final_revisit=false"]),
+        )
     ]
     assert runs[0]["party_acc"] == runs[1]["party_acc"]
     assert runs[0]["party_acc_digest"] == runs[1]["party_acc_digest"]
     assert runs[1]["config"]["fedmd"]["revisit_outputs"] == "held"
+    paper, end = runs[0], runs[2]
+    assert [a[:-1] for a in end["party_acc"]] == [a[:-1] for a in paper["party_acc"]]
+    assert end["party_acc_digest"] == paper["party_acc_digest"]
+    assert [a[-1] for a in end["party_acc"]] == [a[-1] for a in paper["party_acc_digest"]]
 
 
 @pytest.mark.parametrize(

@@ -231,6 +231,8 @@ def test_fedmd_consensus_rule_on_flower_equals_in_process_and_refuses_bad_report
         "fedmd.aggregate=reliability",
         "fedmd.reliability_holdout=1",
         "fedmd.sharpen=0.5",
+        "fedmd.revisit_outputs=held",  # the round's own options reach the clients
+        "fedmd.final_revisit=false",
         "fedmd.pooled=false",
         "fedmd.extended_alone=false",
     ]

@@ -112,6 +112,9 @@ class FedMDConfig:
     # outputs and the private classes the party holds, so it does not undo what the digest
     # taught of classes it has no images of (label skew)
     revisit_outputs: str = "all"
+    # false: the last round has no revisit, so the parties keep the model of the last digest
+    # (under label skew the revisit undoes much of what the digest taught); true = the paper
+    final_revisit: bool = True
 
     # --- baselines ---------------------------------------------------------------------------
     pooled: bool = True  # each architecture trained on the union of the private data

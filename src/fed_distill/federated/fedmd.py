@@ -424,20 +424,11 @@ class LocalRound(NamedTuple):
     times: dict[str, float]
 
 
-def local_round(
-    model: torch.nn.Module,
-    party: Party,
-    subset_x: torch.Tensor,
-    consensus: torch.Tensor,
-    round_: int,
-) -> LocalRound:
-    """One party's side of round ``round_`` after the consensus arrives: digest, evaluate (the
-    accuracy after digest), revisit, then the logits on the private test task.
-
-    The in-process rounds (``fedmd_run``) and the Flower client both call this, with the same seeds.
-    """
+def _digest_step(
+    model: torch.nn.Module, party: Party, subset_x: torch.Tensor, consensus: torch.Tensor, r: int
+) -> None:
+    """The round's digest with the run's options (seeded for party and round)."""
     c = party.c
-    t0 = time.perf_counter()
     digest(
         model,
         subset_x,
@@ -451,14 +442,44 @@ def local_round(
         scores=c.scores,
         temperature=c.temperature,
         device=party.device,
-        seed=party.seed_for(10, round_),
+        seed=party.seed_for(10, r),
     )
-    t1 = time.perf_counter()
-    digest_acc = party.test_accuracy(model)  # eval mode: changes nothing the revisit sees
-    t2 = time.perf_counter()
+
+
+def _revisit_step(model: torch.nn.Module, party: Party, r: int) -> None:
+    """The round's revisit with the run's options (seeded for party and round)."""
+    c = party.c
     schedule = (c.revisit_epochs, c.revisit_batch_size, round_lr(c))
     outputs = party.held_outputs() if c.revisit_outputs == "held" else None
-    party.revisit(model, party.own_data(), schedule, (11, round_), outputs=outputs)
+    party.revisit(model, party.own_data(), schedule, (11, r), outputs=outputs)
+
+
+def local_round(
+    model: torch.nn.Module,
+    party: Party,
+    subset_x: torch.Tensor,
+    consensus: torch.Tensor,
+    round_: int,
+) -> LocalRound:
+    """One party's side of round ``round_`` after the consensus arrives: digest, evaluate (the
+    accuracy after digest), revisit, then the logits on the private test task. With
+    ``fedmd.final_revisit=false`` the last round has no revisit: the run ends on its digest.
+
+    The in-process rounds (``fedmd_run``) and the Flower client both call this, with the same seeds.
+    """
+    c = party.c
+    t0 = time.perf_counter()
+    _digest_step(model, party, subset_x, consensus, round_)
+    t1 = time.perf_counter()
+    if not c.final_revisit and round_ == c.rounds:  # the parties keep the digested model
+        logits = party.test_logits(model)
+        d = party.data
+        acc = restricted_accuracy(logits, d.test_y, d.offset, d.num_private)
+        times = {"digest": t1 - t0, "revisit": 0.0, "evaluate": time.perf_counter() - t1}
+        return LocalRound(logits, acc, times)
+    digest_acc = party.test_accuracy(model)  # eval mode: changes nothing the revisit sees
+    t2 = time.perf_counter()
+    _revisit_step(model, party, round_)
     t3 = time.perf_counter()
     logits = party.test_logits(model)
     evaluate = (t2 - t1) + (time.perf_counter() - t3)

@@ -499,6 +499,7 @@ ROUND_ONLY = (
     "digest_epochs",
     "digest_batch_size",
     "revisit_outputs",
+    "final_revisit",
     "on_invalid_scores",
     "checkpoint_every",
 )
