@@ -155,8 +155,7 @@ def restore_state(run: FedMDRun, st: RunState) -> None:
     st.transfer, st.ensemble = ckpt["transfer"], ckpt["ensemble"]
     st.pooled, st.extended, st.party_acc = ckpt["pooled"], ckpt["extended"], ckpt["party_acc"]
     st.distances, st.left_out = ckpt["distances"], ckpt["left_out"]
-    rounds_done = ckpt["done"]["rounds"]  # older checkpoints: None for the rounds they hold
-    st.party_acc_digest = ckpt.get("party_acc_digest") or [[None] * rounds_done for _ in st.models]
+    st.party_acc_digest = ckpt.get("party_acc_digest", [])
     st.consensus_acc = ckpt.get("consensus_acc", [None] * len(st.distances))
     st.consensus_private_acc = ckpt.get("consensus_private_acc", [None] * len(st.distances))
     st.round_times, st.steps, st.done = ckpt["round_times"], ckpt["steps"], ckpt["done"]
@@ -321,8 +320,8 @@ def rounds_phase(run: FedMDRun, st: RunState, alone: list[float]) -> None:
     c, every = run.c, run.c.checkpoint_every
     if not st.party_acc:
         st.party_acc = [[a] for a in alone]
-    if not st.party_acc_digest:
-        st.party_acc_digest = [[] for _ in alone]
+    if not st.party_acc_digest:  # a fresh run, or a checkpoint from before the key: None there
+        st.party_acc_digest = [[None] * st.done["rounds"] for _ in alone]
     if st.done["rounds"] == 0:
         _log_round(st, 0)
     bar = progress_bar(
