@@ -188,10 +188,23 @@ def _round_mean(values: list[float | None] | None) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def ends_on_digest(r: dict[str, Any]) -> dict[str, Any] | None:
+    """``r`` as ``fedmd.final_revisit=false`` gives it: each party's last accuracy the one after
+    the last digest (``party_acc_digest``); None for runs without it."""
+    digest = r.get("party_acc_digest")
+    if not digest or any(not d or d[-1] is None for d in digest):
+        return None
+    return {
+        **r,
+        "party_acc": [a[:-1] + [d[-1]] for a, d in zip(r["party_acc"], digest, strict=True)],
+    }
+
+
 def rules_table(out: Path, markdown: bool = False) -> str:
     """mean ± std over seeds (n = seeds found) per preset and rule, from ``out``'s results:
-    accuracies in %, the share of the alone-to-pooled gap closed, and the consensus's accuracy
-    on the alignment subsets (mean over rounds; private: the private classes' images)."""
+    accuracies in %, the share of the alone-to-pooled gap closed, the same two after the last
+    digest (what ``fedmd.final_revisit=false`` ends on), and the consensus's accuracy on the
+    alignment subsets (mean over rounds; private: the private classes' images)."""
     from fed_distill.federated.fedmd_results import headline
     from fed_distill.tables import format_table
 
@@ -205,6 +218,7 @@ def rules_table(out: Path, markdown: bool = False) -> str:
         groups.items(), key=lambda g: (g[0][0], order.get(g[0][1], 99))
     ):
         hs = [headline(r) for r in runs]
+        ds = [headline(e) for r in runs if (e := ends_on_digest(r)) is not None]
         rows.append(
             [
                 preset,
@@ -214,6 +228,8 @@ def rules_table(out: Path, markdown: bool = False) -> str:
                 *(_mean_std([h[k] for h in hs]) for k in ("alone", "alone_extended", "final")),
                 _mean_std([h["pooled"] for h in hs]),
                 _mean_std([h["gap_closed"] for h in hs]),
+                _mean_std([h["final"] for h in ds]),
+                _mean_std([h["gap_closed"] for h in ds]),
                 _mean_std([_round_mean(r.get("consensus_acc")) for r in runs]),
                 _mean_std([_round_mean(r.get("consensus_private_acc")) for r in runs]),
             ]
@@ -228,6 +244,8 @@ def rules_table(out: Path, markdown: bool = False) -> str:
         "FedMD final",
         "pooled",
         "gap closed %",
+        "after last digest",
+        "its gap closed %",
         "consensus acc",
         "consensus private",
     ]

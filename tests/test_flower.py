@@ -148,6 +148,7 @@ def test_fedmd_on_flower_simulation_equals_in_process(tmp_path):
         "rounds",
         "parties",
         "party_acc",
+        "party_acc_digest",
         "alone_acc",
         "pooled_acc",
         "alone_extended_acc",
@@ -167,6 +168,7 @@ def test_fedmd_on_flower_simulation_equals_in_process(tmp_path):
     ):
         _close(local[key], flower[key], key)
     assert len(flower["party_acc"][0]) == 3 and flower["pooled_acc"][0] is not None
+    assert len(flower["party_acc_digest"][0]) == 2  # one per round, before revisit
 
 
 def test_fedmd_faulty_clients_are_left_out_with_reasons(tmp_path):
@@ -198,6 +200,8 @@ def test_fedmd_faulty_clients_are_left_out_with_reasons(tmp_path):
     # rejected scores still digest (as in-process); parties that never answered skip the round
     assert isinstance(r["party_acc"][1][2], float) and r["party_acc"][1][3] is None
     assert r["party_acc"][2][3] is None and len(r["party_acc"][2]) == 4
+    assert r["party_acc_digest"][2][2] is None and len(r["party_acc_digest"][2]) == 3
+    assert isinstance(r["party_acc_digest"][1][1], float)
 
 
 def test_a_round_every_party_misses_is_skipped_in_one_line_and_the_run_kept(tmp_path, capsys):
@@ -212,6 +216,7 @@ def test_a_round_every_party_misses_is_skipped_in_one_line_and_the_run_kept(tmp_
     assert len(said) == 1 and said[0].startswith("round 2: ")
     assert _results(tmp_path) == r
     assert all(a[1] is not None and a[2] is None and a[3] is not None for a in r["party_acc"])
+    assert all(a[0] is not None and a[1] is None for a in r["party_acc_digest"])
     assert r["consensus_acc"][1] is None and r["consensus_acc"][2] is not None
     assert [d["party"] for d in r["left_out"][1]] == list(range(n))
     assert all("(timeout)" in d["reason"] for d in r["left_out"][1])
@@ -226,13 +231,21 @@ def test_fedmd_consensus_rule_on_flower_equals_in_process_and_refuses_bad_report
         "fedmd.aggregate=reliability",
         "fedmd.reliability_holdout=1",
         "fedmd.sharpen=0.5",
+        "fedmd.revisit_outputs=held",  # the round's own options reach the clients
+        "fedmd.final_revisit=false",
         "fedmd.pooled=false",
         "fedmd.extended_alone=false",
     ]
     assert main(["fedmd", *rule, f"run_dir={tmp_path / 'local'}"]) == 0
     flower = run_flower("fedmd", [*rule, f"run_dir={tmp_path / 'sim'}"], FlowerOptions())
     local = _results(tmp_path / "local")
-    for key in ("party_acc", "consensus_acc", "consensus_private_acc", "consensus_distance"):
+    for key in (
+        "party_acc",
+        "party_acc_digest",
+        "consensus_acc",
+        "consensus_private_acc",
+        "consensus_distance",
+    ):
         _close(local[key], flower[key], key)
     assert flower["left_out"] == [[], []] and len(flower["consensus_acc"]) == 2
     opts = FlowerOptions(faults=["0:1:extra_nan", "2:2:extra_range"])

@@ -387,7 +387,7 @@ def test_fedmd_killed_twice_then_rerun_matches_an_uninterrupted_run(tmp_path, cl
     assert resumed and int(resumed.group(1)) >= 1, out
     assert not ckpt.exists()
 
-    fedmd_keys = ["party_acc", "alone_acc", "pooled_acc", "alone_extended_acc"]
+    fedmd_keys = ["party_acc", "party_acc_digest", "alone_acc", "pooled_acc", "alone_extended_acc"]
     _same_results(ref, run, *fedmd_keys, "ensemble_acc", "consensus_distance", "public_val_acc")
     for i in range(3):
         _weights_equal(

@@ -29,6 +29,7 @@ SCORE_KINDS = ("logits", "softmax")
 DIGEST_LOSSES = ("mae", "kl")
 LABEL_SPACES = ("joint", "shared")
 ON_INVALID = ("error", "skip")
+REVISIT_OUTPUTS = ("all", "held")
 
 
 def _paper_parties() -> list[str]:
@@ -107,6 +108,13 @@ class FedMDConfig:
     digest_batch_size: int = 256
     revisit_epochs: int = 2
     revisit_batch_size: int = 5
+    # the rounds' revisit: cross-entropy over all outputs (the paper) | held: over the public
+    # outputs and the private classes the party holds, so it does not undo what the digest
+    # taught of classes it has no images of (label skew)
+    revisit_outputs: str = "all"
+    # false: the last round has no revisit, so the parties keep the model of the last digest
+    # (under label skew the revisit undoes much of what the digest taught); true = the paper
+    final_revisit: bool = True
 
     # --- baselines ---------------------------------------------------------------------------
     pooled: bool = True  # each architecture trained on the union of the private data
@@ -144,6 +152,7 @@ def check_fedmd_config(
         ("digest_loss", DIGEST_LOSSES),
         ("label_space", LABEL_SPACES),
         ("on_invalid_scores", ON_INVALID),
+        ("revisit_outputs", REVISIT_OUTPUTS),
     ):
         value = getattr(c, key)
         need(value in allowed, f"{key} must be one of {', '.join(allowed)}, got '{value}'")

@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -267,12 +267,27 @@ def digest(
     )
 
 
+def masked_cross_entropy(
+    outputs: torch.Tensor,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy with the softmax over the outputs where ``outputs`` (bool, one per output)
+    is true; the others get no gradient (a restricted softmax, as FedRS's for absent classes)."""
+    keep = outputs.bool()
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        masked = logits.float().masked_fill(~keep.to(logits.device), float("-inf"))
+        return F.cross_entropy(masked, target)
+
+    return loss
+
+
 def revisit(
     model: torch.nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     normalizer: Normalizer,
     *,
+    outputs: torch.Tensor | None = None,
     epochs: int = 2,
     batch_size: int = 5,
     lr: float = 1e-3,
@@ -291,12 +306,14 @@ def revisit(
 
     Transfer learning's public step is this on the public data with ``val`` (its held-out part):
     the weights with the best validation accuracy are kept, early stopping after ``patience``
-    epochs without progress. ``epochs=0`` does nothing and returns None.
+    epochs without progress. ``epochs=0`` does nothing and returns None. ``outputs`` (bool per
+    output): the cross-entropy's softmax over those outputs only (:func:`masked_cross_entropy`).
     """
     if epochs < 1:
         return None
     cfg = adam_config(epochs, batch_size, lr, patience=patience, crop_padding=crop_padding)
-    loss_fn = with_head_l2(None, model, head_l2)
+    base = None if outputs is None else masked_cross_entropy(outputs)
+    loss_fn = with_head_l2(base, model, head_l2)
     kwargs = dict(hflip=hflip, device=device, seed=seed, desc=desc, progress=progress)
     return _seeded_fit(model, (x, y), val, cfg, normalizer, loss_fn, **kwargs)
 
@@ -326,6 +343,14 @@ class Party:
         return private_accuracy(
             model, d.test_x, d.test_y, d.private_norm, d.offset, d.num_private, self.device
         )
+
+    def held_outputs(self) -> torch.Tensor:
+        """Bool per output: the public classes' outputs and those of the private classes this
+        party holds images of (its own labels: nothing leaves the party)."""
+        d = self.data
+        held = torch.bincount(self.own_data()[1], minlength=d.num_outputs) > 0
+        held[: d.offset] = True
+        return held
 
     def test_logits(self, model: torch.nn.Module) -> torch.Tensor:
         """``model``'s logits on the private test task."""
@@ -389,20 +414,20 @@ def party_report(
     return out
 
 
-def local_round(
-    model: torch.nn.Module,
-    party: Party,
-    subset_x: torch.Tensor,
-    consensus: torch.Tensor,
-    round_: int,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """One party's side of round ``round_`` after the consensus arrives: digest, revisit, then
-    the logits on the private test task. Returns the logits and the seconds of each step.
+class LocalRound(NamedTuple):
+    """A party's side of a round: its logits on the private test task after revisit, its
+    private accuracy right after the digest (before revisit) and the seconds of each step."""
 
-    The in-process rounds (``fedmd_run``) and the Flower client both call this, with the same seeds.
-    """
+    test_logits: torch.Tensor
+    digest_acc: float
+    times: dict[str, float]
+
+
+def _digest_step(
+    model: torch.nn.Module, party: Party, subset_x: torch.Tensor, consensus: torch.Tensor, r: int
+) -> None:
+    """The round's digest with the run's options (seeded for party and round)."""
     c = party.c
-    t0 = time.perf_counter()
     digest(
         model,
         subset_x,
@@ -416,15 +441,50 @@ def local_round(
         scores=c.scores,
         temperature=c.temperature,
         device=party.device,
-        seed=party.seed_for(10, round_),
+        seed=party.seed_for(10, r),
     )
-    t1 = time.perf_counter()
+
+
+def _revisit_step(model: torch.nn.Module, party: Party, r: int) -> None:
+    """The round's revisit with the run's options (seeded for party and round)."""
+    c = party.c
     schedule = (c.revisit_epochs, c.revisit_batch_size, round_lr(c))
-    party.revisit(model, party.own_data(), schedule, (11, round_))
+    outputs = party.held_outputs() if c.revisit_outputs == "held" else None
+    party.revisit(model, party.own_data(), schedule, (11, r), outputs=outputs)
+
+
+def local_round(
+    model: torch.nn.Module,
+    party: Party,
+    subset_x: torch.Tensor,
+    consensus: torch.Tensor,
+    round_: int,
+) -> LocalRound:
+    """One party's side of round ``round_`` after the consensus arrives: digest, evaluate (the
+    accuracy after digest), revisit, then the logits on the private test task. With
+    ``fedmd.final_revisit=false`` the last round has no revisit: the run ends on its digest.
+
+    The in-process rounds (``fedmd_run``) and the Flower client both call this, with the same seeds.
+    """
+    c = party.c
+    t0 = time.perf_counter()
+    _digest_step(model, party, subset_x, consensus, round_)
+    t1 = time.perf_counter()
+    if not c.final_revisit and round_ == c.rounds:  # the parties keep the digested model
+        logits = party.test_logits(model)
+        d = party.data
+        acc = restricted_accuracy(logits, d.test_y, d.offset, d.num_private)
+        times = {"digest": t1 - t0, "revisit": 0.0, "evaluate": time.perf_counter() - t1}
+        return LocalRound(logits, acc, times)
+    digest_acc = party.test_accuracy(model)  # eval mode: changes nothing the revisit sees
     t2 = time.perf_counter()
+    _revisit_step(model, party, round_)
+    t3 = time.perf_counter()
     logits = party.test_logits(model)
-    times = {"digest": t1 - t0, "revisit": t2 - t1, "evaluate": time.perf_counter() - t2}
-    return logits, times
+    evaluate = (t2 - t1) + (time.perf_counter() - t3)
+    return LocalRound(
+        logits, digest_acc, {"digest": t1 - t0, "revisit": t3 - t2, "evaluate": evaluate}
+    )
 
 
 # ============================================================================ parties

@@ -75,7 +75,8 @@ def headline(results: dict[str, Any]) -> dict[str, float | None]:
 
 def plot_fedmd(results: dict[str, Any], path: str | Path) -> None:
     """Per-party private test accuracy per round (round 0 = alone), with the mean in black, the
-    mean alone and mean pooled levels as horizontal lines, each party's pooled accuracy as a
+    mean alone and mean pooled levels as horizontal lines, the mean right after each round's
+    digest (before its revisit; ``party_acc_digest``) dashed, each party's pooled accuracy as a
     star at the right edge, and the consensus's accuracy on each round's alignment subset (red;
     ``consensus_acc``, and ``consensus_private_acc`` dotted) from round 1."""
     import matplotlib
@@ -98,6 +99,19 @@ def plot_fedmd(results: dict[str, Any], path: str | Path) -> None:
             ax.plot([x_pooled], [pooled[i]], marker="*", ms=9, color=color, ls="none")
     mean = np.mean(np.asarray(results["party_acc"], dtype=float), axis=0)
     ax.plot(xs, mean, color="black", lw=2.6, label="mean of parties")
+    digest = results.get("party_acc_digest")  # per party, each round's accuracy before revisit
+    if digest and all(len(a) == rounds for a in digest) and rounds > 0:
+        after = np.nanmean(np.asarray(digest, dtype=float), axis=0)
+        ax.plot(
+            xs[1:],
+            after,
+            color="black",
+            lw=1.4,
+            ls="--",
+            marker="v",
+            ms=5,
+            label="mean after digest (before revisit)",
+        )
     if results.get("ensemble_acc"):
         ax.plot(
             xs,

@@ -65,6 +65,7 @@ class RunState:
     pooled: list[float | None] = field(default_factory=list)
     extended: list[float | None] = field(default_factory=list)
     party_acc: list[list[float]] = field(default_factory=list)
+    party_acc_digest: list[list[float]] = field(default_factory=list)  # per round, before revisit
     distances: list[list[float | None]] = field(default_factory=list)
     consensus_acc: list[float | None] = field(default_factory=list)  # per round, all known labels
     consensus_private_acc: list[float | None] = field(default_factory=list)  # private classes
@@ -127,6 +128,7 @@ def save_state(run: FedMDRun, st: RunState) -> None:
         "pooled": st.pooled,
         "extended": st.extended,
         "party_acc": st.party_acc,
+        "party_acc_digest": st.party_acc_digest,
         "distances": st.distances,
         "consensus_acc": st.consensus_acc,
         "consensus_private_acc": st.consensus_private_acc,
@@ -155,6 +157,7 @@ def restore_state(run: FedMDRun, st: RunState) -> None:
     st.transfer, st.ensemble = ckpt["transfer"], ckpt["ensemble"]
     st.pooled, st.extended, st.party_acc = ckpt["pooled"], ckpt["extended"], ckpt["party_acc"]
     st.distances, st.left_out = ckpt["distances"], ckpt["left_out"]
+    st.party_acc_digest = ckpt.get("party_acc_digest", [])
     st.consensus_acc = ckpt.get("consensus_acc", [None] * len(st.distances))
     st.consensus_private_acc = ckpt.get("consensus_private_acc", [None] * len(st.distances))
     st.round_times, st.steps, st.done = ckpt["round_times"], ckpt["steps"], ckpt["done"]
@@ -286,10 +289,11 @@ def one_round(run: FedMDRun, st: RunState, r: int) -> list[dict[str, Any]]:
 
     logit_sum = torch.zeros(len(data.test_y), data.num_outputs)
     for i, m in enumerate(models):
-        logits, times = local_round(m, run.party(i), subset_x, consensus, r)
+        logits, digest_acc, times = local_round(m, run.party(i), subset_x, consensus, r)
         st.party_acc[i].append(
             restricted_accuracy(logits, data.test_y, data.offset, data.num_private)
         )
+        st.party_acc_digest[i].append(digest_acc)
         logit_sum += logits
         for step, seconds in times.items():
             st.steps[step] += seconds
@@ -318,6 +322,8 @@ def rounds_phase(run: FedMDRun, st: RunState, alone: list[float]) -> None:
     c, every = run.c, run.c.checkpoint_every
     if not st.party_acc:
         st.party_acc = [[a] for a in alone]
+    if not st.party_acc_digest:  # a fresh run, or a checkpoint from before the key: None there
+        st.party_acc_digest = [[None] * st.done["rounds"] for _ in alone]
     if st.done["rounds"] == 0:
         _log_round(st, 0)
     bar = progress_bar(
@@ -354,6 +360,7 @@ def results_of(
         "rounds": c.rounds,
         "parties": run.archs,
         "party_acc": party_acc,
+        "party_acc_digest": st.party_acc_digest,
         "alone_acc": alone,
         "pooled_acc": st.pooled,
         "alone_extended_acc": st.extended,
@@ -461,7 +468,8 @@ def run_fedmd(cfg: DictConfig) -> dict[str, Any]:
     """``fed-distill fedmd``: transfer learning, R rounds of FedMD, alone and pooled baselines.
 
     Writes ``run_dir/results.json`` (``rounds``, ``party_acc`` [per party, rounds+1 values,
-    round 0 = after transfer learning], ``alone_acc``, ``pooled_acc``, ``alone_extended_acc``,
+    round 0 = after transfer learning], ``party_acc_digest`` [per party, rounds values, each
+    right after that round's digest, before its revisit], ``alone_acc``, ``pooled_acc``, ``alone_extended_acc``,
     ``wall_time_s``, ``round_times_s``, ``parties``, per-round ``consensus_distance``,
     ``consensus_acc`` and ``left_out`` parties, the resolved ``config``) and
     ``run_dir/fedmd_accuracy.png``.
@@ -488,6 +496,8 @@ ROUND_ONLY = (
     "digest_loss",
     "digest_epochs",
     "digest_batch_size",
+    "revisit_outputs",
+    "final_revisit",
     "on_invalid_scores",
     "checkpoint_every",
 )

@@ -45,6 +45,7 @@ FEDMD_KEYS = (
     "fedmd.digest_loss",
     "fedmd.digest_epochs",
     "fedmd.revisit_epochs",
+    "fedmd.revisit_outputs",
     "fedmd.width_scale",
     "seed",
 )
@@ -74,6 +75,15 @@ def _check_fedmd_results(rep: Report, results: Any) -> None:
     )
     for i, acc in enumerate(pa):
         _check_acc_list(acc, path, f"party_acc[{i}]", r + 1)
+    digest = results.get("party_acc_digest")  # after each round's digest (older runs: none)
+    if digest is not None:
+        _check(
+            isinstance(digest, list) and len(digest) == n,
+            path,
+            f"'party_acc_digest' must hold one list per party ({n})",
+        )
+        for i, acc in enumerate(digest):
+            _check_acc_list(acc, path, f"party_acc_digest[{i}]", r)
     _check_acc_list(results.get("alone_acc"), path, "alone_acc", n)
     _check_acc_list(results.get("pooled_acc", [None] * n), path, "pooled_acc", n)
     for k in ("alone_extended_acc",):

@@ -208,19 +208,21 @@ def fedmd_scores(msg: Message, context: Context) -> Message:
 
 @app.train("fedmd_round")
 def fedmd_round(msg: Message, context: Context) -> Message:
-    """Digest the consensus on the round's public subset, revisit the private data, evaluate."""
+    """Digest the consensus on the round's public subset, revisit the private data, evaluate
+    (the private accuracy after digest, ``digest_acc``, and after revisit, ``acc``)."""
     from fed_distill.federated.fedmd import Party, local_round
 
     r = _RoundStep.of(msg, context)
     data = r.data
     me = Party(r.party, data, r.c, r.device, int(r.cfg.seed))
     subset_x, consensus = data.public_x[r.arrays["idx"]], r.arrays["consensus"]
-    logits, times = local_round(r.model, me, subset_x, consensus, int(r.conf["round"]))
+    logits, digest_acc, times = local_round(r.model, me, subset_x, consensus, int(r.conf["round"]))
     context.state["model"] = to_record(r.model.state_dict())
     from fed_distill.federated.fedmd import restricted_accuracy
 
     acc = restricted_accuracy(logits, data.test_y, data.offset, data.num_private)
-    return _reply(msg, {"test_logits": logits}, acc=acc, **{f"{k}_s": v for k, v in times.items()})
+    timed = {f"{k}_s": v for k, v in times.items()}
+    return _reply(msg, {"test_logits": logits}, acc=acc, digest_acc=digest_acc, **timed)
 
 
 # ============================================================================ one-shot

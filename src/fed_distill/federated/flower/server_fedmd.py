@@ -51,6 +51,7 @@ class _RoundLog:
 
     party_acc: list[list[float | None]]
     ensemble: list[float | None]
+    party_acc_digest: list[list[float | None]] = field(default_factory=list)  # before revisit
     distances: list[list[float | None]] = field(default_factory=list)
     consensus_acc: list[float | None] = field(default_factory=list)
     consensus_private_acc: list[float | None] = field(default_factory=list)
@@ -184,17 +185,19 @@ class _FedMD:
             log.consensus_acc.append(None)
             log.consensus_private_acc.append(None)
             log.left_out.append(left_out)
-            for a in log.party_acc:
+            for a in (*log.party_acc, *log.party_acc_digest):
                 a.append(None)
             log.ensemble.append(None)
             log.round_times.append(time.perf_counter() - t_round)
             return
         server.record_consensus(log, consensus, self.data, idx)
-        accs, ens, late = self.digest(r, idx, consensus, answered, steps)
+        accs, digest_accs, ens, late = self.digest(r, idx, consensus, answered, steps)
         for p, why in sorted(late.items()):
             left_out.append({"party": p, "reason": why, "step": "digest"})
         log.left_out.append(left_out)
         for a, acc in zip(log.party_acc, accs, strict=True):
+            a.append(acc)
+        for a, acc in zip(log.party_acc_digest, digest_accs, strict=True):
             a.append(acc)
         log.ensemble.append(ens)
         log.round_times.append(time.perf_counter() - t_round)
@@ -213,9 +216,10 @@ class _FedMD:
         consensus: torch.Tensor,
         answered: list[int],
         steps: dict[str, float],
-    ) -> tuple[list[float | None], float | None, dict[int, str]]:
+    ) -> tuple[list[float | None], list[float | None], float | None, dict[int, str]]:
         """Round ``r``'s distribute, digest, revisit and evaluate steps on the parties that
-        answered: each party's accuracy (None where out), the ensemble's, who came back late.
+        answered: each party's accuracy after revisit and after digest (None where out), the
+        ensemble's, who came back late.
 
         Parties whose scores arrived but were rejected still digest the consensus, as
         in-process; a party that did not answer is out of this round altogether."""
@@ -225,18 +229,21 @@ class _FedMD:
         }
         replies, late = self.ex.ask(FEDMD_ROUND, rounds, self.train_timeout, str(r))
         accs: list[float | None] = []
+        digest_accs: list[float | None] = []
         logit_sum = torch.zeros(len(self.data.test_y), self.data.num_outputs)
         for i in range(self.n):
             if i in replies:
                 m = replies[i].content["metrics"]
                 accs.append(float(m["acc"]))
+                digest_accs.append(float(m["digest_acc"]))
                 logit_sum += from_record(replies[i].content["arrays"])["test_logits"]
                 for k in ("digest", "revisit", "evaluate"):
                     steps[k] += float(m[f"{k}_s"])
             else:
                 accs.append(None)
+                digest_accs.append(None)
         ensemble = self.ensemble_accuracy(logit_sum / max(1, len(replies))) if replies else None
-        return accs, ensemble, late
+        return accs, digest_accs, ensemble, late
 
 
 def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
@@ -281,7 +288,7 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
         stage_times[f"{key}_client_sum"] = float(sum(tr[i].get(f"{key}_s", 0.0) for i in range(n)))
     alone = [float(tr[i]["alone_acc"]) for i in range(n)]
 
-    log = _RoundLog([[a] for a in alone], ensemble)
+    log = _RoundLog([[a] for a in alone], ensemble, [[] for _ in alone])
     for r in range(1, c.rounds + 1):
         srv.round(r, log)
     party_acc, round_times = log.party_acc, log.round_times
@@ -292,6 +299,7 @@ def serve_fedmd(grid: Grid, job: dict[str, Any]) -> dict[str, Any]:
         "rounds": c.rounds,
         "parties": archs,
         "party_acc": party_acc,
+        "party_acc_digest": log.party_acc_digest,
         "alone_acc": alone,
         "pooled_acc": [tr[i].get("pooled_acc") for i in range(n)],
         "alone_extended_acc": [tr[i].get("alone_extended_acc") for i in range(n)],
@@ -330,7 +338,10 @@ def _write_fedmd_results(results: dict[str, Any], run_dir: Path) -> None:
     save_json(results, run_dir / "results.json")
     shown = {
         **results,
-        "party_acc": [[float("nan") if v is None else v for v in a] for a in results["party_acc"]],
+        **{
+            k: [[float("nan") if v is None else v for v in a] for a in results[k]]
+            for k in ("party_acc", "party_acc_digest")
+        },
         "mean_gain": results["mean_gain"] if results["mean_gain"] is not None else float("nan"),
         "ensemble_acc": [float("nan") if v is None else v for v in results["ensemble_acc"]],
     }
