@@ -101,7 +101,10 @@ def plot_fedmd(results: dict[str, Any], path: str | Path) -> None:
     ax.plot(xs, mean, color="black", lw=2.6, label="mean of parties")
     digest = results.get("party_acc_digest")  # per party, each round's accuracy before revisit
     if digest and all(len(a) == rounds for a in digest) and rounds > 0:
-        after = np.nanmean(np.asarray(digest, dtype=float), axis=0)
+        d = np.asarray(digest, dtype=float)  # NaN where a party missed a round's digest
+        seen = np.isfinite(d).any(axis=0)  # a round every party missed has no point (a gap)
+        after = np.full(d.shape[1], np.nan)
+        after[seen] = np.nanmean(d[:, seen], axis=0)
         ax.plot(
             xs[1:],
             after,
