@@ -150,14 +150,14 @@ def register_configs() -> None:
     fedmd_cls = fedmd_config_class()
     if (
         ("", "base_config") not in _STORED
-        or _STORED_SPLIT.get("cls") is not split_cls
-        or (_STORED_SPLIT.get("fedmd") is not fedmd_cls)
+        or _STORED_SCHEMA.get("split") is not split_cls
+        or (_STORED_SCHEMA.get("fedmd") is not fedmd_cls)
     ):
         # the root schema carries the split keys of every partition registered so far, and
         # the fedmd keys of every consensus rule
         cs.store(name="base_config", node=Config(split=split_cls(), fedmd=fedmd_cls()))
         _STORED.add(("", "base_config"))
-        _STORED_SPLIT.update(cls=split_cls, fedmd=fedmd_cls)
+        _STORED_SCHEMA.update(split=split_cls, fedmd=fedmd_cls)
         _STORED.difference_update({k for k in _STORED if k[0] == "split"})
         for option in list(cs.repo.get("split", {})):  # partitions no longer registered
             if option.removesuffix(".yaml") not in list_partitions():
@@ -179,7 +179,7 @@ def register_configs() -> None:
                 _STORED.add((group, name))
 
 
-_STORED_SPLIT: dict[str, type] = {}
+_STORED_SCHEMA: dict[str, type] = {}  # the generated split / fedmd classes base_config holds
 SYNTHESIS_SCHEMA = "synthesis_schema"  # the group of the methods' options a preset starts from
 
 
@@ -238,12 +238,18 @@ def _foreign_synthesis_key(message: str, overrides: list[str]) -> str | None:
         return None
     from fed_distill.synthesis.registry import foreign_key_error
 
-    rest = [o for o in overrides if not o.lstrip("+~").startswith("synthesis.")]
     try:
-        method = compose_config(rest).synthesis.method
+        method = _chosen_method(overrides)
     except ConfigError:
         return None
     return str(foreign_key_error(m.group(1), method))
+
+
+def _chosen_method(overrides: list[str]) -> str:
+    """The synthesizer ``overrides`` choose, composed without their ``synthesis.KEY`` ones (a
+    key of another method would stop the composition)."""
+    own = [o for o in overrides if not o.lstrip("+~").startswith("synthesis.")]
+    return str(compose_config(own).synthesis.method)
 
 
 def shown_config(cfg: DictConfig) -> dict[str, Any]:
@@ -295,9 +301,7 @@ def applicable_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     methods (the benchmarks), so ``synthesis.ngf=8`` reaches the generator rows only."""
     from fed_distill.synthesis import options_class
 
-    own = [o for o in overrides if not o.lstrip("+~").startswith("synthesis.")]
-    method = compose_config(own).synthesis.method
-    keys = {f.name for f in fields(options_class(method))}
+    keys = {f.name for f in fields(options_class(_chosen_method(overrides)))}
     kept, dropped = [], []
     for o in overrides:
         key = o.lstrip("+~").split("=")[0]
