@@ -180,7 +180,9 @@ def main() -> int:
     # one untimed warm-up call of each (allocator, oneDNN primitive caches)
     for _mode, _name, cls, cfg, _calls, th in variants:
         torch.set_num_threads(th)
-        time_variant(cls, DeepInversionOptions(**{**vars(cfg), "iterations": 2}), teachers, counts, 1)
+        time_variant(
+            cls, DeepInversionOptions(**{**vars(cfg), "iterations": 2}), teachers, counts, 1
+        )
     for r in range(args.repeats):
         order = variants if r % 2 == 0 else variants[::-1]  # interleaved, alternating order
         for mode, name, cls, cfg, calls, th in order:

@@ -88,6 +88,7 @@ def _preset_names(group: str) -> list[str]:
 NEEDS = {
     "split:classes": ["split.classes=[[0,1],[2,3]]"],
     "fedmd:reliability": ["fedmd.reliability_holdout=1"],
+    "fedmd:coupling": ["fedmd.scores=softmax"],
 }
 
 

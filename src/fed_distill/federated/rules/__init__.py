@@ -1,6 +1,6 @@
 """FedMD's consensus rules (``fedmd.aggregate=NAME``), one registry (``registry.py``) and the
-built-in rules in the modules of this package: ``average.py`` (mean, median, trimmed_mean) and
-``weighted.py`` (confidence, class_share, reliability). A new rule is one new module here (found
+built-in rules in the modules of this package: ``average.py`` (mean, median, trimmed_mean),
+``coupling.py`` (coupling) and ``weighted.py`` (confidence, class_share, reliability). A new rule is one new module here (found
 without being listed: this package imports every module of its own, and every
 ``fed_distill.rules`` entry point of the installed packages, the first time the registry is
 asked for), or ``fed_distill.register_rule`` from Python."""
