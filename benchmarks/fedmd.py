@@ -118,22 +118,23 @@ def report(r: dict[str, Any], wall_s: float | None = None, cpu_s: float | None =
 # transfer learning and baselines; `reliability` holds images out of training (other parties),
 # so it is compared with `mean_holdout`, the plain mean on those very parties.
 def _registered_rules() -> dict[str, list[str]]:
-    """Every registered consensus rule as a row of its own (``mean``: no override)."""
+    """Every registered consensus rule as a row of its own, named explicitly (a preset may
+    choose another rule than the schema's ``mean``)."""
     from fed_distill.federated.rules import list_rules
 
-    return {name: [] if name == "mean" else [f"fedmd.aggregate={name}"] for name in list_rules()}
+    return {name: [f"fedmd.aggregate={name}"] for name in list_rules()}
 
 
 # The registered rules (a new one is a row at once), then variants beside them; a rule that
 # needs a setting (reliability: its held-out images) is named again with it.
 RULES = {
     **_registered_rules(),
-    "sharpen": ["fedmd.sharpen=0.5"],
+    "sharpen": ["fedmd.aggregate=mean", "fedmd.sharpen=0.5"],
     "class_share_sharpen": ["fedmd.aggregate=class_share", "fedmd.sharpen=0.5"],
     # a diagnostic, not a rule: the mean with its errors on known-label images corrected, so
     # FedMD's final accuracy is what a right consensus (same margins) gives this digest/revisit
-    "oracle": ["fedmd.oracle_consensus=true"],
-    "mean_holdout": ["fedmd.reliability_holdout=2"],
+    "oracle": ["fedmd.aggregate=mean", "fedmd.oracle_consensus=true"],
+    "mean_holdout": ["fedmd.aggregate=mean", "fedmd.reliability_holdout=2"],
     "reliability": ["fedmd.aggregate=reliability", "fedmd.reliability_holdout=2"],
 }
 

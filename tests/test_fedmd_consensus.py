@@ -196,6 +196,40 @@ def test_skewed_preset_is_the_default_one_dealt_by_dirichlet():
     )
 
 
+PAPER_ROUNDS = {
+    "scores": "logits",
+    "aggregate": "mean",
+    "digest_loss": "mae",
+    "revisit_outputs": "all",
+    "final_revisit": True,
+}
+POOL_ROUNDS = {
+    "scores": "softmax",
+    "aggregate": "confidence",
+    "digest_loss": "kl",
+    "revisit_outputs": "held",
+    "final_revisit": False,
+}
+
+
+@pytest.mark.parametrize(
+    "preset, rounds",
+    [
+        ("fashion_unlabelled_pool", POOL_ROUNDS),  # the default: issue 41's setting
+        ("fashion_unlabelled_pool_skewed", POOL_ROUNDS),
+        ("fashion", PAPER_ROUNDS),
+        ("fashion_same_domain", PAPER_ROUNDS),
+        ("mnist_femnist_balanced", PAPER_ROUNDS),
+        ("cifar10_cifar100_imbalanced", PAPER_ROUNDS),
+        ("quick", PAPER_ROUNDS),
+    ],
+)
+def test_the_paper_presets_keep_the_papers_rounds(preset, rounds):
+    c = compose("fedmd", [f"fedmd={preset}"]).fedmd
+    assert {k: c[k] for k in rounds} == rounds
+    assert compose("fedmd", []).fedmd.name == "fashion_unlabelled_pool"
+
+
 # ----------------------------------------------------------------------------- real runs
 TINY = [
     "fedmd=quick",
