@@ -59,6 +59,18 @@ TINY_ONESHOT = [
     "student.batch_size=64",
 ]
 
+# a FedMD run of a few seconds on the digits: 3 parties, 2 rounds, no pooled baseline
+FEDMD_TINY = [
+    "fedmd=quick",
+    "fedmd.parties=[fedmd_1,fedmd_6,fedmd_4]",
+    "fedmd.rounds=2",
+    "fedmd.public_epochs=1",
+    "fedmd.private_epochs=3",
+    "fedmd.pooled=false",
+    "progress=false",
+    "seed=3",
+]
+
 # FedMD data on the digits with an unlabelled alignment pool (classes 5-9), for the data tests
 FEDMD_DIGITS_POOL = dict(
     public="digits",

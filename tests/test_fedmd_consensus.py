@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import FEDMD_DIGITS_POOL
+from conftest import FEDMD_DIGITS_POOL, FEDMD_TINY
 from fed_distill.api import compose
 from fed_distill.cli import main
 from fed_distill.errors import ConfigError, ProtocolError
@@ -231,16 +231,7 @@ def test_the_paper_presets_keep_the_papers_rounds(preset, rounds):
 
 
 # ----------------------------------------------------------------------------- real runs
-TINY = [
-    "fedmd=quick",
-    "fedmd.parties=[fedmd_1,fedmd_6,fedmd_4]",
-    "fedmd.rounds=2",
-    "fedmd.public_epochs=1",
-    "fedmd.private_epochs=3",
-    "fedmd.pooled=false",
-    "progress=false",
-    "seed=3",
-]
+TINY = FEDMD_TINY
 
 
 @pytest.mark.slow

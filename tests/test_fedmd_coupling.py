@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import FEDMD_TINY
 from fed_distill.api import compose
 from fed_distill.cli import main
 from fed_distill.errors import ConfigError, ProtocolError
@@ -78,17 +79,7 @@ def test_it_needs_softmax_scores_and_class_counts(cli, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-TINY = [
-    "fedmd=quick",
-    "fedmd.parties=[fedmd_1,fedmd_6,fedmd_4]",
-    "fedmd.rounds=2",
-    "fedmd.public_epochs=1",
-    "fedmd.private_epochs=3",
-    "fedmd.pooled=false",
-    "fedmd.scores=softmax",
-    "progress=false",
-    "seed=3",
-]
+TINY = [*FEDMD_TINY, "fedmd.scores=softmax"]
 
 
 @pytest.mark.slow
