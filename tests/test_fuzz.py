@@ -18,7 +18,6 @@ import dataclasses
 import math
 import tempfile
 import typing
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from hypothesis import strategies as st
 
 import fed_distill.api
 from fed_distill.cli import main
+from fed_distill.conf import preset_names
 from fed_distill.config import SplitConfig
 from fed_distill.data.partition import get_partition, list_partitions
 from fed_distill.errors import ConfigError
@@ -76,14 +76,6 @@ def numeric_fields(cls: type) -> dict[str, tuple[str, Any]]:
     return out
 
 
-def _preset_names(group: str) -> list[str]:
-    return sorted(
-        p.name[:-5]
-        for p in (files("fed_distill.conf") / group).iterdir()
-        if p.name.endswith(".yaml")
-    )
-
-
 # Values a component's defaults leave unset that its base needs (checked below to be valid).
 NEEDS = {
     "split:classes": ["split.classes=[[0,1],[2,3]]"],
@@ -109,8 +101,8 @@ def _components() -> list[tuple[str, str, list[str], str, dict[str, tuple[str, A
         base = ["fedmd=quick", f"fedmd.aggregate={rule}", *NEEDS.get(f"fedmd:{rule}", [])]
         out.append((f"fedmd:{rule}", "fedmd", base, "fedmd", fedmd))
     student = numeric_fields(StudentConfig)
-    synth_presets = set(_preset_names("synthesis"))
-    for s in _preset_names("student"):
+    synth_presets = set(preset_names("synthesis"))
+    for s in preset_names("student"):
         base = [
             "dataset=digits",
             f"student={s}",

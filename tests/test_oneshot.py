@@ -2,12 +2,12 @@
 on scikit-learn's digits."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import FAST_TRAIN, TINY_ONESHOT
+from fed_distill.conf import preset_names
 from fed_distill.config import compose_config
 from fed_distill.ensemble import class_shares, ensemble_probs
 from fed_distill.errors import FedDistillError
@@ -15,9 +15,7 @@ from fed_distill.federated.baselines import fedavg_state
 from fed_distill.synthesis.base import SyntheticBatch
 from fed_distill.train.student import SyntheticPool, weighted_kd_loss
 
-PRESETS = sorted(
-    p.stem for p in (Path(__file__).parents[1] / "src/fed_distill/conf/experiment").glob("*.yaml")
-)
+PRESETS = preset_names("experiment")
 
 
 def test_weighted_kd_loss_matches_hand_computation():

@@ -8,20 +8,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from importlib.resources import files
 
 import pytest
 
+from fed_distill.conf import preset_names
 from fed_distill.config import applicable_overrides, compose_config, to_container
 from fed_distill.errors import ConfigError
 from fed_distill.synthesis import list_synthesizers, options_class, options_from_node
 from fed_distill.synthesis.options import legacy_settings
 
-SYNTHESIS_PRESETS = sorted(
-    p.name[:-5]
-    for p in (files("fed_distill.conf") / "synthesis").iterdir()
-    if p.name.endswith(".yaml")
-)
+SYNTHESIS_PRESETS = preset_names("synthesis")
 
 # The synthesis fingerprint of every preset as the flat config of c4a890c computed it
 # (sha256 of its settings): a run folder made then resumes instead of starting again.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fed_distill.synthesis.deepinversion as di_mod
+from fed_distill.conf import preset_names
 from fed_distill.data.sources import load_dataset
 from fed_distill.data.transforms import Normalizer
 from fed_distill.errors import ConfigError
@@ -41,7 +41,6 @@ from fed_distill.synthesis import (
 # tiny models: one intra-op thread (conftest.py)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "src" / "fed_distill" / "conf" / "synthesis"
 
 # ------------------------------------------------------------------------------------ losses
 
@@ -183,7 +182,7 @@ def test_validate_rejects_bad_values():
         synthesis_options(mode="ensemble", class_weighted_ce=True).validate()
 
 
-PRESETS = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+PRESETS = preset_names("synthesis")
 
 
 def test_expected_presets_exist():

@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from fed_distill.conf import preset_names
 from fed_distill.errors import ConfigError
 from fed_distill.federated.config import FedMDConfig, fedmd_config_class
 from fed_distill.federated.refit_config import REFIT_METHODS, RefitConfig
@@ -276,16 +277,11 @@ def choices_comment() -> str:
     from fed_distill.models import list_models
     from fed_distill.synthesis import list_synthesizers
 
-    conf = files("fed_distill.conf")
-    presets = sorted(
-        p.name[:-5] for p in (conf / "synthesis").iterdir() if p.name.endswith(".yaml")
-    )
+    presets = preset_names("synthesis")
     lines = {
         "synthesis=": f"{', '.join(sorted({*presets, *list_synthesizers()}))}"
         f" (methods: {', '.join(list_synthesizers())})",
-        "student=": ", ".join(
-            sorted(p.name[:-5] for p in (conf / "student").iterdir() if p.name.endswith(".yaml"))
-        ),
+        "student=": ", ".join(preset_names("student")),
         "split=": ", ".join(list_partitions()),
         "dataset=": ", ".join(list_datasets()),
         "model=": ", ".join(list_models()),

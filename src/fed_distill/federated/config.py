@@ -308,21 +308,15 @@ def check_preset_for_fedmd(cfg: Any) -> None:
     """One ConfigError line when ``experiment=NAME`` is a one-shot preset and the run is
     FedMD's: its keys (dataset, split, synthesis, ...) would be ignored, the run not the
     one the preset describes."""
-    from importlib.resources import files
-
+    from fed_distill.conf import preset_names
     from fed_distill.errors import ConfigError
 
     name = cfg.get("experiment")
     if not name or preset_protocol(str(name)) != "oneshot":
         return
-    presets = sorted(
-        p.name.removesuffix(".yaml")
-        for p in (files("fed_distill.conf") / "fedmd").iterdir()
-        if p.name.endswith(".yaml")
-    )
     raise ConfigError(
         f"experiment={name} is a one-shot preset (fed-distill oneshot experiment={name}); FedMD"
-        f" takes its presets as fedmd=NAME ({', '.join(presets)})"
+        f" takes its presets as fedmd=NAME ({', '.join(preset_names('fedmd'))})"
     )
 
 
